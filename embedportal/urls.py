@@ -1,0 +1,41 @@
+from django.contrib import admin
+from django.contrib.auth import views as auth_views
+from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from rest_framework.authtoken.views import obtain_auth_token
+from rest_framework.routers import DefaultRouter
+
+from embedportal import views
+from search import api as search_api
+from search import views as search_views
+from training import api as training_api
+from training import views as training_views
+
+router = DefaultRouter()
+router.register("datasets", training_api.DatasetViewSet, basename="api-dataset")
+router.register("runs", training_api.TrainingRunViewSet, basename="api-run")
+router.register("models", training_api.ModelVersionViewSet, basename="api-model")
+router.register("indexes", search_api.SearchIndexViewSet, basename="api-index")
+
+urlpatterns = [
+    path("", views.dashboard, name="dashboard"),
+    path("partials/runs", views.runs_partial, name="runs_partial"),
+    path("partials/health", views.health_partial, name="health_partial"),
+    path("datasets/", training_views.dataset_list, name="dataset_list"),
+    path("datasets/<int:pk>/", training_views.dataset_detail, name="dataset_detail"),
+    path("datasets/<int:pk>/delete", training_views.dataset_delete, name="dataset_delete"),
+    path("runs/<int:pk>/", training_views.run_detail, name="run_detail"),
+    path("runs/<int:pk>/cancel", training_views.run_cancel, name="run_cancel"),
+    path("models/", training_views.model_list, name="model_list"),
+    path("models/<int:pk>/promote", training_views.model_promote, name="model_promote"),
+    path("search/", search_views.search_page, name="search"),
+    path("indexes/create", search_views.index_create, name="index_create"),
+    path("login/", auth_views.LoginView.as_view(), name="login"),
+    path("logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("admin/", admin.site.urls),
+    path("api/", include(router.urls)),
+    path("api/health/", views.api_health, name="api_health"),
+    path("api/auth/token/", obtain_auth_token, name="api_token"),
+    path("api/schema/", SpectacularAPIView.as_view(), name="api_schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="api_schema"), name="api_docs"),
+]

@@ -1,0 +1,47 @@
+from django.contrib.auth.decorators import login_required
+from django.db.models import Count, Prefetch
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import render
+from rest_framework.decorators import api_view
+from rest_framework.response import Response
+
+from embedportal.health import system_health
+from training.forms import UploadForm
+from training.models import Dataset, ModelVersion, TrainingRun
+
+RECENT_RUNS = 10
+
+
+@login_required
+def dashboard(request: HttpRequest) -> HttpResponse:
+    production = ModelVersion.objects.filter(stage=ModelVersion.Stage.PRODUCTION)
+    datasets = (
+        Dataset.objects.filter(owner=request.user)
+        .annotate(document_count=Count("documents"))
+        .prefetch_related(Prefetch("model_versions", queryset=production, to_attr="production_versions"))
+    )
+    return render(
+        request,
+        "dashboard.html",
+        {"datasets": datasets, "runs": _recent_runs(request), "upload_form": UploadForm()},
+    )
+
+
+@login_required
+def runs_partial(request: HttpRequest) -> HttpResponse:
+    return render(request, "partials/runs_table.html", {"runs": _recent_runs(request)})
+
+
+@login_required
+def health_partial(request: HttpRequest) -> HttpResponse:
+    return render(request, "partials/health.html", {"health": system_health()})
+
+
+def _recent_runs(request: HttpRequest):
+    return TrainingRun.objects.filter(owner=request.user).select_related("dataset")[:RECENT_RUNS]
+
+
+@api_view(["GET"])
+def api_health(request) -> Response:
+    """Workers, queue lengths, broker and database reachability."""
+    return Response(system_health())

@@ -1,0 +1,65 @@
+"""Search indexes: the vectors of a dataset's documents under one model version.
+
+Vectors are stored once per (document, model version) in one table whose
+column has no fixed dimension, so models of any size share it. Each model
+version gets its own partial HNSW index over `embedding::vector(dims)`
+(pgvector's documented pattern for mixed dimensions); queries repeat the same
+cast and the `model_version_id = ...` predicate so the planner uses it.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from pgvector.django import VectorField
+
+from training.models import Dataset, Document, ModelVersion
+
+
+class SearchIndex(models.Model):
+    """A dataset embedded with a model version; also the embedding job's state."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        READY = "ready", "Ready"
+        FAILED = "failed", "Failed"
+
+    TERMINAL = frozenset({Status.READY, Status.FAILED})
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="search_indexes")
+    dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="search_indexes")
+    model_version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="search_indexes")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    embedded_count = models.PositiveIntegerField(default=0)
+    total_count = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["dataset", "model_version"], name="search_index_unique_dataset_version")
+        ]
+        verbose_name_plural = "search indexes"
+
+    def __str__(self) -> str:
+        return f"{self.dataset} / {self.model_version}"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in self.TERMINAL
+
+
+class Embedding(models.Model):
+    document = models.ForeignKey(Document, on_delete=models.CASCADE, related_name="embeddings")
+    model_version = models.ForeignKey(ModelVersion, on_delete=models.CASCADE, related_name="embeddings")
+    embedding = VectorField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["document", "model_version"], name="embedding_unique_document_version")
+        ]
+        indexes = [models.Index(fields=["model_version", "document"], name="embedding_version_document")]

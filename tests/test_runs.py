@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from training import services
+from training.models import Dataset, Document, TrainingRun
+
+
+@pytest.fixture
+def dataset(user):
+    ds = Dataset.objects.create(owner=user, name="tickets")
+    Document.objects.bulk_create(
+        [Document(dataset=ds, external_key=f"T-{i}", title=f"title {i}", body="a description long enough " * 3)
+         for i in range(5)]
+    )
+    return ds
+
+
+def test_start_run_rejects_out_of_range_hyperparameters(api, dataset):
+    response = api.post("/api/runs/", {"dataset": dataset.pk, "hyperparameters": {
+        "batch_size": 1, "learning_rate": "fast", "epochs": 2.5, "colour": "red"}}, format="json")
+    assert response.status_code == 400
+    assert response.json()["fields"] == {
+        "batch_size": "must be between 2 and 4096, got 1",
+        "learning_rate": "must be a number, got 'fast'",
+        "epochs": "must be a whole number, got 2.5",
+        "colour": "unknown hyperparameter; allowed: batch_size, epochs, learning_rate, max_pairs, max_seq_length, "
+                  "max_steps, seed, warmup_ratio",
+    }
+    assert TrainingRun.objects.count() == 0
+
+
+def test_start_run_rejects_missing_local_model(api, dataset, tmp_path):
+    response = api.post("/api/runs/", {"dataset": dataset.pk, "base_model": str(tmp_path / "nope")}, format="json")
+    assert response.status_code == 400
+    assert response.json()["fields"] == {"base_model": f"the folder {tmp_path / 'nope'} does not exist on the worker."}
+    assert TrainingRun.objects.count() == 0
+
+
+def test_start_run_on_someone_elses_dataset_is_refused(api, other_user):
+    theirs = Dataset.objects.create(owner=other_user, name="theirs")
+    response = api.post("/api/runs/", {"dataset": theirs.pk}, format="json")
+    assert response.status_code == 400
+    assert response.json() == {"error": f"dataset: No dataset {theirs.pk} of yours.",
+                               "fields": {"dataset": f"No dataset {theirs.pk} of yours."}}
+
+
+def test_start_run_queues_with_defaults(api, dataset, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        response = api.post("/api/runs/", {"dataset": dataset.pk, "hyperparameters": {"max_steps": "5"}}, format="json")
+    assert response.status_code == 201
+    run = TrainingRun.objects.get()
+    assert run.status == TrainingRun.Status.QUEUED
+    assert run.base_model == "sentence-transformers/all-MiniLM-L6-v2"
+    assert run.hyperparameters == {"epochs": 1, "batch_size": 32, "learning_rate": 2e-5, "warmup_ratio": 0.1,
+                                   "max_seq_length": 256, "max_steps": 5, "max_pairs": None, "seed": 42}
+    assert len(callbacks) == 1  # enqueued only after commit
+
+
+def test_run_form_shows_field_error(web, dataset):
+    response = web.post(f"/datasets/{dataset.pk}/", {"batch_size": "100000"})
+    assert response.status_code == 400
+    assert "must be between 2 and 4096, got 100000" in response.content.decode()
+    assert TrainingRun.objects.count() == 0
+
+
+def test_claim_runs_a_queued_run_once(user, dataset):
+    run = TrainingRun.objects.create(owner=user, dataset=dataset, base_model="m", status=TrainingRun.Status.SUCCEEDED)
+    result = services.execute_run(run=run)
+    assert result.status == TrainingRun.Status.SUCCEEDED
+    assert result.started_at is None
+
+
+def test_cancel_queued_run_is_immediate(api, user, dataset):
+    run = TrainingRun.objects.create(owner=user, dataset=dataset, base_model="m")
+    response = api.post(f"/api/runs/{run.pk}/cancel/")
+    assert response.json()["status"] == "cancelled"
+
+
+def test_reaper_fails_runs_without_heartbeat(user, dataset):
+    old = timezone.now() - timedelta(seconds=600)
+    stale = TrainingRun.objects.create(owner=user, dataset=dataset, base_model="m",
+                                       status=TrainingRun.Status.RUNNING, heartbeat_at=old)
+    fresh = TrainingRun.objects.create(owner=user, dataset=dataset, base_model="m",
+                                       status=TrainingRun.Status.RUNNING, heartbeat_at=timezone.now())
+    assert services.reap_stale_runs(timeout_s=300) == 1
+    stale.refresh_from_db()
+    fresh.refresh_from_db()
+    assert stale.status == TrainingRun.Status.FAILED
+    assert "stopped reporting for over 300 s" in stale.error
+    assert fresh.status == TrainingRun.Status.RUNNING
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_run_list_query_count(api, user, dataset, django_assert_num_queries, count):
+    for _ in range(count):
+        TrainingRun.objects.create(owner=user, dataset=dataset, base_model="m")
+    with django_assert_num_queries(3):
+        response = api.get("/api/runs/")
+    assert len(response.json()["results"]) == count

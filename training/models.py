@@ -1,0 +1,136 @@
+"""Datasets, their documents, training runs and the model registry.
+
+Every row belongs to an owner (a user); querysets in views and the API are
+always filtered by owner, so nobody sees another owner's rows.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.contrib.postgres.indexes import GinIndex
+from django.contrib.postgres.search import SearchVectorField
+from django.db import models
+
+
+class Dataset(models.Model):
+    class Kind(models.TextChoices):
+        TICKETS = "tickets", "Tickets"
+        QA = "qa", "Q&A"
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="datasets")
+    name = models.CharField(max_length=200)
+    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.TICKETS)
+    source_filename = models.CharField(max_length=255, blank=True)
+    # Text-search configuration for the keyword index (PostgreSQL regconfig name).
+    language = models.CharField(max_length=32, default="english")
+    # What the importer saw: rows read/accepted/rejected and the first errors.
+    import_report = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [models.UniqueConstraint(fields=["owner", "name"], name="dataset_unique_name_per_owner")]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Document(models.Model):
+    """One ticket or one Q&A item.
+
+    title is the ticket summary or the question; body the description or the
+    answer; metadata holds issue type, priority, status, components, labels,
+    dates and links (`[{"type": "Duplicate", "direction": "outward", "key": ...}]`).
+    """
+
+    dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="documents")
+    external_key = models.CharField(max_length=255)
+    title = models.TextField()
+    body = models.TextField(blank=True)
+    metadata = models.JSONField(default=dict, blank=True)
+    # Weighted tsvector (title A, body B), filled by the import service.
+    search_vector = SearchVectorField(null=True, editable=False)
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [
+            models.UniqueConstraint(fields=["dataset", "external_key"], name="document_unique_key_per_dataset")
+        ]
+        indexes = [GinIndex(fields=["search_vector"], name="document_search_vector_gin")]
+
+    def __str__(self) -> str:
+        return f"{self.external_key}: {self.title[:60]}"
+
+    @property
+    def text(self) -> str:
+        """The text that is embedded: title, newline, body (as in shared/DATA.md)."""
+        return f"{self.title}\n{self.body}" if self.body else self.title
+
+
+class TrainingRun(models.Model):
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+        CANCELLED = "cancelled", "Cancelled"
+
+    TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED})
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="training_runs")
+    dataset = models.ForeignKey(Dataset, on_delete=models.PROTECT, related_name="training_runs")
+    base_model = models.CharField(max_length=500)
+    hyperparameters = models.JSONField(default=dict, blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    # Written by the worker while it trains; the reaper fails runs whose
+    # heartbeat stopped (the worker died).
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    # Live progress (step, total_steps, loss) and final figures (final_loss,
+    # train_pairs, duration_s, device).
+    metrics = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"Run #{self.pk} on {self.dataset_id} ({self.status})"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in self.TERMINAL
+
+
+class ModelVersion(models.Model):
+    class Stage(models.TextChoices):
+        CANDIDATE = "candidate", "Candidate"
+        PRODUCTION = "production", "Production"
+        ARCHIVED = "archived", "Archived"
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="model_versions")
+    name = models.CharField(max_length=200)
+    version = models.PositiveIntegerField()
+    base_model = models.CharField(max_length=500)
+    artifact_path = models.CharField(max_length=1000)
+    dimensions = models.PositiveIntegerField()
+    source_run = models.OneToOneField(
+        TrainingRun, null=True, blank=True, on_delete=models.SET_NULL, related_name="model_version"
+    )
+    dataset = models.ForeignKey(
+        Dataset, null=True, blank=True, on_delete=models.SET_NULL, related_name="model_versions"
+    )
+    stage = models.CharField(max_length=16, choices=Stage.choices, default=Stage.CANDIDATE, db_index=True)
+    metrics = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name", "-version"]
+        constraints = [
+            models.UniqueConstraint(fields=["owner", "name", "version"], name="model_version_unique_per_owner")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} v{self.version}"

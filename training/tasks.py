@@ -1,0 +1,22 @@
+import logging
+
+from celery import shared_task
+
+from training import services
+from training.models import TrainingRun
+
+logger = logging.getLogger(__name__)
+
+
+@shared_task(name="training.run_training")
+def run_training(*, run_id: int) -> None:
+    run = TrainingRun.objects.select_related("dataset", "owner").filter(pk=run_id).first()
+    if run is None:
+        logger.warning("training run %s is gone; nothing to do", run_id)
+        return
+    services.execute_run(run=run)
+
+
+@shared_task(name="training.reap_stale_runs")
+def reap_stale_runs() -> None:
+    services.reap_stale_runs()
