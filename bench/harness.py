@@ -1,0 +1,56 @@
+"""Shared pieces of the benchmarks: a private database, figures and targets."""
+
+from __future__ import annotations
+
+import atexit
+import json
+import operator
+import os
+import resource
+import shutil
+import tempfile
+from pathlib import Path
+
+SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+_OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt}
+
+
+def setup_django() -> None:
+    """Django on a throwaway embedded PostgreSQL (or DATABASE_URL), migrated."""
+    if not os.environ.get("DATABASE_URL"):
+        var = Path(tempfile.mkdtemp(prefix="embedportal-bench-"))
+        os.environ["EMBEDPORTAL_VAR_DIR"] = str(var)
+
+        def _cleanup() -> None:
+            from embedportal import embedded_pg
+
+            embedded_pg.stop(var / "pgdata")
+            shutil.rmtree(var, ignore_errors=True)
+
+        atexit.register(_cleanup)
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "embedportal.settings")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("LOG_LEVEL", "WARNING")
+    import django
+    from django.core.management import call_command
+
+    django.setup()
+    call_command("migrate", verbosity=0)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def emit(record: dict) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def summary(name: str, figures: dict, targets: dict[str, str]) -> dict:
+    """targets: figure name -> "<op> <number>", e.g. "<= 15"."""
+    checked = {}
+    for figure, target in targets.items():
+        op, number = target.split()
+        value = figures[figure]
+        checked[figure] = {"value": value, "target": target, "met": bool(_OPS[op](value, float(number)))}
+    return {"bench": name, "figures": figures, "targets": checked, "all_met": all(t["met"] for t in checked.values())}
