@@ -10,6 +10,8 @@ from django.conf import settings
 from django.db import connection
 
 from embedportal.celery import app
+from search.models import SearchIndex
+from training.models import TrainingRun
 
 logger = logging.getLogger(__name__)
 
@@ -17,9 +19,34 @@ QUEUES = (settings.CELERY_TASK_DEFAULT_QUEUE, settings.GPU_QUEUE)
 INSPECT_TIMEOUT_S = 1.0
 
 
-def system_health() -> dict[str, Any]:
-    """Workers (name -> queues, active tasks), queue lengths, broker and database reachability."""
-    health: dict[str, Any] = {"broker": "ok", "database": "ok", "workers": [], "queues": {}}
+def running_jobs(owner=None) -> list[dict[str, Any]]:
+    """Jobs our tables say are running, with their last sign of life.
+
+    A worker with a solo pool (the gpu worker) cannot answer Celery's inspect
+    broadcast while it runs a task, so this, not inspect, is what tells that
+    it is alive and busy.
+    """
+    runs = TrainingRun.objects.filter(status=TrainingRun.Status.RUNNING).select_related("dataset")
+    indexes = SearchIndex.objects.filter(status=SearchIndex.Status.RUNNING).select_related("dataset", "model_version")
+    if owner is not None:
+        runs, indexes = runs.filter(owner=owner), indexes.filter(owner=owner)
+    jobs = [
+        {"kind": "training", "id": r.pk, "label": f"Training run #{r.pk} on {r.dataset.name}",
+         "progress": f"step {r.metrics.get('step', 0)}/{r.metrics.get('total_steps', '?')}",
+         "last_seen": r.heartbeat_at}
+        for r in runs
+    ]
+    jobs += [
+        {"kind": "index", "id": i.pk, "label": f"Embedding {i.dataset.name} with {i.model_version}",
+         "progress": f"{i.embedded_count}/{i.total_count} documents", "last_seen": None}
+        for i in indexes
+    ]
+    return jobs
+
+
+def system_health(owner=None) -> dict[str, Any]:
+    """Workers (name -> queues, active tasks), running jobs, queue lengths, broker and database."""
+    health: dict[str, Any] = {"broker": "ok", "database": "ok", "workers": [], "queues": {}, "running_jobs": []}
     try:
         client = redis.Redis.from_url(settings.CELERY_BROKER_URL, socket_timeout=1, socket_connect_timeout=1)
         health["queues"] = {queue: client.llen(queue) for queue in QUEUES}
@@ -28,6 +55,7 @@ def system_health() -> dict[str, Any]:
     try:
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")
+        health["running_jobs"] = running_jobs(owner)
     except Exception as exc:  # reported on the dashboard, never raised
         health["database"] = f"unreachable: {exc}"
     if health["broker"] == "ok":

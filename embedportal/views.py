@@ -34,7 +34,7 @@ def runs_partial(request: HttpRequest) -> HttpResponse:
 
 @login_required
 def health_partial(request: HttpRequest) -> HttpResponse:
-    return render(request, "partials/health.html", {"health": system_health()})
+    return render(request, "partials/health.html", {"health": system_health(request.user)})
 
 
 def _recent_runs(request: HttpRequest):
@@ -44,4 +44,7 @@ def _recent_runs(request: HttpRequest):
 @api_view(["GET"])
 def api_health(request) -> Response:
     """Workers, queue lengths, broker and database reachability."""
-    return Response(system_health())
+    health = system_health(request.user)
+    for job in health["running_jobs"]:
+        job["last_seen"] = job["last_seen"].isoformat() if job["last_seen"] else None
+    return Response(health)

@@ -46,6 +46,7 @@ def test_upload_real_hadoop_export_stores_every_issue(api, hadoop_issues):
         (b"", "export.json", "file: The submitted file is empty."),
         (b'{"issues": [', "export.json", "not valid JSON (line 1, column 13"),
         (json.dumps({"issues": []}).encode(), "export.json", "contains no issues"),
+        (b"Summary,Issue id\nDisk full,1\n", "export.csv", "CSV files cannot be imported yet"),
         (json.dumps({"issues": [{"key": "A-1", "fields": {"summary": ""}}]}).encode(), "e.json",
          "row 1, field fields.summary: empty summary"),
     ],

@@ -79,3 +79,17 @@ def test_docker_compose_matches_settings():
         env = services[name]["environment"]
         assert env["DATABASE_URL"].startswith("postgres://")
         assert env["REDIS_URL"].startswith("redis://redis:6379")
+
+
+def test_health_lists_running_jobs_of_owner_only(web, user, other_user):
+    from django.utils import timezone
+
+    mine = Dataset.objects.create(owner=user, name="mine")
+    theirs = Dataset.objects.create(owner=other_user, name="theirs")
+    run = TrainingRun.objects.create(owner=user, dataset=mine, base_model="m", status=TrainingRun.Status.RUNNING,
+                                     heartbeat_at=timezone.now(), metrics={"step": 3, "total_steps": 10})
+    TrainingRun.objects.create(owner=other_user, dataset=theirs, base_model="m", status=TrainingRun.Status.RUNNING)
+    html = web.get("/partials/health").content.decode()
+    assert f"Training run #{run.pk} on mine" in html
+    assert "step 3/10" in html
+    assert "theirs" not in html

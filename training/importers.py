@@ -106,6 +106,11 @@ def load_json(path: Path, filename: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
+        if filename.lower().endswith((".csv", ".tsv")):
+            raise UploadError(
+                f"{filename}: CSV files cannot be imported yet. Export the issues from Jira as JSON "
+                "(REST API /rest/api/2/search) and upload that file."
+            )
         raise UploadError(
             f"{filename}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}). "
             "Upload the response of Jira's /rest/api/2/search, a list of issues, or one issue."
