@@ -36,6 +36,9 @@ class SearchIndex(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # Touched after every chunk; a running build whose heartbeat stopped is
+    # re-queued by the reaper and resumes (embedding is idempotent).
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
     error = models.TextField(blank=True)
 
     class Meta:

@@ -8,13 +8,14 @@ HNSW index), and fuses the two rankings with reciprocal rank fusion.
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from django.contrib.postgres.search import SearchQuery, SearchRank
 from django.db import connection, transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
 from search import encoders
@@ -93,7 +94,7 @@ def build_index(*, index: SearchIndex) -> SearchIndex:
     """
     now = timezone.now()
     claimed = SearchIndex.objects.filter(pk=index.pk, status=SearchIndex.Status.QUEUED).update(
-        status=SearchIndex.Status.RUNNING, started_at=now, error=""
+        status=SearchIndex.Status.RUNNING, started_at=now, heartbeat_at=now, error=""
     )
     if not claimed:
         index.refresh_from_db()
@@ -122,7 +123,7 @@ def build_index(*, index: SearchIndex) -> SearchIndex:
                 ignore_conflicts=True,
             )
             done += len(chunk)
-            SearchIndex.objects.filter(pk=index.pk).update(embedded_count=done)
+            SearchIndex.objects.filter(pk=index.pk).update(embedded_count=done, heartbeat_at=timezone.now())
         ensure_hnsw_index(model_version=version)
     except Exception as exc:  # the job fails with the reason; vectors written so far are kept
         logger.exception("building index %s failed", index.pk)
@@ -133,6 +134,26 @@ def build_index(*, index: SearchIndex) -> SearchIndex:
         SearchIndex.objects.filter(pk=index.pk).update(status=SearchIndex.Status.READY, finished_at=timezone.now())
     index.refresh_from_db()
     return index
+
+
+def requeue_stale_builds(*, timeout_s: int) -> int:
+    """Re-queue running builds whose worker stopped (no chunk for timeout_s); they resume.
+
+    Side effects: status running -> queued and a new build task after commit.
+    Returns how many were re-queued.
+    """
+    from search import tasks
+
+    cutoff = timezone.now() - timedelta(seconds=timeout_s)
+    stale_filter = Q(heartbeat_at__lt=cutoff) | Q(heartbeat_at__isnull=True, started_at__lt=cutoff)
+    running = SearchIndex.objects.filter(stale_filter, status=SearchIndex.Status.RUNNING)
+    requeued = 0
+    for pk in list(running.values_list("pk", flat=True)):
+        with transaction.atomic():
+            if running.filter(pk=pk).update(status=SearchIndex.Status.QUEUED):
+                requeued += 1
+                transaction.on_commit(lambda pk=pk: tasks.build_index.delay(index_id=pk))
+    return requeued
 
 
 def production_index(*, dataset: Dataset) -> SearchIndex | None:

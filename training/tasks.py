@@ -19,4 +19,9 @@ def run_training(*, run_id: int) -> None:
 
 @shared_task(name="training.reap_stale_runs")
 def reap_stale_runs() -> None:
+    from django.conf import settings
+
+    from search.services import requeue_stale_builds
+
     services.reap_stale_runs()
+    requeue_stale_builds(timeout_s=settings.RUN_HEARTBEAT_TIMEOUT_S)

@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from search import services
+from search.models import Embedding, SearchIndex
+from training.models import Dataset, Document, ModelVersion
+
+
+# Building creates the HNSW index (DDL), which PostgreSQL refuses inside the
+# transaction of a plain django_db test while FK triggers are pending.
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def index(user, tiny_model_dir):
+    ds = Dataset.objects.create(owner=user, name="mini")
+    services_docs = [
+        ("HDFS-1", "NameNode fails to start after upgrade", "The namenode crashes with an IOException on startup"),
+        ("HDFS-2", "DataNode disk full", "A datanode volume fills up and the node stops"),
+        ("YARN-3", "ResourceManager web UI shows wrong memory", "Memory column is off by 1024"),
+    ]
+    Document.objects.bulk_create([Document(dataset=ds, external_key=k, title=t, body=b) for k, t, b in services_docs])
+    from training.services import refresh_search_vectors
+
+    refresh_search_vectors(dataset=ds)
+    version = ModelVersion.objects.create(owner=user, name="mini", version=1, base_model="tiny",
+                                          artifact_path=str(tiny_model_dir), dimensions=32, dataset=ds)
+    return SearchIndex.objects.create(owner=user, dataset=ds, model_version=version)
+
+
+def test_build_index_embeds_all_and_resumes_without_duplicates(index):
+    built = services.build_index(index=index)
+    assert (built.status, built.embedded_count, built.total_count) == ("ready", 3, 3)
+    # A second build of the same index (e.g. after a crash) writes no duplicate row.
+    SearchIndex.objects.filter(pk=index.pk).update(status=SearchIndex.Status.QUEUED)
+    index.refresh_from_db()
+    again = services.build_index(index=index)
+    assert again.status == "ready"
+    assert Embedding.objects.filter(model_version=index.model_version).count() == 3
+
+
+def test_keyword_search_finds_identifier_like_words(index):
+    services.build_index(index=index)
+    index.refresh_from_db()
+    result = services.hybrid_search(index=index, query="namenode upgrade", mode="keyword", k=3)
+    assert [h.document.external_key for h in result.hits] == ["HDFS-1"]
+    assert result.hits[0].keyword_rank == 1
+
+
+@pytest.mark.parametrize("query, message", [("", "Type some words to search for."),
+                                            ("?!* --", "The query has no words to search for.")])
+def test_empty_and_punctuation_queries_answer_with_message(index, query, message):
+    services.build_index(index=index)
+    index.refresh_from_db()
+    result = services.hybrid_search(index=index, query=query)
+    assert (result.hits, result.message) == ([], message)
+
+
+def test_vector_search_on_unbuilt_index_is_refused_with_reason(index):
+    with pytest.raises(services.SearchError, match="vector and hybrid search need a ready index"):
+        services.hybrid_search(index=index, query="disk", mode="vector")
+
+
+def test_search_api_rejects_bad_mode_and_k(api, index):
+    response = api.get(f"/api/indexes/{index.pk}/search/", {"q": "disk", "mode": "magic", "k": 1000})
+    assert response.status_code == 400
+    assert set(response.json()["fields"]) == {"mode", "k"}
+
+
+def test_search_api_is_owner_scoped(client, other_user, index):
+    from rest_framework.test import APIClient
+
+    other = APIClient()
+    other.force_authenticate(other_user)
+    assert other.get(f"/api/indexes/{index.pk}/search/", {"q": "disk"}).status_code == 404
+
+
+def test_stale_running_build_is_requeued(index):
+    import redis
+    from django.conf import settings
+
+    broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    broker.delete(settings.GPU_QUEUE)
+    SearchIndex.objects.filter(pk=index.pk).update(status=SearchIndex.Status.RUNNING,
+                                                   heartbeat_at=timezone.now() - timedelta(seconds=900))
+    assert services.requeue_stale_builds(timeout_s=300) == 1
+    index.refresh_from_db()
+    assert index.status == SearchIndex.Status.QUEUED
+    assert broker.llen(settings.GPU_QUEUE) == 1  # the build task is on the gpu queue
+    broker.delete(settings.GPU_QUEUE)
