@@ -24,7 +24,7 @@ def run(argv: list[str]) -> dict:
     setup_django()
     from django.contrib.auth import get_user_model
 
-    from training import services
+    from training import datasets
 
     rss_before = peak_rss_mb()
     t0 = time.perf_counter()
@@ -35,7 +35,7 @@ def run(argv: list[str]) -> dict:
 
     owner, _ = get_user_model().objects.get_or_create(username="bench")
     t1 = time.perf_counter()
-    dataset = services.import_dataset(
+    dataset = datasets.import_dataset(
         owner=owner, name=f"bench-{time.time()}", kind="tickets", path=args.data, filename=args.data.name
     )
     import_s = time.perf_counter() - t1

@@ -24,7 +24,7 @@ def index(user, tiny_model_dir):
         ("YARN-3", "ResourceManager web UI shows wrong memory", "Memory column is off by 1024"),
     ]
     Document.objects.bulk_create([Document(dataset=ds, external_key=k, title=t, body=b) for k, t, b in services_docs])
-    from training.services import refresh_search_vectors
+    from training.datasets import refresh_search_vectors
 
     refresh_search_vectors(dataset=ds)
     version = ModelVersion.objects.create(owner=user, name="mini", version=1, base_model="tiny",

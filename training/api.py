@@ -8,7 +8,8 @@ from rest_framework.exceptions import ValidationError
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.response import Response
 
-from training import serializers, services
+from training import datasets, serializers, services
+from training.errors import ServiceError
 from training.hyperparameters import HyperparameterError
 from training.models import Dataset, ModelVersion, TrainingRun
 
@@ -40,18 +41,18 @@ class DatasetViewSet(
         upload.is_valid(raise_exception=True)
         data = upload.validated_data
         try:
-            dataset = services.import_upload(
+            dataset = datasets.import_upload(
                 owner=request.user, name=data["name"], kind=data["kind"], upload=data["file"]
             )
-        except services.ServiceError as exc:
+        except ServiceError as exc:
             return service_error_response(exc)
         dataset = self.get_queryset().get(pk=dataset.pk)
         return Response(self.get_serializer(dataset).data, status=status.HTTP_201_CREATED)
 
     def destroy(self, request, pk=None):
         try:
-            services.delete_dataset(dataset=self.get_object())
-        except services.ServiceError as exc:
+            datasets.delete_dataset(dataset=self.get_object())
+        except ServiceError as exc:
             return Response({"error": str(exc)}, status=status.HTTP_409_CONFLICT)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
@@ -77,7 +78,7 @@ class TrainingRunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, views
                 base_model=data["base_model"],
                 hyperparameters=data["hyperparameters"],
             )
-        except (services.ServiceError, HyperparameterError) as exc:
+        except (ServiceError, HyperparameterError) as exc:
             return service_error_response(exc)
         return Response(self.get_serializer(run).data, status=status.HTTP_201_CREATED)
 

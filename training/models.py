@@ -92,6 +92,14 @@ class TrainingRun(models.Model):
     # Live progress (step, total_steps, loss) and final figures (final_loss,
     # train_pairs, duration_s, device).
     metrics = models.JSONField(default=dict, blank=True)
+    # Held-out evaluation before/after: {"systems": {name: {metric: value}}, "queries": [...]}.
+    evaluation = models.JSONField(default=dict, blank=True)
+    # The run's own log, shown on its page (appended in batches by the worker).
+    log = models.TextField(blank=True)
+    # How many times a worker claimed the run (a resumed run has attempts > 1).
+    attempts = models.PositiveSmallIntegerField(default=0)
+    # Folder of the last complete checkpoint; a resumed run continues from it.
+    checkpoint_path = models.CharField(max_length=1000, blank=True)
 
     class Meta:
         ordering = ["-created_at"]

@@ -1,4 +1,4 @@
-"""Business logic for datasets, training runs and the model registry.
+"""Business logic for training runs and the model registry.
 
 Views, API views, Celery tasks and management commands call these functions;
 none of them mutates these models on its own.
@@ -15,137 +15,22 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
-from django.contrib.postgres.search import SearchVector
 from django.db import IntegrityError, transaction
 from django.db.models import Max
 from django.utils import timezone
 
-from training import finetune, importers
+from training import finetune
+from training.datasets import dataset_tickets
+from training.errors import ServiceError
 from training.hyperparameters import Hyperparameters, parse
-from training.models import Dataset, Document, ModelVersion, TrainingRun
-from training.pairs import Ticket, build_ticket_pairs
+from training.models import Dataset, ModelVersion, TrainingRun
+from training.pairs import build_ticket_pairs
 
 logger = logging.getLogger(__name__)
 
-# Rows per INSERT batch. 2,000 Hadoop tickets (~4 MB of text) per statement
-# kept the 20,859-issue import at ~6 s with flat memory on 2 cores.
-IMPORT_BATCH_SIZE = 2000
 # Progress is written to the run row at most this often, not once per step.
 PROGRESS_WRITE_INTERVAL_S = 2.0
 MIN_TRAINING_PAIRS = 2
-
-
-class ServiceError(ValueError):
-    """A request that cannot be carried out; the message says what to change."""
-
-
-# --- Datasets -------------------------------------------------------------------
-
-
-def import_dataset(*, owner, name: str, kind: str, path: Path, filename: str) -> Dataset:
-    """Parse an uploaded export and store it as a new dataset, all or nothing.
-
-    Side effects: creates the Dataset and its Documents and fills their
-    full-text vectors in one transaction; raises ServiceError (nothing stored)
-    when the file cannot be imported or no row is usable.
-    """
-    name = name.strip()
-    if not name:
-        raise ServiceError("name: give the dataset a name.")
-    if Dataset.objects.filter(owner=owner, name=name).exists():
-        raise ServiceError(f"name: you already have a dataset called {name!r}; pick another name.")
-    if kind != Dataset.Kind.TICKETS:
-        raise ServiceError("kind: only Jira ticket exports (kind 'tickets') can be imported so far.")
-
-    report = importers.ImportReport()
-    try:
-        with transaction.atomic():
-            dataset = Dataset.objects.create(owner=owner, name=name, kind=kind, source_filename=filename[:255])
-            _store_documents(dataset, importers.parse_jira_json(path, filename, report))
-            if report.rows_accepted == 0:
-                first = report.errors[0] if report.errors else {}
-                raise ServiceError(
-                    f"{filename}: no usable issue in the file (first problem: row {first.get('row')}, "
-                    f"field {first.get('field')}: {first.get('reason')})."
-                )
-            dataset.import_report = report.as_dict()
-            dataset.save(update_fields=["import_report"])
-            refresh_search_vectors(dataset=dataset)
-    except importers.UploadError as exc:
-        raise ServiceError(str(exc)) from exc
-    return dataset
-
-
-def import_upload(*, owner, name: str, kind: str, upload) -> Dataset:
-    """import_dataset() for a Django UploadedFile (on disk or in memory)."""
-    import tempfile
-
-    if hasattr(upload, "temporary_file_path"):
-        return import_dataset(owner=owner, name=name, kind=kind, path=Path(upload.temporary_file_path()), filename=upload.name)
-    with tempfile.NamedTemporaryFile(suffix="-upload") as tmp:
-        for chunk in upload.chunks():
-            tmp.write(chunk)
-        tmp.flush()
-        return import_dataset(owner=owner, name=name, kind=kind, path=Path(tmp.name), filename=upload.name)
-
-
-def _store_documents(dataset: Dataset, parsed) -> None:
-    seen: set[str] = set()
-    batch: list[Document] = []
-    for doc in parsed:
-        if doc.external_key in seen:
-            # A later row with the same key replaces nothing: first one wins.
-            continue
-        seen.add(doc.external_key)
-        batch.append(
-            Document(
-                dataset=dataset,
-                external_key=doc.external_key,
-                title=doc.title,
-                body=doc.body,
-                metadata=doc.metadata,
-            )
-        )
-        if len(batch) >= IMPORT_BATCH_SIZE:
-            Document.objects.bulk_create(batch)
-            batch = []
-    if batch:
-        Document.objects.bulk_create(batch)
-
-
-def refresh_search_vectors(*, dataset: Dataset) -> None:
-    """Fill the weighted tsvector (title A, body B) of every document, in SQL."""
-    config = dataset.language
-    Document.objects.filter(dataset=dataset).update(
-        search_vector=SearchVector("title", weight="A", config=config)
-        + SearchVector("body", weight="B", config=config)
-    )
-
-
-def delete_dataset(*, dataset: Dataset) -> None:
-    """Delete a dataset and its documents; refused while a run uses it."""
-    active = dataset.training_runs.exclude(status__in=TrainingRun.TERMINAL).count()
-    if active:
-        raise ServiceError(f"This dataset is used by {active} unfinished training run(s); cancel them first.")
-    with transaction.atomic():
-        dataset.training_runs.all().delete()
-        dataset.delete()
-
-
-def dataset_tickets(dataset: Dataset) -> list[Ticket]:
-    rows = Document.objects.filter(dataset=dataset).values_list("external_key", "title", "body", "metadata")
-    return [
-        Ticket(
-            key=key,
-            title=title,
-            body=body,
-            links=tuple(
-                (str(link.get("type", "")).lower(), str(link.get("key", "")))
-                for link in (metadata or {}).get("links", [])
-            ),
-        )
-        for key, title, body, metadata in rows.iterator(chunk_size=5000)
-    ]
 
 
 # --- Training runs --------------------------------------------------------------

@@ -5,8 +5,9 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
-from training import services
+from training import datasets, services
 from training.forms import RunForm, UploadForm
+from training.errors import ServiceError
 from training.hyperparameters import HyperparameterError
 from training.models import Dataset, ModelVersion, TrainingRun
 
@@ -16,20 +17,20 @@ def dataset_list(request: HttpRequest) -> HttpResponse:
     form = UploadForm(request.POST or None, request.FILES or None)
     if request.method == "POST" and form.is_valid():
         try:
-            dataset = services.import_upload(
+            dataset = datasets.import_upload(
                 owner=request.user,
                 name=form.cleaned_data["name"],
                 kind=form.cleaned_data["kind"],
                 upload=form.cleaned_data["file"],
             )
-        except services.ServiceError as exc:
+        except ServiceError as exc:
             form.add_error(None, str(exc))
         else:
             messages.success(request, f"Imported {dataset.documents.count()} documents into {dataset.name}.")
             return redirect("dataset_detail", pk=dataset.pk)
-    datasets = Dataset.objects.filter(owner=request.user).annotate(document_count=Count("documents"))
+    rows = Dataset.objects.filter(owner=request.user).annotate(document_count=Count("documents"))
     status = 400 if form.errors else 200
-    return render(request, "training/dataset_list.html", {"datasets": datasets, "form": form}, status=status)
+    return render(request, "training/dataset_list.html", {"datasets": rows, "form": form}, status=status)
 
 
 @login_required
@@ -49,7 +50,7 @@ def dataset_detail(request: HttpRequest, pk: int) -> HttpResponse:
         except HyperparameterError as exc:
             for name, message in exc.errors.items():
                 form.add_error(name if name in form.fields else None, message)
-        except services.ServiceError as exc:
+        except ServiceError as exc:
             form.add_error(None, str(exc))
         else:
             messages.success(request, f"Training run #{run.pk} queued.")
@@ -70,8 +71,8 @@ def dataset_detail(request: HttpRequest, pk: int) -> HttpResponse:
 def dataset_delete(request: HttpRequest, pk: int) -> HttpResponse:
     dataset = get_object_or_404(Dataset, pk=pk, owner=request.user)
     try:
-        services.delete_dataset(dataset=dataset)
-    except services.ServiceError as exc:
+        datasets.delete_dataset(dataset=dataset)
+    except ServiceError as exc:
         messages.error(request, str(exc))
         return redirect("dataset_detail", pk=pk)
     messages.success(request, f"Deleted {dataset.name}.")
