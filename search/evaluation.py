@@ -1,0 +1,186 @@
+"""Retrieval evaluation on held-out duplicate tickets (the ../shared/DATA.md protocol).
+
+corpus: every document of the dataset, text = title + newline + body; queries:
+every member of a TEST duplicate cluster, its relevant documents the other
+members; the query itself is removed from its own result list. Metrics are
+binary-relevance Recall@1/5/10, MRR@10, nDCG@10 and MAP@100, averaged over
+queries. The same code serves the training run's before/after table, the
+search evaluation page and `python -m bench quality`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+from django.db import connection
+
+from search.fusion import reciprocal_rank_fusion
+from training.models import Dataset, Document
+from training.pairs import Ticket, duplicate_clusters, split_clusters
+
+RANK_DEPTH = 100
+METRIC_NAMES = ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10", "map@100")
+
+
+@dataclass
+class EvalSet:
+    """Documents in id order plus the queries (document ids) and their relevant ids."""
+
+    doc_ids: list[int]
+    texts: list[str]
+    queries: list[int]
+    relevant: dict[int, set[int]]
+    keys: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def position(self) -> dict[int, int]:
+        return {doc_id: i for i, doc_id in enumerate(self.doc_ids)}
+
+
+def ticket_eval_set(*, dataset: Dataset, split: str = "test") -> EvalSet:
+    """Queries from the TEST (or TRAIN) duplicate clusters of a ticket dataset."""
+    rows = list(
+        Document.objects.filter(dataset=dataset).order_by("id").values_list("id", "external_key", "title", "body", "metadata")
+    )
+    tickets = [
+        Ticket(
+            key=key,
+            title=title,
+            body=body,
+            links=tuple(
+                (str(link.get("type", "")).lower(), str(link.get("key", "")))
+                for link in (metadata or {}).get("links", [])
+            ),
+        )
+        for _, key, title, body, metadata in rows
+    ]
+    train, test = split_clusters(duplicate_clusters(tickets))
+    clusters = test if split == "test" else train
+    id_of = {key: doc_id for doc_id, key, *_ in rows}
+    relevant: dict[int, set[int]] = {}
+    for cluster in clusters:
+        ids = {id_of[key] for key in cluster}
+        for doc_id in ids:
+            relevant[doc_id] = ids - {doc_id}
+    return EvalSet(
+        doc_ids=[r[0] for r in rows],
+        texts=[f"{title}\n{body}" if body else title for _, _, title, body, _ in rows],
+        queries=sorted(relevant),
+        relevant=relevant,
+        keys={doc_id: key for doc_id, key, *_ in rows},
+    )
+
+
+# --- metrics --------------------------------------------------------------------
+
+
+def query_metrics(ranked: Sequence[int], relevant: set[int]) -> dict[str, float]:
+    """Binary-relevance metrics of one ranked list (query already removed)."""
+    out: dict[str, float] = {}
+    if not relevant:
+        return {name: 0.0 for name in METRIC_NAMES}
+    for k in (1, 5, 10):
+        out[f"recall@{k}"] = len(relevant.intersection(ranked[:k])) / len(relevant)
+    rr = 0.0
+    for i, doc in enumerate(ranked[:10], start=1):
+        if doc in relevant:
+            rr = 1.0 / i
+            break
+    out["mrr@10"] = rr
+    dcg = sum(1.0 / math.log2(i + 1) for i, doc in enumerate(ranked[:10], start=1) if doc in relevant)
+    ideal = sum(1.0 / math.log2(i + 1) for i in range(1, min(len(relevant), 10) + 1))
+    out["ndcg@10"] = dcg / ideal
+    hits, precision_sum = 0, 0.0
+    for i, doc in enumerate(ranked[:RANK_DEPTH], start=1):
+        if doc in relevant:
+            hits += 1
+            precision_sum += hits / i
+    out["map@100"] = precision_sum / min(len(relevant), RANK_DEPTH)
+    return out
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    per_query: dict[int, dict[str, float]]
+    rankings: dict[int, list[int]]
+
+    def summary(self) -> dict[str, float]:
+        return {name: round(value, 4) for name, value in self.metrics.items()}
+
+
+def evaluate(rankings: dict[int, list[int]], eval_set: EvalSet) -> EvalResult:
+    per_query = {}
+    for query in eval_set.queries:
+        ranked = [doc for doc in rankings.get(query, []) if doc != query]
+        per_query[query] = query_metrics(ranked, eval_set.relevant[query])
+    n = max(len(per_query), 1)
+    metrics = {name: sum(m[name] for m in per_query.values()) / n for name in METRIC_NAMES}
+    metrics["queries"] = len(per_query)
+    return EvalResult(metrics=metrics, per_query=per_query, rankings=rankings)
+
+
+# --- systems --------------------------------------------------------------------
+
+
+def keyword_rankings(
+    *, dataset: Dataset, eval_set: EvalSet, queries: Iterable[int] | None = None, limit: int = RANK_DEPTH
+) -> dict[int, list[int]]:
+    """Full-text ranking with the query document's lexemes OR-ed together.
+
+    A whole ticket as a websearch query would AND every word and match
+    nothing; OR-ing the lexemes of its tsvector and ranking with ts_rank_cd
+    over the weighted vector is the BM25-class baseline PostgreSQL offers.
+    """
+    sql = (
+        "WITH q AS (SELECT to_tsquery(%s::regconfig, string_agg(quote_literal(lexeme), ' | ')) AS tsq "
+        "FROM unnest(to_tsvector(%s::regconfig, %s))) "
+        "SELECT d.id FROM training_document d, q WHERE d.dataset_id = %s AND q.tsq IS NOT NULL "
+        "AND d.search_vector @@ q.tsq ORDER BY ts_rank_cd(d.search_vector, q.tsq) DESC, d.id LIMIT %s"
+    )
+    position = eval_set.position
+    out: dict[int, list[int]] = {}
+    with connection.cursor() as cursor:
+        for query in queries if queries is not None else eval_set.queries:
+            text = eval_set.texts[position[query]]
+            cursor.execute(sql, [dataset.language, dataset.language, text, dataset.pk, limit + 1])
+            out[query] = [row[0] for row in cursor.fetchall()]
+    return out
+
+
+def encode_corpus(model, texts: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
+    """Normalized float32 embeddings of texts, encoded longest first (less padding)."""
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    encoded = model.encode(
+        [texts[i][:4000] for i in order], batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True
+    )
+    out = np.empty_like(encoded)
+    out[order] = encoded
+    return out.astype(np.float32)
+
+
+def vector_rankings(
+    *, embeddings: np.ndarray, eval_set: EvalSet, queries: Iterable[int] | None = None, limit: int = RANK_DEPTH
+) -> dict[int, list[int]]:
+    """Exact cosine kNN; a query's vector is its own document's embedding."""
+    position = eval_set.position
+    query_ids = list(queries if queries is not None else eval_set.queries)
+    out: dict[int, list[int]] = {}
+    doc_ids = np.asarray(eval_set.doc_ids)
+    for start in range(0, len(query_ids), 256):
+        chunk = query_ids[start : start + 256]
+        scores = embeddings[[position[q] for q in chunk]] @ embeddings.T
+        top = np.argpartition(-scores, kth=min(limit + 1, scores.shape[1] - 1), axis=1)[:, : limit + 1]
+        for row, query in enumerate(chunk):
+            best = top[row][np.argsort(-scores[row, top[row]])]
+            out[query] = doc_ids[best].tolist()
+    return out
+
+
+def fuse(*rankings: dict[int, list[int]], k: int = 60) -> dict[int, list[int]]:
+    """RRF of several systems' rankings, query by query."""
+    queries = set().union(*(r.keys() for r in rankings))
+    return {q: [doc for doc, _ in reciprocal_rank_fusion([r.get(q, []) for r in rankings], k=k)] for q in queries}
