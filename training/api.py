@@ -1,17 +1,18 @@
 """REST API for datasets, training runs and model versions (owner-scoped)."""
 
-from django.db.models import Count
+from django.db.models import Count, OuterRef, Subquery
+from django.http import StreamingHttpResponse
 from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import ValidationError
+from rest_framework.exceptions import NotFound, ValidationError
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.response import Response
 
-from training import datasets, serializers, services
+from training import datasets, forms, importers, pairs, serializers, services
 from training.errors import ServiceError
 from training.hyperparameters import HyperparameterError
-from training.models import Dataset, ModelVersion, TrainingRun
+from training.models import Dataset, DatasetVersion, ModelVersion, TrainingRun
 
 
 def service_error_response(exc: Exception) -> Response:
@@ -26,28 +27,143 @@ def service_error_response(exc: Exception) -> Response:
     return Response(body, status=status.HTTP_400_BAD_REQUEST)
 
 
+def _latest_version():
+    return Subquery(
+        DatasetVersion.objects.filter(dataset=OuterRef("pk")).order_by("-number").values("number")[:1]
+    )
+
+
 class DatasetViewSet(
     mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin, viewsets.GenericViewSet
 ):
+    """Datasets: list, upload (multipart), preview, mapping, versions, validation report, pairs, delete."""
+
     serializer_class = serializers.DatasetSerializer
     parser_classes = [MultiPartParser, FormParser, JSONParser]
 
     def get_queryset(self):
-        return Dataset.objects.filter(owner=self.request.user).annotate(document_count=Count("documents"))
+        return Dataset.objects.filter(owner=self.request.user).annotate(
+            document_count=Count("documents"), latest_version=_latest_version()
+        )
+
+    def _limited(self, request):
+        """Install the streaming size limit before the body is parsed; a 400 if it was passed."""
+        handler = forms.limit_upload_size(request)
+        request.data  # parse now, through the handler
+        if handler is not None and handler.exceeded:
+            return Response({"error": handler.message, "fields": {"file": handler.message}},
+                            status=status.HTTP_400_BAD_REQUEST)
+        return None
 
     @extend_schema(request=serializers.DatasetUploadSerializer, responses={201: serializers.DatasetSerializer})
     def create(self, request):
+        if (refused := self._limited(request)) is not None:
+            return refused
         upload = serializers.DatasetUploadSerializer(data=request.data)
         upload.is_valid(raise_exception=True)
         data = upload.validated_data
         try:
             dataset = datasets.import_upload(
-                owner=request.user, name=data["name"], kind=data["kind"], upload=data["file"]
+                owner=request.user, name=data["name"], kind=data["kind"], upload=data["file"],
+                strict=data["strict"], mapping=data["mapping"],
             )
         except ServiceError as exc:
             return service_error_response(exc)
         dataset = self.get_queryset().get(pk=dataset.pk)
         return Response(self.get_serializer(dataset).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(request=serializers.DatasetPreviewSerializer, responses={200: dict})
+    @action(detail=False, methods=["post"])
+    def preview(self, request):
+        """Read and validate a file without storing it. `?errors=csv` returns every rejected row as CSV."""
+        if (refused := self._limited(request)) is not None:
+            return refused
+        payload = serializers.DatasetPreviewSerializer(data=request.data)
+        payload.is_valid(raise_exception=True)
+        data = payload.validated_data
+        dataset = None
+        if data["dataset"] is not None:
+            dataset = Dataset.objects.filter(owner=request.user, pk=data["dataset"]).first()
+            if dataset is None:
+                raise ValidationError({"dataset": [f"No dataset {data['dataset']} of yours."]})
+        try:
+            with datasets.upload_on_disk(data["file"]) as path:
+                result = datasets.preview_file(path=path, filename=data["file"].name, kind=data["kind"],
+                                               mapping=data["mapping"], dataset=dataset)
+        except ServiceError as exc:
+            return service_error_response(exc)
+        all_errors = result.pop("all_errors", [])
+        if request.query_params.get("errors") == "csv":
+            return _csv_response(importers.write_csv(importers.error_csv_rows(all_errors)), "preview-errors.csv")
+        return Response(result)
+
+    @extend_schema(request=serializers.DatasetVersionUploadSerializer,
+                   responses={201: serializers.DatasetVersionSerializer})
+    @action(detail=True, methods=["post"])
+    def upload(self, request, pk=None):
+        """Upsert a newer export (or add a duplicate links CSV) as a new version."""
+        dataset = self.get_object()
+        if (refused := self._limited(request)) is not None:
+            return refused
+        payload = serializers.DatasetVersionUploadSerializer(data=request.data)
+        payload.is_valid(raise_exception=True)
+        data = payload.validated_data
+        try:
+            with datasets.upload_on_disk(data["file"]) as path:
+                version = datasets.add_version(dataset=dataset, path=path, filename=data["file"].name,
+                                               strict=data["strict"], mapping=data["mapping"])
+        except ServiceError as exc:
+            return service_error_response(exc)
+        return Response(serializers.DatasetVersionSerializer(version).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(request=serializers.DatasetMappingSerializer, responses={200: serializers.DatasetMappingSerializer})
+    @action(detail=True, methods=["get", "put"])
+    def mapping(self, request, pk=None):
+        """The remembered column mapping (role -> column) used for this dataset's next uploads."""
+        dataset = self.get_object()
+        if request.method == "PUT":
+            payload = serializers.DatasetMappingSerializer(data=request.data)
+            payload.is_valid(raise_exception=True)
+            try:
+                dataset = datasets.save_mapping(dataset=dataset, mapping=payload.validated_data["mapping"])
+            except ServiceError as exc:
+                return service_error_response(exc)
+        return Response({"mapping": dataset.column_mapping})
+
+    @extend_schema(responses={200: serializers.DatasetVersionSerializer(many=True)})
+    @action(detail=True, methods=["get"])
+    def versions(self, request, pk=None):
+        dataset = self.get_object()
+        rows = dataset.versions.defer("rejected_rows")
+        return Response(serializers.DatasetVersionSerializer(rows, many=True).data)
+
+    @extend_schema(responses={200: dict})
+    @action(detail=True, methods=["get"])
+    def report(self, request, pk=None):
+        """The validation report of the latest version (`?version=N` for another)."""
+        version = self._version(request, self.get_object())
+        return Response(version.report)
+
+    @extend_schema(responses={(200, "text/csv"): str})
+    @action(detail=True, methods=["get"], url_path="rejected-rows")
+    def report_csv(self, request, pk=None):
+        """Every rejected row of the latest version (`?version=N`) as CSV."""
+        dataset = self.get_object()
+        version = self._version(request, dataset)
+        return _csv_response(datasets.report_csv(version=version), f"{dataset.name}-v{version.number}-rejected.csv")
+
+    @extend_schema(parameters=[serializers.PairsQuerySerializer], responses={200: dict})
+    @action(detail=True, methods=["get"])
+    def pairs(self, request, pk=None):
+        """Counts and a sample of the training examples a strategy builds (train split only)."""
+        dataset = self.get_object()
+        query = serializers.PairsQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        try:
+            result = pairs.preview_pairs(dataset=dataset, **query.options())
+        except ValueError as exc:
+            return service_error_response(exc)
+        return Response(result)
 
     def destroy(self, request, pk=None):
         try:
@@ -55,6 +171,21 @@ class DatasetViewSet(
         except ServiceError as exc:
             return Response({"error": str(exc)}, status=status.HTTP_409_CONFLICT)
         return Response(status=status.HTTP_204_NO_CONTENT)
+
+    def _version(self, request, dataset: Dataset) -> DatasetVersion:
+        number = request.query_params.get("version")
+        versions = dataset.versions.all()
+        version = versions.filter(number=number).first() if number and number.isdigit() else versions.first()
+        if version is None:
+            raise NotFound(f"No version {number} of dataset {dataset.pk}." if number else "The dataset has no version.")
+        return version
+
+
+def _csv_response(lines, filename: str) -> StreamingHttpResponse:
+    response = StreamingHttpResponse(lines, content_type="text/csv; charset=utf-8")
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in filename)
+    response["Content-Disposition"] = f'attachment; filename="{safe}"'
+    return response
 
 
 class TrainingRunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):

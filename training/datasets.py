@@ -1,56 +1,80 @@
-"""Datasets: importing uploads, keeping their full-text vectors, deleting.
+"""Datasets: importing uploads as versions, previews, mappings, deleting.
 
 Views, API views, tasks and commands call these functions; none of them
 mutates datasets or documents on its own.
+
+An upload is staged with COPY into a temporary table and merged into the
+dataset's documents by key in one transaction: new keys are added, keys whose
+content hash differs are changed, the rest are unchanged, and a
+DatasetVersion records the counts and the validation report. Anything that
+goes wrong rolls the whole upload back, so the dataset keeps what it had.
 """
 
 from __future__ import annotations
 
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Iterator
 
 from django.contrib.postgres.search import SearchVector
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
+from django.db.models import Max
 
 from training import importers
 from training.errors import ServiceError
-from training.models import Dataset, Document, TrainingRun
-from training.pairs import Ticket
+from training.models import Dataset, DatasetVersion, Document, TrainingRun
+from training.pairs import Example, Ticket
 
-# Rows per INSERT batch. 2,000 Hadoop tickets (~4 MB of text) per statement
-# kept the 20,859-issue import at ~9 s with flat memory on 2 cores.
-IMPORT_BATCH_SIZE = 2000
+STAGE_TABLE = "embedportal_import_stage"
+# Rows per bulk_update when a links upload touches documents.
+LINK_UPDATE_BATCH = 1000
 
 
-def import_dataset(*, owner, name: str, kind: str, path: Path, filename: str) -> Dataset:
-    """Parse an uploaded export and store it as a new dataset, all or nothing.
+# --- Creating and updating ---------------------------------------------------------
 
-    Side effects: creates the Dataset and its Documents and fills their
-    full-text vectors in one transaction; raises ServiceError (nothing stored)
-    when the file cannot be imported or no row is usable.
+
+def import_dataset(
+    *,
+    owner,
+    name: str,
+    kind: str = "",
+    path: Path,
+    filename: str,
+    strict: bool = False,
+    mapping: dict[str, Any] | None = None,
+) -> Dataset:
+    """Create a dataset from an uploaded export (version 1), all or nothing.
+
+    kind "" takes the kind the file's format implies. Side effects: creates the
+    Dataset, its Documents (with their full-text vectors) and DatasetVersion 1
+    in one transaction; raises ServiceError (nothing stored) when the file
+    cannot be imported, no row is usable, or strict is set and a row is bad.
     """
     name = name.strip()
     if not name:
         raise ServiceError("name: give the dataset a name.")
     if Dataset.objects.filter(owner=owner, name=name).exists():
         raise ServiceError(f"name: you already have a dataset called {name!r}; pick another name.")
-    if kind != Dataset.Kind.TICKETS:
-        raise ServiceError("kind: only Jira ticket exports (kind 'tickets') can be imported so far.")
-
+    if kind and kind not in Dataset.Kind.values:
+        raise ServiceError(f"kind: {kind!r} is not one of {', '.join(Dataset.Kind.values)}.")
     report = importers.ImportReport()
     try:
+        upload = importers.read_upload(path, filename, report, kind=kind, mapping=mapping)
+        if upload.format == "jira_links":
+            raise ServiceError(
+                f"file: {filename} holds duplicate links, not tickets. Import the tickets first, then add "
+                "this file to that dataset with \"Add duplicate links\"."
+            )
         with transaction.atomic():
-            dataset = Dataset.objects.create(owner=owner, name=name, kind=kind, source_filename=filename[:255])
-            _store_documents(dataset, importers.parse_jira_json(path, filename, report))
-            if report.rows_accepted == 0:
-                first = report.errors[0] if report.errors else {}
-                raise ServiceError(
-                    f"{filename}: no usable issue in the file (first problem: row {first.get('row')}, "
-                    f"field {first.get('field')}: {first.get('reason')})."
-                )
-            dataset.import_report = report.as_dict()
-            dataset.save(update_fields=["import_report"])
-            refresh_search_vectors(dataset=dataset)
+            dataset = Dataset.objects.create(
+                owner=owner,
+                name=name,
+                kind=upload.kind,
+                source_filename=filename[:255],
+                column_mapping=upload.mapping if upload.format == "mapped" else {},
+            )
+            _store_version(dataset=dataset, upload=upload, report=report, filename=filename, strict=strict)
     except importers.UploadError as exc:
         raise ServiceError(str(exc)) from exc
     except IntegrityError as exc:  # a concurrent upload took the same name
@@ -58,39 +82,302 @@ def import_dataset(*, owner, name: str, kind: str, path: Path, filename: str) ->
     return dataset
 
 
-def import_upload(*, owner, name: str, kind: str, upload) -> Dataset:
-    """import_dataset() for a Django UploadedFile (on disk or in memory)."""
+def add_version(
+    *, dataset: Dataset, path: Path, filename: str, strict: bool = False, mapping: dict[str, Any] | None = None
+) -> DatasetVersion:
+    """Upsert a newer export into an existing dataset and record it as a new version.
+
+    The dataset's remembered column mapping is used when none is given; a given
+    one is remembered. Documents missing from the new export are kept (exports
+    are often partial). Side effects: adds/updates Documents, drops the
+    embeddings of changed ones (they are stale), creates a DatasetVersion;
+    all in one transaction. Raises ServiceError with nothing changed.
+    """
+    use_mapping = mapping or dataset.column_mapping or None
+    report = importers.ImportReport()
+    try:
+        upload = importers.read_upload(path, filename, report, kind=dataset.kind, mapping=use_mapping)
+        if upload.format == "jira_links":
+            return import_links(dataset=dataset, path=path, filename=filename, strict=strict)
+        with transaction.atomic():
+            locked = Dataset.objects.select_for_update().get(pk=dataset.pk)
+            version = _store_version(dataset=locked, upload=upload, report=report, filename=filename, strict=strict)
+            if mapping:
+                locked.column_mapping = upload.mapping
+            locked.source_filename = filename[:255]
+            locked.save(update_fields=["column_mapping", "source_filename"])
+    except importers.UploadError as exc:
+        raise ServiceError(str(exc)) from exc
+    dataset.refresh_from_db()
+    return version
+
+
+def _store_version(
+    *, dataset: Dataset, upload: importers.Upload, report: importers.ImportReport, filename: str, strict: bool
+) -> DatasetVersion:
+    """Stage the rows with COPY, check them, merge them by key; must run inside a transaction."""
+    number = (dataset.versions.aggregate(n=Max("number"))["n"] or 0) + 1
+    with connection.cursor() as cursor:
+        cursor.execute(f"DROP TABLE IF EXISTS pg_temp.{STAGE_TABLE}")
+        cursor.execute(
+            f"CREATE TEMP TABLE {STAGE_TABLE} (row integer, external_key varchar(255), title text, body text, "
+            "metadata jsonb, content_hash varchar(40)) ON COMMIT DROP"
+        )
+        # COPY streams rows to the server in ~32 KB chunks: memory stays flat
+        # whatever the file size (1M rows: see docs/benchmarks.md).
+        with cursor.copy(
+            f"COPY {STAGE_TABLE} (row, external_key, title, body, metadata, content_hash) FROM STDIN"
+        ) as copy:
+            for row in importers.validate_rows(upload.documents, report):
+                copy.write_row((row.row, row.external_key, row.title, row.body, row.metadata_json, row.content_hash))
+        if report.rows_accepted == 0:
+            first = report.errors[0] if report.errors else {}
+            raise ServiceError(
+                f"{filename}: no usable row in the file (first problem: row {first.get('row')}, "
+                f"field {first.get('field')}: {first.get('reason')})."
+            )
+        if strict and report.rows_rejected:
+            first = report.errors[0]
+            raise ServiceError(
+                f"strict: {report.rows_rejected} row(s) rejected, so nothing was imported (strict mode). "
+                f"First: row {first['row']}, field {first['field']}: {first['reason']}."
+            )
+        cursor.execute(f"CREATE INDEX ON {STAGE_TABLE} (external_key)")
+        cursor.execute(f"ANALYZE {STAGE_TABLE}")
+        cursor.execute(
+            f"SELECT count(*) FILTER (WHERE d.id IS NULL), "
+            f"count(*) FILTER (WHERE d.id IS NOT NULL AND d.content_hash <> s.content_hash), "
+            f"count(*) FILTER (WHERE d.content_hash = s.content_hash) "
+            f"FROM {STAGE_TABLE} s LEFT JOIN training_document d "
+            f"ON d.dataset_id = %s AND d.external_key = s.external_key",
+            [dataset.pk],
+        )
+        added, changed, unchanged = cursor.fetchone()
+        vector = (
+            "setweight(to_tsvector(%(config)s::regconfig, s.title), 'A') || "
+            "setweight(to_tsvector(%(config)s::regconfig, s.body), 'B')"
+        )
+        params = {"dataset": dataset.pk, "version": number, "config": dataset.language}
+        if changed:
+            from search.models import Embedding  # a changed text makes its vectors stale
+
+            cursor.execute(
+                f"DELETE FROM {Embedding._meta.db_table} e USING training_document d, {STAGE_TABLE} s "
+                "WHERE e.document_id = d.id AND d.dataset_id = %(dataset)s AND d.external_key = s.external_key "
+                "AND d.content_hash <> s.content_hash",
+                params,
+            )
+            # Links added by a separate links upload (extra_links) survive a newer export.
+            cursor.execute(
+                f"UPDATE training_document d SET title = s.title, body = s.body, "
+                f"metadata = CASE WHEN d.metadata ? 'extra_links' "
+                f"THEN s.metadata || jsonb_build_object('extra_links', d.metadata -> 'extra_links') "
+                f"ELSE s.metadata END, "
+                f"content_hash = s.content_hash, changed_in_version = %(version)s, search_vector = {vector} "
+                f"FROM {STAGE_TABLE} s WHERE d.dataset_id = %(dataset)s AND d.external_key = s.external_key "
+                "AND d.content_hash <> s.content_hash",
+                params,
+            )
+        if added:
+            cursor.execute(
+                "INSERT INTO training_document "
+                "(dataset_id, external_key, title, body, metadata, content_hash, changed_in_version, search_vector) "
+                f"SELECT %(dataset)s, s.external_key, s.title, s.body, s.metadata, s.content_hash, %(version)s, "
+                f"{vector} FROM {STAGE_TABLE} s WHERE NOT EXISTS (SELECT 1 FROM training_document d "
+                "WHERE d.dataset_id = %(dataset)s AND d.external_key = s.external_key) ORDER BY s.row",
+                params,
+            )
+        cursor.execute(f"DROP TABLE {STAGE_TABLE}")
+    summary = report.as_dict()
+    summary.update(version=number, added=added, changed=changed, unchanged=unchanged)
+    version = DatasetVersion.objects.create(
+        dataset=dataset,
+        number=number,
+        source_filename=filename[:255],
+        detected_format=upload.format,
+        strict=strict,
+        added=added,
+        changed=changed,
+        unchanged=unchanged,
+        report=summary,
+        rejected_rows=report.all_errors,
+    )
+    dataset.import_report = summary
+    dataset.save(update_fields=["import_report"])
+    return version
+
+
+def import_links(*, dataset: Dataset, path: Path, filename: str, strict: bool = False) -> DatasetVersion:
+    """Add the duplicate links of a separate links file (`Issue id, Duplicate id`) to a ticket dataset.
+
+    Each link is stored on both tickets (outward on the first, inward on the
+    second) under metadata["extra_links"], which a newer export of the tickets
+    does not overwrite. Rows naming a ticket the dataset lacks are rejected.
+    Side effects: updates Documents and creates a DatasetVersion, in one transaction.
+    """
+    if dataset.kind != Dataset.Kind.TICKETS:
+        raise ServiceError("file: duplicate links can only be added to a tickets dataset.")
+    report = importers.ImportReport()
+    try:
+        upload = importers.read_upload(path, filename, report)
+        if upload.format != "jira_links":
+            raise ServiceError(
+                f"file: {filename} is a {importers.FORMATS.get(upload.format, upload.format)} file, not duplicate "
+                "links. A links file has the columns \"Issue id, Duplicate id\" (or \"Issue key, Duplicate key\")."
+            )
+        links = list(upload.documents)
+    except importers.UploadError as exc:
+        raise ServiceError(str(exc)) from exc
+    keys = {link.key for link in links} | {link.other for link in links}
+    with transaction.atomic():
+        locked = Dataset.objects.select_for_update().get(pk=dataset.pk)
+        docs = {d.external_key: d for d in Document.objects.filter(dataset=locked, external_key__in=keys)}
+        # A links file may name tickets by numeric id while the export's key is "HADOOP-123".
+        for doc in Document.objects.filter(dataset=locked, metadata__issue_id__in=list(keys - set(docs))):
+            docs.setdefault(doc.metadata["issue_id"], doc)
+        touched: dict[int, Document] = {}
+        added = 0
+        for link in links:
+            missing = [(value, name) for value, name in ((link.key, link.key_field), (link.other, link.other_field))
+                       if value not in docs]
+            if missing:
+                report.reject(row=link.row, key=link.key, field_name=missing[0][1],
+                              reason=f"no ticket {missing[0][0]!r} in dataset {locked.name}")
+                continue
+            report.accept(title=link.key, body=link.other)
+            for doc, other, direction in ((docs[link.key], docs[link.other], "outward"),
+                                          (docs[link.other], docs[link.key], "inward")):
+                entry = {"type": "Duplicate", "direction": direction, "key": other.external_key}
+                extra = doc.metadata.setdefault("extra_links", [])
+                if entry not in extra and entry not in doc.metadata.get("links", []):
+                    extra.append(entry)
+                    touched[doc.pk] = doc
+                    added += 1
+        if report.rows_accepted == 0:
+            first = report.errors[0] if report.errors else {}
+            raise ServiceError(f"{filename}: no usable link (first problem: row {first.get('row')}, "
+                               f"field {first.get('field')}: {first.get('reason')}).")
+        if strict and report.rows_rejected:
+            first = report.errors[0]
+            raise ServiceError(f"strict: {report.rows_rejected} row(s) rejected, so nothing was imported "
+                               f"(strict mode). First: row {first['row']}, field {first['field']}: {first['reason']}.")
+        number = (locked.versions.aggregate(n=Max("number"))["n"] or 0) + 1
+        for doc in touched.values():
+            doc.changed_in_version = number
+        Document.objects.bulk_update(list(touched.values()), ["metadata", "changed_in_version"],
+                                     batch_size=LINK_UPDATE_BATCH)
+        report.detected_format = upload.format
+        report.columns = upload.columns
+        summary = report.as_dict()
+        summary.update(version=number, added=0, changed=len(touched), unchanged=0, links_added=added // 2)
+        version = DatasetVersion.objects.create(
+            dataset=locked, number=number, source_filename=filename[:255], detected_format=upload.format,
+            strict=strict, added=0, changed=len(touched), unchanged=0, report=summary,
+            rejected_rows=report.all_errors,
+        )
+        locked.import_report = summary
+        locked.save(update_fields=["import_report"])
+    dataset.refresh_from_db()
+    return version
+
+
+def save_mapping(*, dataset: Dataset, mapping: dict[str, Any]) -> Dataset:
+    """Remember which column plays which role for this dataset's next uploads.
+
+    Only the shape is checked here (known roles, the roles its kind needs);
+    the columns are checked against the next file.
+    """
+    columns = [c for role, c in mapping.items() if role != "attributes" and c]
+    attributes = mapping.get("attributes") or []
+    columns += [attributes] if isinstance(attributes, str) else list(attributes)
+    try:
+        clean = importers.validate_mapping(mapping, columns=columns, kind=dataset.kind)
+    except importers.UploadError as exc:
+        raise ServiceError(str(exc)) from exc
+    dataset.column_mapping = clean
+    dataset.save(update_fields=["column_mapping"])
+    return dataset
+
+
+# --- Previews and reports -----------------------------------------------------------
+
+
+def preview_file(
+    *,
+    path: Path,
+    filename: str,
+    kind: str = "",
+    mapping: dict[str, Any] | None = None,
+    dataset: Dataset | None = None,
+    rows: int = importers.PREVIEW_ROWS,
+) -> dict[str, Any]:
+    """Read and validate a file without storing anything: format, mapping, first rows, report.
+
+    A file that needs a column mapping gives needs_mapping and its columns
+    instead of rows; a file that cannot be read raises ServiceError.
+    """
+    if dataset is not None:
+        kind = dataset.kind
+        mapping = mapping or dataset.column_mapping or None
+    report = importers.ImportReport()
+    try:
+        upload = importers.read_upload(path, filename, report, kind=kind, mapping=mapping)
+        sample: list[dict[str, Any]] = []
+        if upload.format == "jira_links":
+            for link in upload.documents:
+                report.accept(title=link.key, body=link.other)
+                if len(sample) < rows:
+                    sample.append({"row": link.row, "key": link.key, "title": link.key, "body": link.other,
+                                   "metadata": {}})
+        else:
+            for staged in importers.validate_rows(upload.documents, report):
+                if len(sample) < rows:
+                    sample.append(importers.preview_row(staged))
+    except importers.UploadError as exc:
+        if exc.columns:
+            _, guess = importers.suggest_mapping(exc.columns)
+            return {"needs_mapping": True, "error": str(exc), "columns": exc.columns, "format": "",
+                    "kind": kind, "mapping": mapping or guess, "rows": [], "report": report.as_dict()}
+        raise ServiceError(str(exc)) from exc
+    return {
+        "needs_mapping": False,
+        "error": "",
+        "format": upload.format,
+        "format_label": importers.FORMATS.get(upload.format, upload.format),
+        "kind": upload.kind,
+        "columns": upload.columns,
+        "mapping": upload.mapping,
+        "rows": sample,
+        "report": report.as_dict(),
+        "all_errors": report.all_errors,
+    }
+
+
+def report_csv(*, version: DatasetVersion) -> Iterator[str]:
+    """Every rejected row of a version as CSV lines, formula prefixes neutralised."""
+    return importers.write_csv(importers.error_csv_rows(version.rejected_rows))
+
+
+@contextmanager
+def upload_on_disk(upload) -> Iterator[Path]:
+    """The path of a Django UploadedFile on disk (uploads above 2.5 MB already are)."""
     if hasattr(upload, "temporary_file_path"):
-        return import_dataset(owner=owner, name=name, kind=kind, path=Path(upload.temporary_file_path()), filename=upload.name)
+        yield Path(upload.temporary_file_path())
+        return
     with tempfile.NamedTemporaryFile(suffix="-upload") as tmp:
         for chunk in upload.chunks():
             tmp.write(chunk)
         tmp.flush()
-        return import_dataset(owner=owner, name=name, kind=kind, path=Path(tmp.name), filename=upload.name)
+        yield Path(tmp.name)
 
 
-def _store_documents(dataset: Dataset, parsed) -> None:
-    seen: set[str] = set()
-    batch: list[Document] = []
-    for doc in parsed:
-        if doc.external_key in seen:
-            # A later row with the same key replaces nothing: first one wins.
-            continue
-        seen.add(doc.external_key)
-        batch.append(
-            Document(
-                dataset=dataset,
-                external_key=doc.external_key,
-                title=doc.title,
-                body=doc.body,
-                metadata=doc.metadata,
-            )
-        )
-        if len(batch) >= IMPORT_BATCH_SIZE:
-            Document.objects.bulk_create(batch)
-            batch = []
-    if batch:
-        Document.objects.bulk_create(batch)
+def import_upload(
+    *, owner, name: str, kind: str = "", upload, strict: bool = False, mapping: dict[str, Any] | None = None
+) -> Dataset:
+    """import_dataset() for a Django UploadedFile (on disk or in memory)."""
+    with upload_on_disk(upload) as path:
+        return import_dataset(owner=owner, name=name, kind=kind, path=path, filename=upload.name, strict=strict,
+                              mapping=mapping)
 
 
 def refresh_search_vectors(*, dataset: Dataset) -> None:
@@ -112,17 +399,51 @@ def delete_dataset(*, dataset: Dataset) -> None:
         dataset.delete()
 
 
+# --- Reading documents for training -------------------------------------------------------
+
+
+def _links(metadata: dict | None) -> tuple[tuple[str, str], ...]:
+    metadata = metadata or {}
+    return tuple(
+        (str(link.get("type", "")).lower(), str(link.get("key", "")))
+        for link in [*(metadata.get("links") or []), *(metadata.get("extra_links") or [])]
+        if isinstance(link, dict)
+    )
+
+
 def dataset_tickets(dataset: Dataset) -> list[Ticket]:
+    """Every document of a tickets dataset as a Ticket (links from the export and from links uploads)."""
     rows = Document.objects.filter(dataset=dataset).values_list("external_key", "title", "body", "metadata")
     return [
         Ticket(
             key=key,
             title=title,
             body=body,
-            links=tuple(
-                (str(link.get("type", "")).lower(), str(link.get("key", "")))
-                for link in (metadata or {}).get("links", [])
-            ),
+            links=_links(metadata),
+            issue_type=str((metadata or {}).get("issue_type") or ""),
+            components=tuple(str(c) for c in (metadata or {}).get("components") or []),
         )
         for key, title, body, metadata in rows.iterator(chunk_size=5000)
     ]
+
+
+def dataset_examples(dataset: Dataset) -> list[Example]:
+    """Every document of any dataset as an Example (Q&A, pairs, triplets, text + label)."""
+    rows = Document.objects.filter(dataset=dataset).values_list("external_key", "title", "body", "metadata")
+    out = []
+    for key, title, body, metadata in rows.iterator(chunk_size=5000):
+        metadata = metadata or {}
+        score = metadata.get("score")
+        out.append(
+            Example(
+                key=key,
+                title=title,
+                body=body,
+                label=str(metadata.get("label") or ""),
+                group=str(metadata.get("group") or ""),
+                negative=str(metadata.get("negative") or ""),
+                score=float(score) if isinstance(score, (int, float)) else None,
+                paraphrases=tuple(str(p) for p in metadata.get("paraphrases") or []),
+            )
+        )
+    return out

@@ -1,24 +1,147 @@
 from django import forms
 from django.conf import settings
+from django.core.files.uploadhandler import FileUploadHandler, SkipFile
 
 from training.hyperparameters import RANGES
 from training.models import Dataset
+from training.pairs import STRATEGIES
 
 
-class UploadForm(forms.Form):
+KIND_CHOICES = [("", "Detect from the file")] + list(Dataset.Kind.choices)
+MAPPING_ROLES = ("key", "title", "body", "label", "group", "date", "negative", "score")
+
+
+class UploadSizeLimitHandler(FileUploadHandler):
+    """Stops reading a file upload as soon as it passes EMBEDPORTAL_MAX_UPLOAD_MB.
+
+    Installed first, before Django's memory/temporary-file handlers (which
+    stream anything above FILE_UPLOAD_MAX_MEMORY_SIZE to disk), so an oversize
+    upload is neither kept in memory nor written to disk to the end.
+    """
+
+    def __init__(self, request=None, limit_bytes: int | None = None):
+        super().__init__(request)
+        self.limit_bytes = limit_bytes if limit_bytes is not None else settings.MAX_UPLOAD_MB * 1024 * 1024
+        self.exceeded = False
+        self.skipped_name = ""
+
+    def new_file(self, field_name, file_name, *args, **kwargs):
+        self.received = 0
+        super().new_file(field_name, file_name, *args, **kwargs)
+
+    def receive_data_chunk(self, raw_data, start):
+        self.received = start + len(raw_data)
+        if self.received > self.limit_bytes:
+            self.exceeded = True
+            self.skipped_name = self.file_name
+            raise SkipFile()
+        return raw_data
+
+    def file_complete(self, file_size):
+        return None
+
+    @property
+    def message(self) -> str:
+        return (f"{self.skipped_name}: the file is larger than the {self.limit_bytes // 1048576} MB upload limit "
+                "(EMBEDPORTAL_MAX_UPLOAD_MB).")
+
+
+def limit_upload_size(request) -> UploadSizeLimitHandler | None:
+    """Put the size limit in front of the upload handlers; None when the body was already read."""
+    handler = UploadSizeLimitHandler(request)
+    django_request = getattr(request, "_request", request)
+    try:
+        django_request.upload_handlers = [handler, *django_request.upload_handlers]
+    except AttributeError:  # the body was parsed already (e.g. by a CSRF check): the form's size check still applies
+        return None
+    return handler
+
+
+def _check_size(upload):
+    limit = settings.MAX_UPLOAD_MB * 1024 * 1024
+    if upload is not None and upload.size > limit:
+        raise forms.ValidationError(
+            f"The file is {upload.size / 1048576:.0f} MB; the limit is {settings.MAX_UPLOAD_MB} MB "
+            "(EMBEDPORTAL_MAX_UPLOAD_MB)."
+        )
+    return upload
+
+
+class MappingFields(forms.Form):
+    """Which column plays which role, for files that are not a known export."""
+
+    map_key = forms.CharField(required=False, label="Key column")
+    map_title = forms.CharField(required=False, label="Title column (summary, question, anchor, text)")
+    map_body = forms.CharField(required=False, label="Body column (description, answer, positive)")
+    map_label = forms.CharField(required=False, label="Label column")
+    map_group = forms.CharField(required=False, label="Group column")
+    map_date = forms.CharField(required=False, label="Date column")
+    map_negative = forms.CharField(required=False, label="Negative column")
+    map_score = forms.CharField(required=False, label="Score column")
+    map_attributes = forms.CharField(required=False, label="Attribute columns (comma-separated)")
+
+    def mapping(self) -> dict | None:
+        data = {role: self.cleaned_data.get(f"map_{role}", "").strip() for role in MAPPING_ROLES}
+        data = {role: column for role, column in data.items() if column}
+        attributes = [a.strip() for a in (self.cleaned_data.get("map_attributes") or "").split(",") if a.strip()]
+        if attributes:
+            data["attributes"] = attributes
+        return data or None
+
+    def mapping_fields(self):
+        return [self[f"map_{role}"] for role in (*MAPPING_ROLES, "attributes")]
+
+
+class UploadForm(MappingFields):
     name = forms.CharField(max_length=200)
-    kind = forms.ChoiceField(choices=Dataset.Kind.choices, initial=Dataset.Kind.TICKETS)
-    file = forms.FileField(help_text="Jira REST JSON export: .json, .json.gz or .zip")
+    kind = forms.ChoiceField(choices=KIND_CHOICES, required=False, initial="")
+    file = forms.FileField(
+        help_text="Jira JSON (.json/.gz/.zip), Jira CSV, Q&A CSV/JSONL, StackFAQ JSON, pairs, triplets, "
+        "text + label, or any CSV/JSONL/Parquet with a column mapping"
+    )
+    strict = forms.BooleanField(required=False, help_text="Refuse the whole file if any row is bad.")
+
+    field_order = ["name", "kind", "file", "strict"]
 
     def clean_file(self):
-        upload = self.cleaned_data["file"]
-        limit = settings.MAX_UPLOAD_MB * 1024 * 1024
-        if upload.size > limit:
-            raise forms.ValidationError(
-                f"The file is {upload.size / 1048576:.0f} MB; the limit is {settings.MAX_UPLOAD_MB} MB "
-                "(EMBEDPORTAL_MAX_UPLOAD_MB)."
-            )
-        return upload
+        return _check_size(self.cleaned_data["file"])
+
+
+class VersionUploadForm(MappingFields):
+    file = forms.FileField(help_text="A newer export of the same dataset, or a duplicate links CSV")
+    strict = forms.BooleanField(required=False, help_text="Refuse the whole file if any row is bad.")
+
+    field_order = ["file", "strict"]
+
+    def clean_file(self):
+        return _check_size(self.cleaned_data["file"])
+
+
+class PairsForm(forms.Form):
+    strategy = forms.ChoiceField(choices=[("", "Default for the dataset")] + sorted(STRATEGIES.items()),
+                                 required=False)
+    link_types = forms.CharField(required=False, initial="duplicate",
+                                 help_text="Link types used as positives, comma-separated (e.g. duplicate, reference)")
+    weak_positives = forms.ChoiceField(choices=[("", "None"), ("component", "Same component"),
+                                                ("issue_type", "Same issue type")], required=False)
+    include_self_pairs = forms.BooleanField(required=False, initial=True)
+    seed = forms.IntegerField(required=False, initial=42)
+    sample = forms.IntegerField(required=False, initial=10, min_value=1, max_value=100)
+
+    # What the page shows before the user changes anything.
+    DEFAULTS = {"link_types": "duplicate", "include_self_pairs": "on", "seed": "42", "sample": "10"}
+
+    def options(self) -> dict:
+        data = self.cleaned_data
+        link_types = tuple(t.strip().lower() for t in (data.get("link_types") or "duplicate").split(",") if t.strip())
+        return {
+            "strategy": data.get("strategy") or "",
+            "link_types": link_types or ("duplicate",),
+            "weak_positives": data.get("weak_positives") or "",
+            "include_self_pairs": bool(data.get("include_self_pairs")),
+            "seed": data.get("seed") if data.get("seed") is not None else 42,
+            "sample": data.get("sample") or 10,
+        }
 
 
 class RunForm(forms.Form):

@@ -1,32 +1,129 @@
-"""Parsers that turn an uploaded export into documents.
+"""Parsers that turn an uploaded export into validated rows.
 
-Each importer reads a file from disk (uploads are streamed there by Django)
-and yields `ParsedDocument`s, collecting per-row problems in an `ImportReport`
-instead of failing the whole file. A file that is not what it claims (binary,
-truncated gzip, wrong JSON shape) raises `UploadError` with a message a person
-can act on.
+Every upload goes through the same three steps:
+
+1. `open_payload` opens the file on disk (plain, gzip or zip) behind a guard
+   that stops zip bombs and turns a damaged archive into an UploadError;
+2. `read_upload` recognises the format (Jira REST JSON, Jira CSV, Q&A CSV/JSONL,
+   StackFAQ JSON, pairs, triplets, text + label, or any CSV/JSONL/Parquet with
+   a column mapping), the encoding and the delimiter, and yields
+   `ParsedDocument`s, rejecting bad rows into the `ImportReport` with their row
+   number, field and reason;
+3. `validate_rows` drops duplicate keys and text PostgreSQL cannot store, and
+   computes each row's content hash and the report's figures.
+
+Nothing here touches the database: training.datasets stores what comes out.
+A file that cannot be read at all raises `UploadError` with a message a person
+can act on; one bad row never does.
 """
 
 from __future__ import annotations
 
+import codecs
+import csv
 import gzip
-
+import hashlib
+import io
 import json
+import re
 import zipfile
 import zlib
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Iterable, Iterator
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZIP_MAGIC = b"PK\x03\x04"
-# A zip entry may expand at most this much: a guard against zip bombs.
+PARQUET_MAGIC = b"PAR1"
+# A compressed upload may expand at most this much (plus 1 MB of slack for
+# tiny files): a guard against zip and gzip bombs. Real exports expand ~7x
+# (the Hadoop JSON: 6.4 MB -> 46 MB).
 MAX_ZIP_RATIO = 200
+BOMB_SLACK_BYTES = 1 << 20
+# Errors kept in the report shown on the page / returned by the API.
 MAX_REPORTED_ERRORS = 50
+# Errors kept with a dataset version for the CSV download.
+MAX_STORED_ERRORS = 10_000
+# A single cell longer than this is rejected (row + field named): no ticket
+# or answer is a million characters, and such a cell is nearly always a broken
+# quote swallowing the rest of the file.
+MAX_CELL_CHARS = 1_000_000
+# The csv module's own ceiling (default 128 KiB) is raised so that the cell
+# above is seen and reported instead of aborting the parse.
+csv.field_size_limit(64 * 1024 * 1024)
+SNIFF_BYTES = 64 * 1024
+PREVIEW_ROWS = 10
+# Buckets (upper bounds, in characters of title + body) of the length distribution.
+LENGTH_BUCKETS = (100, 500, 2000, 10000)
+CSV_DELIMITERS = (",", ";", "\t", "|")
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+FORMATS = {
+    "jira_json": "Jira REST JSON",
+    "jira_csv": "Jira CSV export",
+    "jira_links": "Jira duplicate links CSV",
+    "stackfaq": "FAQ with paraphrases (StackFAQ JSON)",
+    "qa": "Q&A (question, answer)",
+    "pairs": "Pairs (anchor, positive[, score])",
+    "triplets": "Triplets (anchor, positive, negative)",
+    "labelled": "Text + label",
+    "mapped": "Columns mapped by hand",
+}
+FORMAT_KIND = {
+    "jira_json": "tickets", "jira_csv": "tickets", "stackfaq": "qa", "qa": "qa",
+    "pairs": "pairs", "triplets": "triplets", "labelled": "labelled",
+}
+ROLES = ("key", "title", "body", "label", "group", "date", "negative", "score")
+# The roles each kind needs mapped, with the names a person knows them by.
+REQUIRED_ROLES = {
+    "tickets": {"title": "summary"},
+    "qa": {"title": "question", "body": "answer"},
+    "pairs": {"title": "anchor", "body": "positive"},
+    "triplets": {"title": "anchor", "body": "positive", "negative": "negative"},
+    "labelled": {"title": "text", "label": "label"},
+}
+# Column names recognised without a mapping (lowercased), per role, per format.
+_SYNONYMS = {
+    "qa": {"title": ("question", "q", "query"), "body": ("answer", "a", "response")},
+    "triplets": {"title": ("anchor", "query"), "body": ("positive",), "negative": ("negative",)},
+    "pairs": {
+        "title": ("anchor", "sentence1", "question_1", "text1", "query"),
+        "body": ("positive", "sentence2", "question_2", "text2"),
+    },
+    "labelled": {"title": ("text", "sentence"), "label": ("label", "class", "category")},
+}
+_OPTIONAL = {
+    "key": ("id", "key", "qid", "question_id"),
+    "label": ("category", "class", "label", "topic"),
+    "group": ("group", "group_id", "answer_id", "cluster"),
+    "date": ("last_update", "date", "updated", "created"),
+    "score": ("score", "similar", "similarity", "label"),
+}
+JIRA_DATE_FORMATS = ("%d/%b/%y %H:%M", "%d/%b/%y %I:%M %p", "%d/%b/%Y %H:%M", "%d/%b/%Y %I:%M %p",
+                     "%Y-%m-%d %H:%M", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S.%f%z", "%Y-%m-%d")
+_LINK_COLUMN = re.compile(r"^(outward|inward) issue link \((.+)\)$", re.IGNORECASE)
+_JIRA_LIST_COLUMNS = {
+    "component/s": "components", "labels": "labels", "affects version/s": "affects_versions",
+    "fix version/s": "fix_versions",
+}
+_JIRA_TEXT_COLUMNS = {
+    "issue type": "issue_type", "priority": "priority", "status": "status", "resolution": "resolution",
+    "project key": "project", "reporter": "reporter", "assignee": "assignee",
+}
+_JIRA_DATE_COLUMNS = {"created": "created", "updated": "updated", "resolved": "resolved"}
 
 
 class UploadError(ValueError):
-    """The upload as a whole cannot be imported; the message says why and what to do."""
+    """The upload as a whole cannot be imported; the message says why and what to do.
+
+    columns: the file's column names when they are known (a file that needs a
+    column mapping), so a preview can offer them.
+    """
+
+    def __init__(self, message: str, *, columns: list[str] | None = None):
+        super().__init__(message)
+        self.columns = columns or []
 
 
 @dataclass
@@ -35,6 +132,19 @@ class ParsedDocument:
     title: str
     body: str
     metadata: dict[str, Any]
+    row: int = 0
+
+
+@dataclass
+class StagedRow:
+    """A validated row, ready to store: metadata already serialised, content hashed."""
+
+    row: int
+    external_key: str
+    title: str
+    body: str
+    metadata_json: str
+    content_hash: str
 
 
 @dataclass
@@ -42,102 +152,359 @@ class ImportReport:
     rows_read: int = 0
     rows_accepted: int = 0
     rows_rejected: int = 0
+    duplicates: int = 0
+    empty_bodies: int = 0
     errors: list[dict[str, Any]] = field(default_factory=list)
+    all_errors: list[dict[str, Any]] = field(default_factory=list)
+    errors_not_stored: int = 0
+    detected_format: str = ""
+    encoding: str = ""
+    delimiter: str = ""
+    columns: list[str] = field(default_factory=list)
+    mapping: dict[str, Any] = field(default_factory=dict)
+    length_min: int | None = None
+    length_max: int = 0
+    length_total: int = 0
+    length_buckets: list[int] = field(default_factory=lambda: [0] * (len(LENGTH_BUCKETS) + 1))
 
     def reject(self, *, row: int, field_name: str, reason: str, key: str = "") -> None:
         self.rows_rejected += 1
+        error = {"row": row, "key": key, "field": field_name, "reason": reason}
         if len(self.errors) < MAX_REPORTED_ERRORS:
-            self.errors.append({"row": row, "key": key, "field": field_name, "reason": reason})
+            self.errors.append(error)
+        if len(self.all_errors) < MAX_STORED_ERRORS:
+            self.all_errors.append(error)
+        else:
+            self.errors_not_stored += 1
+
+    def accept(self, *, title: str, body: str) -> None:
+        self.rows_accepted += 1
+        if not body.strip():
+            self.empty_bodies += 1
+        length = len(title) + len(body)
+        self.length_min = length if self.length_min is None else min(self.length_min, length)
+        self.length_max = max(self.length_max, length)
+        self.length_total += length
+        for i, bound in enumerate(LENGTH_BUCKETS):
+            if length < bound:
+                self.length_buckets[i] += 1
+                break
+        else:
+            self.length_buckets[-1] += 1
+
+    def length_distribution(self) -> dict[str, Any]:
+        labels = []
+        lower = 0
+        for bound in LENGTH_BUCKETS:
+            labels.append(f"{lower}-{bound - 1}")
+            lower = bound
+        labels.append(f">={LENGTH_BUCKETS[-1]}")
+        return {
+            "min": self.length_min or 0,
+            "max": self.length_max,
+            "mean": round(self.length_total / self.rows_accepted, 1) if self.rows_accepted else 0,
+            "buckets": dict(zip(labels, self.length_buckets)),
+        }
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "detected_format": self.detected_format,
+            "encoding": self.encoding,
+            "delimiter": self.delimiter,
+            "columns": self.columns,
+            "mapping": self.mapping,
             "rows_read": self.rows_read,
             "rows_accepted": self.rows_accepted,
             "rows_rejected": self.rows_rejected,
+            "duplicates": self.duplicates,
+            "empty_bodies": self.empty_bodies,
+            "text_length": self.length_distribution(),
             "errors": self.errors,
+            "errors_not_stored": self.errors_not_stored,
         }
 
 
+@dataclass
+class Upload:
+    """What read_upload recognised, and the rows it yields (a one-shot iterator)."""
+
+    format: str
+    kind: str
+    columns: list[str]
+    mapping: dict[str, Any]
+    documents: Iterator[ParsedDocument]
+
+
+# --- Opening (plain, gzip, zip) ----------------------------------------------------
+
+
+class _GuardedReader(io.RawIOBase):
+    """Counts the bytes a compressed payload expands to and maps damage to UploadError."""
+
+    def __init__(self, raw: IO[bytes], *, limit: int, filename: str, closers: tuple = ()):
+        self._raw = raw
+        self._limit = limit
+        self._filename = filename
+        self._closers = closers
+        self.produced = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        try:
+            n = self._raw.readinto(buffer)
+        except (EOFError, OSError, zlib.error, zipfile.BadZipFile) as exc:
+            raise UploadError(
+                f"{self._filename}: the compressed file is damaged or truncated ({exc}). Export it again and re-upload."
+            ) from None
+        self.produced += n or 0
+        if self.produced > self._limit:
+            raise UploadError(
+                f"{self._filename}: the compressed file expands more than {MAX_ZIP_RATIO}x, above the limit "
+                "for compressed uploads (a zip bomb?). Upload the file uncompressed."
+            )
+        return n or 0
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+            for closer in self._closers:
+                closer.close()
+        super().close()
+
+
 def open_payload(path: Path, filename: str) -> IO[bytes]:
-    """Open a plain, gzip or zip file as a binary stream of its (first) payload."""
+    """Open a plain, gzip or zip file as a buffered binary stream of its (first) payload."""
     with open(path, "rb") as fh:
         head = fh.read(4)
     if not head:
-        raise UploadError(f"{filename}: the file is empty. Upload a Jira export (JSON, .json.gz or .zip).")
+        raise UploadError(f"{filename}: the file is empty. Upload an export with at least one row.")
+    size = path.stat().st_size
     if head.startswith(GZIP_MAGIC):
-        return gzip.open(path, "rb")
+        raw = gzip.open(path, "rb")
+        limit = size * MAX_ZIP_RATIO + BOMB_SLACK_BYTES
+        return io.BufferedReader(_GuardedReader(raw, limit=limit, filename=filename), buffer_size=1 << 16)
     if head.startswith(ZIP_MAGIC):
         return _open_zip_member(path, filename)
-    return open(path, "rb")
+    return open(path, "rb", buffering=1 << 20)
 
 
 def _open_zip_member(path: Path, filename: str) -> IO[bytes]:
     try:
         archive = zipfile.ZipFile(path)
-    except zipfile.BadZipFile as exc:
-        raise UploadError(f"{filename}: not a readable zip archive ({exc}). Re-create the archive and upload it again.")
-    members = [m for m in archive.infolist() if not m.is_dir()]
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise UploadError(
+            f"{filename}: not a readable zip archive, damaged or truncated ({exc}). Re-create the archive and upload it again."
+        ) from None
+    members = [m for m in archive.infolist() if not m.is_dir() and not m.filename.startswith("__MACOSX/")]
     if not members:
+        archive.close()
         raise UploadError(f"{filename}: the zip archive holds no file. Put the export file in it.")
     member = members[0]
     if member.compress_size and member.file_size / member.compress_size > MAX_ZIP_RATIO:
+        archive.close()
         raise UploadError(
             f"{filename}: {member.filename} expands {member.file_size // max(member.compress_size, 1)}x, "
             f"above the {MAX_ZIP_RATIO}x limit for compressed uploads. Upload the file uncompressed."
         )
-    return archive.open(member)
+    try:
+        stream = archive.open(member)
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError) as exc:
+        archive.close()
+        raise UploadError(f"{filename}: cannot read {member.filename} in the archive ({exc}).") from None
+    # The declared sizes can lie: count what really comes out.
+    limit = max(member.compress_size, 1) * MAX_ZIP_RATIO + BOMB_SLACK_BYTES
+    guarded = _GuardedReader(stream, limit=limit, filename=filename, closers=(archive,))
+    return io.BufferedReader(guarded, buffer_size=1 << 16)
 
 
-def load_json(path: Path, filename: str) -> Any:
-    """Read a whole JSON payload (plain/gz/zip), mapping every failure to UploadError."""
-    try:
-        with open_payload(path, filename) as stream:
-            raw = stream.read()
-    except (EOFError, OSError, zlib.error, zipfile.BadZipFile) as exc:
-        raise UploadError(
-            f"{filename}: the compressed file is damaged or truncated ({exc}). Export it again and re-upload."
-        )
-    if b"\x00" in raw[:8192] and not raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise UploadError(f"{filename}: this is a binary file, not a JSON export. Upload the Jira JSON export.")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise UploadError(f"{filename}: the file is not valid UTF-8 at byte {exc.start}. Save it as UTF-8.")
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        if filename.lower().endswith((".csv", ".tsv")):
+def _read_all(path: Path, filename: str) -> bytes:
+    with open_payload(path, filename) as stream:
+        return stream.read()
+
+
+# --- Encodings and text ------------------------------------------------------------
+
+
+def detect_encoding(head: bytes) -> str:
+    """BOMs first; then UTF-8 if the sample is UTF-8 (or mostly is); else cp1252.
+
+    A sample with valid multi-byte UTF-8 *and* stray bytes is UTF-8 with a few
+    bad rows (reported row by row); one with stray bytes only is cp1252.
+    """
+    if head.startswith(codecs.BOM_UTF8):
+        return "utf-8-sig"
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"
+    sample = head[:4096]
+    if len(sample) >= 4 and sample.count(b"\x00") >= len(sample) // 4:
+        return "utf-16-le" if sample[1:2] == b"\x00" else "utf-16-be"
+    text = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape").decode(head, final=False)
+    bad = sum(1 for ch in text if "\udc80" <= ch <= "\udcff")
+    if not bad:
+        return "utf-8"
+    good = sum(1 for ch in text if ord(ch) > 127 and not ("\udc80" <= ch <= "\udcff"))
+    return "utf-8" if good else "cp1252"
+
+
+def _text_stream(binary: IO[bytes], encoding: str) -> IO[str]:
+    # surrogateescape keeps undecodable bytes as lone surrogates, so the row
+    # holding them is rejected with its field instead of failing the file.
+    errors = "replace" if encoding.startswith("utf-16") else "surrogateescape"
+    return io.TextIOWrapper(binary, encoding=encoding, errors=errors, newline="")
+
+
+def _undecodable(value: str) -> str | None:
+    for ch in value:
+        if "\udc80" <= ch <= "\udcff":
+            return f"invalid byte 0x{ord(ch) - 0xDC00:02X} (not UTF-8 text); save the file as UTF-8"
+    return None
+
+
+def csv_safe(value: Any) -> str:
+    """A cell for a CSV we write back: formula prefixes neutralised (CWE-1236)."""
+    text = "" if value is None else str(value)
+    return "'" + text if text.startswith(FORMULA_PREFIXES) else text
+
+
+def write_csv(rows: Iterable[Iterable[Any]]) -> Iterator[str]:
+    """CSV lines (for a streaming response), every cell passed through csv_safe."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    for row in rows:
+        writer.writerow([csv_safe(cell) for cell in row])
+        yield buffer.getvalue()
+        buffer.seek(0)
+        buffer.truncate()
+
+
+def parse_date(value: str) -> str:
+    """ISO 8601 for the date formats Jira exports use; the input unchanged otherwise."""
+    value = value.strip()
+    for fmt in JIRA_DATE_FORMATS:
+        try:
+            return datetime.strptime(value, fmt).isoformat()
+        except ValueError:
+            continue
+    return value
+
+
+# --- Format recognition --------------------------------------------------------------
+
+
+def read_upload(
+    path: Path, filename: str, report: ImportReport, *, kind: str = "", mapping: dict[str, Any] | None = None
+) -> Upload:
+    """Recognise the file and return its rows as an iterator of ParsedDocument.
+
+    kind: what the caller expects ("" = whatever the file is); mapping: which
+    column plays which role, for files that are not a known export (a known
+    export is read as such unless a mapping is given).
+    """
+    with open_payload(path, filename) as stream:
+        head = stream.read(SNIFF_BYTES)
+    if not head.strip():
+        raise UploadError(f"{filename}: the file is empty. Upload an export with at least one row.")
+    if head.startswith(PARQUET_MAGIC):
+        upload = _read_parquet(path, filename, report, kind=kind, mapping=mapping)
+    else:
+        encoding = detect_encoding(head)
+        if not encoding.startswith("utf-16") and b"\x00" in head[:8192]:
             raise UploadError(
-                f"{filename}: CSV files cannot be imported yet. Export the issues from Jira as JSON "
-                "(REST API /rest/api/2/search) and upload that file."
+                f"{filename}: this is a binary file, not an export. Upload a JSON, JSONL, CSV or Parquet file."
             )
+        report.encoding = encoding
+        text_head = head.decode(encoding, errors="replace").lstrip("\ufeff \t\r\n")
+        if text_head.startswith(("{", "[")):
+            upload = _read_json_family(path, filename, report, text_head, encoding, kind=kind, mapping=mapping)
+        else:
+            upload = _read_csv(path, filename, report, text_head, encoding, kind=kind, mapping=mapping)
+    report.detected_format = upload.format
+    report.columns = upload.columns
+    report.mapping = upload.mapping
+    return upload
+
+
+def _is_jsonl(text_head: str) -> bool:
+    first, sep, rest = text_head.partition("\n")
+    if not sep or not first.strip().startswith("{"):
+        return False
+    try:
+        json.loads(first)
+    except ValueError:
+        return False
+    return rest.lstrip().startswith("{") or not rest.strip()
+
+
+def _read_json_family(path, filename, report, text_head, encoding, *, kind, mapping) -> Upload:
+    if _is_jsonl(text_head):
+        return _tabular(filename, report, _jsonl_records(path, filename, encoding), kind=kind, mapping=mapping,
+                        fmt_hint="jsonl")
+    payload = _load_json(path, filename, encoding)
+    if isinstance(payload, dict) and isinstance(payload.get("root"), dict) and "qapair" in payload["root"]:
+        _check_kind(filename, "stackfaq", kind)
+        return Upload("stackfaq", "qa", [], {}, _stackfaq(payload["root"]["qapair"], filename, report))
+    issues = _jira_issue_list(payload)
+    if issues is not None and not mapping:
+        _check_kind(filename, "jira_json", kind)
+        if not issues:
+            raise UploadError(f"{filename}: the export contains no issues.")
+        return Upload("jira_json", "tickets", [], {}, _jira_issues(issues, report))
+    if isinstance(payload, list) and payload and all(isinstance(item, dict) for item in payload[:100]):
+        records = ((row, item) for row, item in enumerate(payload, start=1))
+        return _tabular(filename, report, _records_with_columns(records), kind=kind, mapping=mapping,
+                        fmt_hint="json")
+    raise UploadError(
+        f"{filename}: this JSON is not an export we can read. Expected a Jira /rest/api/2/search response "
+        "(an object with an \"issues\" list), a list of issues, one issue with \"key\" and \"fields\", "
+        "a StackFAQ file ({\"root\": {\"qapair\": [...]}}), a list of objects, or JSON Lines."
+    )
+
+
+def _load_json(path: Path, filename: str, encoding: str) -> Any:
+    raw = _read_all(path, filename)
+    # Undecodable bytes become lone surrogates; validate_rows rejects the rows holding them.
+    text = raw.decode(encoding, errors="replace" if encoding.startswith("utf-16") else "surrogateescape")
+    del raw
+    try:
+        return json.loads(text.lstrip("\ufeff"))
+    except json.JSONDecodeError as exc:
         raise UploadError(
             f"{filename}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}). "
             "Upload the response of Jira's /rest/api/2/search, a list of issues, or one issue."
-        )
+        ) from None
+    except RecursionError:
+        raise UploadError(f"{filename}: the JSON is nested too deeply to be an export.") from None
 
 
-def parse_jira_json(path: Path, filename: str, report: ImportReport) -> Iterator[ParsedDocument]:
-    """Yield the issues of a Jira REST export: `{"issues": [...]}`, a list, or one issue."""
-    payload = load_json(path, filename)
+def _jira_issue_list(payload: Any) -> list | None:
     if isinstance(payload, dict) and isinstance(payload.get("issues"), list):
-        issues = payload["issues"]
-    elif isinstance(payload, list):
-        issues = payload
-    elif isinstance(payload, dict) and "key" in payload and isinstance(payload.get("fields"), dict):
-        issues = [payload]
-    else:
+        return payload["issues"]
+    if isinstance(payload, dict) and "key" in payload and isinstance(payload.get("fields"), dict):
+        return [payload]
+    if isinstance(payload, list) and payload and isinstance(payload[0], dict) and "fields" in payload[0]:
+        return payload
+    return None
+
+
+def _check_kind(filename: str, fmt: str, kind: str) -> None:
+    expected = FORMAT_KIND.get(fmt)
+    if kind and expected and kind != expected:
         raise UploadError(
-            f"{filename}: this JSON is not a Jira issue export. Expected an object with an \"issues\" "
-            "list (a /rest/api/2/search response), a list of issues, or one issue with \"key\" and \"fields\"."
+            f"kind: {filename} is a {FORMATS[fmt]} file, which makes a {expected!r} dataset, not {kind!r}. "
+            f"Choose kind {expected!r}, or map its columns by hand."
         )
-    if not issues:
-        raise UploadError(f"{filename}: the export contains no issues.")
+
+
+# --- Jira REST JSON -----------------------------------------------------------------
+
+
+def _jira_issues(issues: list, report: ImportReport) -> Iterator[ParsedDocument]:
     for row, issue in enumerate(issues, start=1):
         report.rows_read += 1
         doc = _jira_issue(issue, row, report)
         if doc is not None:
-            report.rows_accepted += 1
             yield doc
 
 
@@ -180,13 +547,13 @@ def _jira_issue(issue: Any, row: int, report: ImportReport) -> ParsedDocument | 
         "links": _jira_links(fields.get("issuelinks") or []),
     }
     return ParsedDocument(
-        external_key=key[:255], title=summary.strip(), body=(description or "").strip(), metadata=metadata
+        external_key=key[:255], title=summary.strip(), body=(description or "").strip(), metadata=metadata, row=row
     )
 
 
-def _jira_links(links: list[Any]) -> list[dict[str, str]]:
+def _jira_links(links: Any) -> list[dict[str, str]]:
     out = []
-    for link in links:
+    for link in links if isinstance(links, list) else []:
         if not isinstance(link, dict):
             continue
         link_type = _name(link.get("type"))
@@ -208,4 +575,538 @@ def _adf_text(node: Any) -> str:
         return "\n".join(_adf_text(n) for n in node)
     return ""
 
+
+# --- StackFAQ JSON ---------------------------------------------------------------------
+
+
+def question_key(question: str) -> str:
+    """A stable key for a question: re-uploads of the same FAQ upsert by it."""
+    return "q-" + hashlib.sha1(" ".join(question.lower().split()).encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def _stackfaq(pairs: Any, filename: str, report: ImportReport) -> Iterator[ParsedDocument]:
+    if not isinstance(pairs, list) or not pairs:
+        raise UploadError(f"{filename}: root.qapair holds no question.")
+    for row, item in enumerate(pairs, start=1):
+        report.rows_read += 1
+        if not isinstance(item, dict):
+            report.reject(row=row, field_name="qapair", reason="not a JSON object")
+            continue
+        question = item.get("question")
+        if not isinstance(question, str) or not question.strip():
+            report.reject(row=row, field_name="question", reason="empty question")
+            continue
+        answers = item.get("answer")
+        answers = [answers] if isinstance(answers, str) else [a for a in answers or [] if isinstance(a, str)]
+        body = "\n\n".join(a.strip() for a in answers if a.strip())
+        if not body:
+            report.reject(row=row, key=question_key(question), field_name="answer", reason="empty answer")
+            continue
+        # Paraphrases of two characters or fewer ("*") say nothing.
+        paraphrases = [p.strip() for p in item.get("rephr") or [] if isinstance(p, str) and len(p.strip()) > 2]
+        key = question_key(question)
+        yield ParsedDocument(key, question.strip(), body, {"paraphrases": paraphrases, "group": key}, row=row)
+
+
+# --- Tabular: CSV, JSONL, list of objects, Parquet -----------------------------------------
+
+
+def _jsonl_records(path: Path, filename: str, encoding: str):
+    columns: list[str] = []
+    seen: set[str] = set()
+
+    def records() -> Iterator[tuple[int, Any]]:
+        with _text_stream(open_payload(path, filename), encoding) as text:
+            for line_no, line in enumerate(text, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield line_no, json.loads(line)
+                except ValueError as exc:
+                    yield line_no, UploadError(f"not valid JSON ({exc})")
+
+    # Columns: the keys of the first 100 objects, in order.
+    iterator = records()
+    buffered = []
+    for item in iterator:
+        buffered.append(item)
+        if isinstance(item[1], dict):
+            for name in item[1]:
+                if name not in seen:
+                    seen.add(name)
+                    columns.append(name)
+        if len(buffered) >= 100:
+            break
+
+    def replay() -> Iterator[tuple[int, Any]]:
+        yield from buffered
+        yield from iterator
+
+    return columns, replay()
+
+
+def _records_with_columns(records: Iterator[tuple[int, Any]]):
+    items = list(records)
+    columns: list[str] = []
+    for _, item in items[:100]:
+        for name in item:
+            if name not in columns:
+                columns.append(name)
+    return columns, iter(items)
+
+
+def _read_parquet(path, filename, report, *, kind, mapping) -> Upload:
+    import pyarrow.parquet as pq  # pyarrow: the reference Parquet reader, streams row groups
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises ArrowInvalid/OSError for anything unreadable
+        raise UploadError(f"{filename}: not a readable Parquet file ({exc}).") from None
+    columns = list(parquet.schema_arrow.names)
+
+    def records() -> Iterator[tuple[int, Any]]:
+        row = 0
+        try:
+            for batch in parquet.iter_batches(batch_size=5000):
+                for item in batch.to_pylist():
+                    row += 1
+                    yield row, item
+        except Exception as exc:  # a damaged row group: say where it broke off
+            raise UploadError(f"{filename}: the Parquet file is damaged after row {row} ({exc}).") from None
+
+    report.encoding = "parquet"
+    return _tabular(filename, report, (columns, records()), kind=kind, mapping=mapping, fmt_hint="parquet")
+
+
+def _sniff_delimiter(filename: str, text_head: str) -> str:
+    if filename.lower().endswith((".tsv", ".tsv.gz", ".tab")):
+        return "\t"
+    header = text_head.split("\n", 1)[0]
+    counts = {d: header.count(d) for d in CSV_DELIMITERS}
+    best = max(counts, key=counts.get)
+    return best if counts[best] else ","
+
+
+def _read_csv(path, filename, report, text_head, encoding, *, kind, mapping) -> Upload:
+    delimiter = _sniff_delimiter(filename, text_head)
+    report.delimiter = delimiter
+    stream = _text_stream(open_payload(path, filename), encoding)
+    reader = csv.reader(stream, delimiter=delimiter)
+    try:
+        header = next(reader)
+    except csv.Error as exc:
+        stream.close()
+        raise UploadError(f"{filename}: the header row cannot be read as CSV ({exc}).") from None
+    except StopIteration:
+        stream.close()
+        raise UploadError(f"{filename}: the file is empty. Upload an export with at least one row.") from None
+    except UploadError as exc:
+        stream.close()
+        raise UploadError(f"{exc} It broke off before the first row.") from None
+    header = [h.strip().lstrip("\ufeff") for h in header]
+    lowered = [h.lower() for h in header]
+    bad = next((h for h in header if _undecodable(h)), None)
+    if bad is not None:
+        stream.close()
+        raise UploadError(f"{filename}: the header row has bytes that are not text; save the file as UTF-8.")
+
+    def rows() -> Iterator[tuple[int, list[str]]]:
+        row = 0
+        try:
+            while True:
+                try:
+                    cells = next(reader)
+                except StopIteration:
+                    break
+                except csv.Error as exc:
+                    raise UploadError(
+                        f"{filename}: row {row + 1} cannot be read as CSV ({exc}); check its quotes."
+                    ) from None
+                except UploadError as exc:
+                    raise UploadError(f"{exc} It broke off after row {row}.") from None
+                if not any(c.strip() for c in cells):
+                    continue  # blank line
+                row += 1
+                yield row, cells
+        finally:
+            stream.close()
+
+    if not mapping and "summary" in lowered and ("issue key" in lowered or "issue id" in lowered):
+        _check_kind(filename, "jira_csv", kind)
+        return Upload("jira_csv", "tickets", header, {}, _jira_csv(header, rows(), filename, report))
+    if not mapping and _is_links_header(lowered):
+        return Upload("jira_links", "links", header, {}, _links_rows(header, rows(), report))
+
+    def records() -> Iterator[tuple[int, Any]]:
+        width = len(header)
+        for row, cells in rows():
+            if len(cells) > width and any(c.strip() for c in cells[width:]):
+                yield row, UploadError(f"{len(cells)} cells, the header has {width} columns")
+                continue
+            yield row, dict(zip(header, cells))
+
+    return _tabular(filename, report, (header, records()), kind=kind, mapping=mapping, fmt_hint="csv",
+                    empty_message=f"{filename}: the file has a header row ({', '.join(header)}) but no data rows.")
+
+
+def _is_links_header(lowered: list[str]) -> bool:
+    return ("issue id" in lowered and "duplicate id" in lowered) or ("issue key" in lowered and "duplicate key" in lowered)
+
+
+def _tabular(filename, report, columns_and_records, *, kind, mapping, fmt_hint, empty_message="") -> Upload:
+    columns, records = columns_and_records
+    if not columns:
+        raise UploadError(empty_message or f"{filename}: no rows with named fields in the file.")
+    if mapping:
+        if not kind:
+            raise UploadError("kind: choose what the rows are (tickets, qa, pairs, triplets or labelled) "
+                              "to import a file with mapped columns.")
+        resolved = validate_mapping(mapping, columns=columns, kind=kind)
+        fmt = "mapped"
+    else:
+        fmt, resolved = suggest_mapping(columns)
+        if fmt is None:
+            raise UploadError(
+                f"mapping: the columns of {filename} ({', '.join(columns[:20])}) are not a known export. "
+                "Map them: which column is the key, title, body, label, group, date and attributes.",
+                columns=list(columns),
+            )
+        _check_kind(filename, fmt, kind)
+        kind = FORMAT_KIND[fmt]
+    return Upload(fmt, kind, list(columns), resolved,
+                  _mapped_rows(records, resolved, kind, report, empty_message=empty_message))
+
+
+def suggest_mapping(columns: list[str]) -> tuple[str | None, dict[str, Any]]:
+    """(format, mapping) recognised from column names alone; (None, partial guess) if none fits."""
+    by_lower = {c.strip().lower(): c for c in columns}
+
+    def pick(names: tuple[str, ...], taken: set[str]) -> str:
+        for name in names:
+            column = by_lower.get(name)
+            if column is not None and column not in taken:
+                return column
+        return ""
+
+    for fmt in ("triplets", "qa", "pairs", "labelled"):
+        mapping: dict[str, Any] = {}
+        taken: set[str] = set()
+        for role, names in _SYNONYMS[fmt].items():
+            column = pick(names, taken)
+            if not column:
+                break
+            mapping[role] = column
+            taken.add(column)
+        else:
+            optional = {"pairs": ("score",), "triplets": (), "labelled": ("key",),
+                        "qa": ("key", "label", "group", "date")}[fmt]
+            for role in optional:
+                column = pick(_OPTIONAL[role], taken)
+                if column:
+                    mapping[role] = column
+                    taken.add(column)
+            if fmt == "qa":
+                attributes = [c for c in columns if c not in taken and not c.lower().endswith("_html")]
+                if attributes:
+                    mapping["attributes"] = attributes
+            return fmt, mapping
+    return None, {}
+
+
+def validate_mapping(mapping: dict[str, Any], *, columns: list[str], kind: str) -> dict[str, Any]:
+    """The mapping with empty roles dropped; UploadError naming the role or column that is wrong."""
+    if kind not in REQUIRED_ROLES:
+        raise UploadError(f"kind: {kind!r} is not a kind of dataset ({', '.join(REQUIRED_ROLES)}).")
+    if not isinstance(mapping, dict):
+        raise UploadError("mapping: give an object of role -> column name.")
+    known = set(columns)
+    out: dict[str, Any] = {}
+    for role, column in mapping.items():
+        if role == "attributes":
+            names = [column] if isinstance(column, str) else list(column or [])
+            missing = [n for n in names if n not in known]
+            if missing:
+                raise UploadError(f"mapping: attribute column {missing[0]!r} is not in the file "
+                                  f"(columns: {', '.join(columns[:30])}).")
+            if names:
+                out["attributes"] = names
+            continue
+        if role not in ROLES:
+            raise UploadError(f"mapping: unknown role {role!r}; roles are {', '.join(ROLES)} and attributes.")
+        if not column:
+            continue
+        if column not in known:
+            raise UploadError(f"mapping: the {role} column {column!r} is not in the file "
+                              f"(columns: {', '.join(columns[:30])}).")
+        out[role] = column
+    for role, label in REQUIRED_ROLES[kind].items():
+        if role not in out:
+            raise UploadError(f"mapping: a {kind} dataset needs the {role} column ({label}) mapped.")
+    return out
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_cell(v) for v in value if _cell(v))
+    return str(value)
+
+
+def _mapped_rows(records, mapping, kind, report, *, empty_message) -> Iterator[ParsedDocument]:
+    any_row = False
+    for row, item in records:
+        any_row = True
+        report.rows_read += 1
+        if isinstance(item, UploadError):
+            report.reject(row=row, field_name="(row)", reason=str(item))
+            continue
+        if not isinstance(item, dict):
+            report.reject(row=row, field_name="(row)", reason="not an object with named fields")
+            continue
+        doc = _mapped_row(row, item, mapping, kind, report)
+        if doc is not None:
+            yield doc
+    if not any_row and empty_message:
+        raise UploadError(empty_message)
+
+
+def _mapped_row(row: int, item: dict, mapping: dict, kind: str, report: ImportReport) -> ParsedDocument | None:
+    title = _cell(item.get(mapping["title"]))
+    body = _cell(item.get(mapping["body"])) if "body" in mapping else ""
+    key = _cell(item.get(mapping["key"])) if "key" in mapping else ""
+    for role, value in (("title", title), ("body", body), ("key", key)):
+        if len(value) > MAX_CELL_CHARS:
+            report.reject(row=row, key=key[:255], field_name=mapping[role],
+                          reason=f"{len(value):,} characters, above the {MAX_CELL_CHARS:,} limit")
+            return None
+    if not title:
+        report.reject(row=row, key=key[:255], field_name=mapping["title"],
+                      reason=f"empty {REQUIRED_ROLES[kind]['title']}")
+        return None
+    if kind in ("qa", "pairs", "triplets") and not body:
+        report.reject(row=row, key=key[:255], field_name=mapping["body"],
+                      reason=f"empty {REQUIRED_ROLES[kind]['body']}")
+        return None
+    metadata: dict[str, Any] = {}
+    if "label" in mapping:
+        metadata["label"] = _cell(item.get(mapping["label"]))
+        if kind == "labelled" and not metadata["label"]:
+            report.reject(row=row, key=key[:255], field_name=mapping["label"], reason="empty label")
+            return None
+    if "group" in mapping:
+        metadata["group"] = _cell(item.get(mapping["group"]))
+    if "date" in mapping:
+        metadata["date"] = parse_date(_cell(item.get(mapping["date"])))
+    if "negative" in mapping:
+        metadata["negative"] = _cell(item.get(mapping["negative"]))
+        if kind == "triplets" and not metadata["negative"]:
+            report.reject(row=row, key=key[:255], field_name=mapping["negative"], reason="empty negative")
+            return None
+    if "score" in mapping:
+        raw = _cell(item.get(mapping["score"]))
+        if raw:
+            try:
+                metadata["score"] = float(raw)
+            except ValueError:
+                report.reject(row=row, key=key[:255], field_name=mapping["score"], reason=f"{raw[:40]!r} is not a number")
+                return None
+            if metadata["score"] != metadata["score"] or metadata["score"] in (float("inf"), float("-inf")):
+                report.reject(row=row, key=key[:255], field_name=mapping["score"], reason="not a finite number")
+                return None
+    if mapping.get("attributes"):
+        metadata["attributes"] = {name: _cell(item.get(name)) for name in mapping["attributes"]}
+    if not key:
+        key = _derived_key(kind, title, body, metadata)
+    return ParsedDocument(key[:255], title, body, metadata, row=row)
+
+
+def _derived_key(kind: str, title: str, body: str, metadata: dict) -> str:
+    """Rows without a key column get one from their content, stable across re-uploads."""
+    if kind == "qa":
+        # Question and answer: one question may have several answers (85 in bank-faq.csv).
+        return question_key(f"{title}\x1f{body}")
+    parts = [title, body, metadata.get("negative", "")] if kind != "labelled" else [title]
+    digest = hashlib.sha1("\x1f".join(parts).encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"{kind[0]}-{digest}"
+
+
+# --- Jira CSV ----------------------------------------------------------------------------
+
+
+def _jira_csv(header: list[str], rows, filename: str, report: ImportReport) -> Iterator[ParsedDocument]:
+    lowered = [h.lower() for h in header]
+
+    def first(name: str) -> int | None:
+        return lowered.index(name) if name in lowered else None
+
+    key_col = first("issue key") if "issue key" in lowered else first("issue id")
+    id_col = first("issue id")
+    summary_col = first("summary")
+    description_col = first("description")
+    text_cols = {meta: i for i, h in enumerate(lowered) for col, meta in _JIRA_TEXT_COLUMNS.items() if h == col}
+    date_cols = {meta: i for i, h in enumerate(lowered) for col, meta in _JIRA_DATE_COLUMNS.items() if h == col}
+    list_cols: dict[str, list[int]] = {}
+    link_cols: list[tuple[int, str, str]] = []
+    for i, h in enumerate(lowered):
+        if h in _JIRA_LIST_COLUMNS:
+            list_cols.setdefault(_JIRA_LIST_COLUMNS[h], []).append(i)
+        match = _LINK_COLUMN.match(header[i])
+        if match:
+            link_cols.append((i, match.group(2).strip(), match.group(1).lower()))
+    width = len(header)
+    any_row = False
+    for row, cells in rows:
+        any_row = True
+        report.rows_read += 1
+        if len(cells) > width and any(c.strip() for c in cells[width:]):
+            report.reject(row=row, field_name="(row)", reason=f"{len(cells)} cells, the header has {width} columns")
+            continue
+        cells = cells + [""] * (width - len(cells))
+        key = cells[key_col].strip()
+        if not key:
+            report.reject(row=row, field_name=header[key_col], reason="empty issue key")
+            continue
+        too_long = next((i for i, c in enumerate(cells) if len(c) > MAX_CELL_CHARS), None)
+        if too_long is not None:
+            report.reject(row=row, key=key[:255], field_name=header[too_long],
+                          reason=f"{len(cells[too_long]):,} characters, above the {MAX_CELL_CHARS:,} limit")
+            continue
+        summary = cells[summary_col].strip()
+        if not summary:
+            report.reject(row=row, key=key[:255], field_name=header[summary_col], reason="empty summary")
+            continue
+        metadata: dict[str, Any] = {meta: cells[i].strip() for meta, i in text_cols.items()}
+        for meta, indexes in list_cols.items():
+            metadata[meta] = [cells[i].strip() for i in indexes if cells[i].strip()]
+        metadata.setdefault("components", [])
+        metadata.setdefault("labels", [])
+        for meta, i in date_cols.items():
+            metadata[meta] = parse_date(cells[i]) if cells[i].strip() else ""
+        if id_col is not None and id_col != key_col:
+            metadata["issue_id"] = cells[id_col].strip()
+        metadata["links"] = [
+            {"type": link_type, "direction": direction, "key": cells[i].strip()}
+            for i, link_type, direction in link_cols if cells[i].strip()
+        ]
+        body = cells[description_col].strip() if description_col is not None else ""
+        yield ParsedDocument(key[:255], summary, body, metadata, row=row)
+    if not any_row:
+        raise UploadError(f"{filename}: the file has a header row ({', '.join(header)}) but no data rows.")
+
+
+# --- Duplicate links CSV --------------------------------------------------------------------
+
+
+@dataclass
+class LinkRow:
+    row: int
+    key: str
+    other: str
+    key_field: str
+    other_field: str
+
+
+def _links_rows(header: list[str], rows, report: ImportReport) -> Iterator[LinkRow]:
+    lowered = [h.lower() for h in header]
+    if "issue key" in lowered and "duplicate key" in lowered:
+        a, b = lowered.index("issue key"), lowered.index("duplicate key")
+    else:
+        a, b = lowered.index("issue id"), lowered.index("duplicate id")
+    for row, cells in rows:
+        report.rows_read += 1
+        cells = cells + [""] * (len(header) - len(cells))
+        key, other = cells[a].strip(), cells[b].strip()
+        if not key or not other:
+            report.reject(row=row, key=key, field_name=header[a] if not key else header[b], reason="empty")
+            continue
+        if key == other:
+            report.reject(row=row, key=key, field_name=header[b], reason="an issue cannot duplicate itself")
+            continue
+        yield LinkRow(row, key, other, header[a], header[b])
+
+
+# --- Validation -----------------------------------------------------------------------------
+
+
+def validate_rows(documents: Iterable[ParsedDocument], report: ImportReport) -> Iterator[StagedRow]:
+    """Reject text PostgreSQL cannot store and conflicting keys; hash and count the rest.
+
+    The first row with a key wins. A later row with the same key and the same
+    content is counted as a duplicate and skipped; one with other content is
+    also rejected (row, field "key"), so strict mode refuses it. NUL
+    characters (which PostgreSQL text cannot hold) are removed.
+    """
+    first_row: dict[str, tuple[int, str]] = {}
+    for doc in documents:
+        key = doc.external_key.replace("\x00", "")
+        title = _clean_text(doc.title)
+        body = _clean_text(doc.body)
+        metadata_json = canonical_json(doc.metadata)
+        problem = None
+        for name, value in (("key", key), ("title", title), ("body", body), ("metadata", metadata_json)):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                problem = (name, _undecodable(value) or "text that cannot be stored")
+                break
+        if problem is not None:
+            report.reject(row=doc.row, key=key.encode("utf-8", "replace").decode("utf-8"),
+                          field_name=problem[0], reason=problem[1])
+            continue
+        digest = content_hash(key, title, body, metadata_json)
+        if key in first_row:
+            report.duplicates += 1
+            first, first_digest = first_row[key]
+            if first_digest != digest:
+                # Same key, other content: which one is right is the user's call, so say so.
+                report.reject(row=doc.row, key=key, field_name="key",
+                              reason=f"duplicate key with different content (first seen in row {first}); "
+                                     "this row was skipped")
+            continue
+        first_row[key] = (doc.row, digest)
+        report.accept(title=title, body=body)
+        yield StagedRow(doc.row, key, title, body, metadata_json, digest)
+
+
+def _clean_text(value: str) -> str:
+    """No NUL (PostgreSQL text cannot hold it); one newline convention whatever the exporter used."""
+    if "\x00" in value:
+        value = value.replace("\x00", "")
+    if "\r" in value:
+        value = value.replace("\r\n", "\n").replace("\r", "\n")
+    return value
+
+
+def canonical_json(metadata: dict[str, Any]) -> str:
+    """Metadata as stored and hashed: sorted keys (jsonb reorders them anyway), no NUL."""
+    return json.dumps(metadata, ensure_ascii=False, sort_keys=True, separators=(",", ":")).replace("\\u0000", "")
+
+
+def content_hash(key: str, title: str, body: str, metadata_json: str) -> str:
+    return hashlib.sha1("\x1f".join((key, title, body, metadata_json)).encode("utf-8")).hexdigest()
+
+
+def preview_row(row: StagedRow) -> dict[str, Any]:
+    return {
+        "row": row.row,
+        "key": row.external_key,
+        "title": row.title[:500],
+        "body": row.body[:500],
+        "metadata": json.loads(row.metadata_json),
+    }
+
+
+def error_csv_rows(errors: Iterable[dict[str, Any]]) -> Iterator[list[Any]]:
+    yield ["row", "key", "field", "reason"]
+    for error in errors:
+        yield [error.get("row"), error.get("key"), error.get("field"), error.get("reason")]
+
+
+# Kept for callers of the first version of this module.
+def parse_jira_json(path: Path, filename: str, report: ImportReport) -> Iterator[ParsedDocument]:
+    upload = read_upload(path, filename, report, kind="tickets")
+    return upload.documents
 

@@ -16,6 +16,9 @@ class Dataset(models.Model):
     class Kind(models.TextChoices):
         TICKETS = "tickets", "Tickets"
         QA = "qa", "Q&A"
+        PAIRS = "pairs", "Pairs (anchor, positive)"
+        TRIPLETS = "triplets", "Triplets (anchor, positive, negative)"
+        LABELLED = "labelled", "Text + label"
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="datasets")
     name = models.CharField(max_length=200)
@@ -25,6 +28,9 @@ class Dataset(models.Model):
     language = models.CharField(max_length=32, default="english")
     # What the importer saw: rows read/accepted/rejected and the first errors.
     import_report = models.JSONField(default=dict, blank=True)
+    # Which column plays which role ({"key": "Id", "title": "Subject", ...}) for
+    # files that are not a known export; remembered for the next upload.
+    column_mapping = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -50,6 +56,12 @@ class Document(models.Model):
     metadata = models.JSONField(default=dict, blank=True)
     # Weighted tsvector (title A, body B), filled by the import service.
     search_vector = SearchVectorField(null=True, editable=False)
+    # sha1 of title, body and metadata: a re-upload compares it to tell a
+    # changed row from an unchanged one.
+    content_hash = models.CharField(max_length=40, blank=True)
+    # Dataset version that added or last changed this row (daily retraining
+    # picks what changed since the version it last trained on).
+    changed_in_version = models.PositiveIntegerField(default=1)
 
     class Meta:
         ordering = ["id"]
@@ -65,6 +77,34 @@ class Document(models.Model):
     def text(self) -> str:
         """The text that is embedded: title, newline, body (as in shared/DATA.md)."""
         return f"{self.title}\n{self.body}" if self.body else self.title
+
+
+class DatasetVersion(models.Model):
+    """One successful upload into a dataset: what it added, changed and rejected."""
+
+    dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="versions")
+    number = models.PositiveIntegerField()
+    source_filename = models.CharField(max_length=255, blank=True)
+    # What the importer recognised: jira_json, jira_csv, jira_links, qa, stackfaq, pairs, ...
+    detected_format = models.CharField(max_length=32, blank=True)
+    strict = models.BooleanField(default=False)
+    added = models.PositiveIntegerField(default=0)
+    changed = models.PositiveIntegerField(default=0)
+    unchanged = models.PositiveIntegerField(default=0)
+    # Validation report: counts, duplicates, empty bodies, length distribution, first errors.
+    report = models.JSONField(default=dict, blank=True)
+    # Every rejected row (up to importers.MAX_STORED_ERRORS) for the CSV download.
+    rejected_rows = models.JSONField(default=list, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-number"]
+        constraints = [
+            models.UniqueConstraint(fields=["dataset", "number"], name="dataset_version_unique_number")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.dataset_id} v{self.number}"
 
 
 class TrainingRun(models.Model):

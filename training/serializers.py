@@ -1,30 +1,109 @@
 from django.conf import settings
 from rest_framework import serializers
 
-from training.models import Dataset, ModelVersion, TrainingRun
+from training.models import Dataset, DatasetVersion, ModelVersion, TrainingRun
+from training.pairs import STRATEGIES
 
 
 class DatasetSerializer(serializers.ModelSerializer):
     document_count = serializers.IntegerField(read_only=True)
+    latest_version = serializers.IntegerField(read_only=True)
 
     class Meta:
         model = Dataset
-        fields = ["id", "name", "kind", "source_filename", "language", "document_count", "import_report", "created_at"]
+        fields = [
+            "id", "name", "kind", "source_filename", "language", "document_count", "latest_version",
+            "column_mapping", "import_report", "created_at",
+        ]
         read_only_fields = fields
+
+
+class DatasetVersionSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = DatasetVersion
+        fields = [
+            "number", "source_filename", "detected_format", "strict", "added", "changed", "unchanged",
+            "report", "created_at",
+        ]
+        read_only_fields = fields
+
+
+def _check_upload_size(upload):
+    limit = settings.MAX_UPLOAD_MB * 1024 * 1024
+    if upload.size > limit:
+        raise serializers.ValidationError(
+            f"The file is {upload.size / 1048576:.0f} MB; the limit is {settings.MAX_UPLOAD_MB} MB."
+        )
+    return upload
+
+
+class MappingField(serializers.JSONField):
+    """A role -> column object; in a multipart upload it arrives as a JSON string."""
+
+    def to_internal_value(self, data):
+        if isinstance(data, (str, bytes)):
+            if not data.strip():
+                return None
+            self.binary = True
+        else:
+            self.binary = False
+        value = super().to_internal_value(data)
+        if value is not None and not isinstance(value, dict):
+            raise serializers.ValidationError("Give an object of role -> column name.")
+        return value
 
 
 class DatasetUploadSerializer(serializers.Serializer):
     name = serializers.CharField(max_length=200)
-    kind = serializers.ChoiceField(choices=Dataset.Kind.choices, default=Dataset.Kind.TICKETS)
+    kind = serializers.ChoiceField(choices=[("", "detect")] + list(Dataset.Kind.choices), default="",
+                                   allow_blank=True)
     file = serializers.FileField()
+    strict = serializers.BooleanField(default=False)
+    mapping = MappingField(required=False, allow_null=True, default=None)
 
     def validate_file(self, upload):
-        limit = settings.MAX_UPLOAD_MB * 1024 * 1024
-        if upload.size > limit:
-            raise serializers.ValidationError(
-                f"The file is {upload.size / 1048576:.0f} MB; the limit is {settings.MAX_UPLOAD_MB} MB."
-            )
-        return upload
+        return _check_upload_size(upload)
+
+
+class DatasetVersionUploadSerializer(serializers.Serializer):
+    file = serializers.FileField()
+    strict = serializers.BooleanField(default=False)
+    mapping = MappingField(required=False, allow_null=True, default=None)
+
+    def validate_file(self, upload):
+        return _check_upload_size(upload)
+
+
+class DatasetPreviewSerializer(serializers.Serializer):
+    file = serializers.FileField()
+    kind = serializers.ChoiceField(choices=[("", "detect")] + list(Dataset.Kind.choices), default="",
+                                   allow_blank=True)
+    mapping = MappingField(required=False, allow_null=True, default=None)
+    dataset = serializers.IntegerField(required=False, allow_null=True, default=None)
+
+    def validate_file(self, upload):
+        return _check_upload_size(upload)
+
+
+class DatasetMappingSerializer(serializers.Serializer):
+    mapping = serializers.DictField()
+
+
+class PairsQuerySerializer(serializers.Serializer):
+    strategy = serializers.ChoiceField(choices=[""] + sorted(STRATEGIES), default="", allow_blank=True)
+    seed = serializers.IntegerField(default=42)
+    sample = serializers.IntegerField(default=10, min_value=0, max_value=100)
+    link_types = serializers.CharField(default="duplicate")
+    weak_positives = serializers.ChoiceField(choices=["", "component", "issue_type"], default="", allow_blank=True)
+    include_self_pairs = serializers.BooleanField(default=True)
+    include_paraphrases = serializers.BooleanField(default=True)
+
+    def options(self) -> dict:
+        data = dict(self.validated_data)
+        data["link_types"] = tuple(t.strip().lower() for t in data["link_types"].split(",") if t.strip()) or (
+            "duplicate",
+        )
+        return data
 
 
 class TrainingRunSerializer(serializers.ModelSerializer):

@@ -1,36 +1,50 @@
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.db.models import Count
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
-from training import datasets, services
-from training.forms import RunForm, UploadForm
+from training import datasets, forms, pairs, services
+from training.forms import PairsForm, RunForm, UploadForm, VersionUploadForm
 from training.errors import ServiceError
 from training.hyperparameters import HyperparameterError
-from training.models import Dataset, ModelVersion, TrainingRun
+from training.models import Dataset, DatasetVersion, ModelVersion, TrainingRun
 
 
 @login_required
 def dataset_list(request: HttpRequest) -> HttpResponse:
+    """List datasets; POST uploads a new one, or with action=preview only reads and validates it."""
+    limiter = forms.limit_upload_size(request) if request.method == "POST" else None
     form = UploadForm(request.POST or None, request.FILES or None)
-    if request.method == "POST" and form.is_valid():
+    preview = None
+    if limiter is not None and limiter.exceeded:
+        form.add_error("file", limiter.message)
+    elif request.method == "POST" and form.is_valid():
+        data = form.cleaned_data
         try:
-            dataset = datasets.import_upload(
-                owner=request.user,
-                name=form.cleaned_data["name"],
-                kind=form.cleaned_data["kind"],
-                upload=form.cleaned_data["file"],
-            )
+            if request.POST.get("action") == "preview":
+                with datasets.upload_on_disk(data["file"]) as path:
+                    preview = datasets.preview_file(path=path, filename=data["file"].name, kind=data["kind"],
+                                                    mapping=form.mapping())
+            else:
+                dataset = datasets.import_upload(owner=request.user, name=data["name"], kind=data["kind"],
+                                                 upload=data["file"], strict=data["strict"], mapping=form.mapping())
         except ServiceError as exc:
             form.add_error(None, str(exc))
         else:
-            messages.success(request, f"Imported {dataset.documents.count()} documents into {dataset.name}.")
-            return redirect("dataset_detail", pk=dataset.pk)
+            if preview is None:
+                report = dataset.import_report
+                messages.success(
+                    request,
+                    f"Imported {report['rows_accepted']} of {report['rows_read']} rows into {dataset.name} "
+                    f"({report['rows_rejected']} rejected).",
+                )
+                return redirect("dataset_detail", pk=dataset.pk)
     rows = Dataset.objects.filter(owner=request.user).annotate(document_count=Count("documents"))
     status = 400 if form.errors else 200
-    return render(request, "training/dataset_list.html", {"datasets": rows, "form": form}, status=status)
+    context = {"datasets": rows, "form": form, "preview": preview}
+    return render(request, "training/dataset_list.html", context, status=status)
 
 
 @login_required
@@ -55,15 +69,85 @@ def dataset_detail(request: HttpRequest, pk: int) -> HttpResponse:
         else:
             messages.success(request, f"Training run #{run.pk} queued.")
             return redirect("run_detail", pk=run.pk)
-    context = {
+    return render(request, "training/dataset_detail.html", _detail_context(dataset, form=form),
+                  status=400 if form.errors else 200)
+
+
+def _detail_context(dataset: Dataset, **extra) -> dict:
+    return {
         "dataset": dataset,
-        "form": form,
         "documents": dataset.documents.all()[:20],
         "runs": dataset.training_runs.all()[:20],
-        "versions": dataset.model_versions.all(),
+        "versions": dataset.versions.defer("rejected_rows")[:20],
+        "model_versions": dataset.model_versions.all(),
         "indexes": dataset.search_indexes.select_related("model_version"),
+        "upload_form": extra.pop("upload_form", None) or VersionUploadForm(initial=_mapping_initial(dataset)),
+        "form": extra.pop("form", None) or RunForm(),
+        **extra,
     }
-    return render(request, "training/dataset_detail.html", context, status=400 if form.errors else 200)
+
+
+def _mapping_initial(dataset: Dataset) -> dict:
+    mapping = dataset.column_mapping or {}
+    initial = {f"map_{role}": column for role, column in mapping.items() if role != "attributes"}
+    if mapping.get("attributes"):
+        initial["map_attributes"] = ", ".join(mapping["attributes"])
+    return initial
+
+
+@login_required
+@require_POST
+def dataset_upload(request: HttpRequest, pk: int) -> HttpResponse:
+    """A newer export (upserted by key, a new version) or a duplicate links file into this dataset."""
+    dataset = get_object_or_404(
+        Dataset.objects.annotate(document_count=Count("documents")), pk=pk, owner=request.user
+    )
+    limiter = forms.limit_upload_size(request)
+    upload_form = VersionUploadForm(request.POST, request.FILES)
+    if limiter is not None and limiter.exceeded:
+        upload_form.add_error("file", limiter.message)
+    elif upload_form.is_valid():
+        upload = upload_form.cleaned_data["file"]
+        try:
+            with datasets.upload_on_disk(upload) as path:
+                version = datasets.add_version(dataset=dataset, path=path, filename=upload.name,
+                                               strict=upload_form.cleaned_data["strict"],
+                                               mapping=upload_form.mapping())
+        except ServiceError as exc:
+            upload_form.add_error(None, str(exc))
+        else:
+            messages.success(
+                request,
+                f"Version {version.number}: {version.added} added, {version.changed} changed, "
+                f"{version.unchanged} unchanged, {version.report.get('rows_rejected', 0)} rejected.",
+            )
+            return redirect("dataset_detail", pk=pk)
+    return render(request, "training/dataset_detail.html", _detail_context(dataset, upload_form=upload_form),
+                  status=400)
+
+
+@login_required
+def dataset_report_csv(request: HttpRequest, pk: int, number: int) -> StreamingHttpResponse:
+    """Every rejected row of one version, as a CSV download (formula prefixes neutralised)."""
+    version = get_object_or_404(DatasetVersion, dataset__pk=pk, dataset__owner=request.user, number=number)
+    response = StreamingHttpResponse(datasets.report_csv(version=version), content_type="text/csv; charset=utf-8")
+    response["Content-Disposition"] = f'attachment; filename="dataset-{pk}-v{number}-rejected.csv"'
+    return response
+
+
+@login_required
+def dataset_pairs(request: HttpRequest, pk: int) -> HttpResponse:
+    """Counts and a sample of the training examples of a strategy (GET form)."""
+    dataset = get_object_or_404(Dataset, pk=pk, owner=request.user)
+    form = PairsForm(request.GET or PairsForm.DEFAULTS)
+    result = None
+    if form.is_valid():
+        try:
+            result = pairs.preview_pairs(dataset=dataset, **form.options())
+        except ValueError as exc:
+            form.add_error(None, str(exc))
+    return render(request, "training/dataset_pairs.html", {"dataset": dataset, "form": form, "result": result},
+                  status=400 if form.errors else 200)
 
 
 @login_required
