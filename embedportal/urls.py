@@ -16,6 +16,7 @@ router.register("datasets", training_api.DatasetViewSet, basename="api-dataset")
 router.register("runs", training_api.TrainingRunViewSet, basename="api-run")
 router.register("models", training_api.ModelVersionViewSet, basename="api-model")
 router.register("indexes", search_api.SearchIndexViewSet, basename="api-index")
+router.register("duplicates", search_api.DuplicatePairViewSet, basename="api-duplicate")
 
 urlpatterns = [
     path("", views.dashboard, name="dashboard"),
@@ -33,6 +34,13 @@ urlpatterns = [
     path("models/<int:pk>/promote", training_views.model_promote, name="model_promote"),
     path("search/", search_views.search_page, name="search"),
     path("indexes/create", search_views.index_create, name="index_create"),
+    path("search/compare", search_views.compare_page, name="search_compare"),
+    path("search/similar/<int:index_pk>/<int:document_pk>", search_views.similar_page, name="search_similar"),
+    path("search/evaluate/<int:index_pk>", search_views.evaluate_page, name="search_evaluate"),
+    path("search/tune/<int:index_pk>", search_views.tune_fusion, name="search_tune"),
+    path("search/duplicates/<int:index_pk>", search_views.duplicates_page, name="search_duplicates"),
+    path("search/duplicates/<int:index_pk>/scan", search_views.duplicate_scan, name="search_duplicate_scan"),
+    path("search/duplicates/pair/<int:pk>/decide", search_views.duplicate_decide, name="search_duplicate_decide"),
     path("login/", auth_views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),

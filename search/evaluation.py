@@ -184,3 +184,100 @@ def fuse(*rankings: dict[int, list[int]], k: int = 60) -> dict[int, list[int]]:
     """RRF of several systems' rankings, query by query."""
     queries = set().union(*(r.keys() for r in rankings))
     return {q: [doc for doc, _ in reciprocal_rank_fusion([r.get(q, []) for r in rankings], k=k)] for q in queries}
+
+
+# --- scored rankings and fusion tuning (search) ---------------------------------
+
+
+def keyword_scored_rankings(
+    *, dataset: Dataset, eval_set: EvalSet, queries: Iterable[int] | None = None, limit: int = RANK_DEPTH
+) -> dict[int, list[tuple[int, float]]]:
+    """keyword_rankings() with each document's ts_rank_cd, for score fusion."""
+    sql = (
+        "WITH q AS (SELECT to_tsquery(%s::regconfig, string_agg(quote_literal(lexeme), ' | ')) AS tsq "
+        "FROM unnest(to_tsvector(%s::regconfig, %s))) "
+        "SELECT d.id, ts_rank_cd(d.search_vector, q.tsq) AS rank FROM training_document d, q "
+        "WHERE d.dataset_id = %s AND q.tsq IS NOT NULL "
+        "AND d.search_vector @@ q.tsq ORDER BY rank DESC, d.id LIMIT %s"
+    )
+    position = eval_set.position
+    out: dict[int, list[tuple[int, float]]] = {}
+    with connection.cursor() as cursor:
+        for query in queries if queries is not None else eval_set.queries:
+            text = eval_set.texts[position[query]]
+            cursor.execute(sql, [dataset.language, dataset.language, text, dataset.pk, limit + 1])
+            out[query] = [(row[0], float(row[1])) for row in cursor.fetchall() if row[0] != query][:limit]
+    return out
+
+
+def vector_scored_rankings(
+    *, embeddings: np.ndarray, eval_set: EvalSet, queries: Iterable[int] | None = None, limit: int = RANK_DEPTH
+) -> dict[int, list[tuple[int, float]]]:
+    """vector_rankings() with cosine similarities (exact kNN), the query removed."""
+    position = eval_set.position
+    query_ids = list(queries if queries is not None else eval_set.queries)
+    doc_ids = np.asarray(eval_set.doc_ids)
+    out: dict[int, list[tuple[int, float]]] = {}
+    for start in range(0, len(query_ids), 256):
+        chunk = query_ids[start : start + 256]
+        scores = embeddings[[position[q] for q in chunk]] @ embeddings.T
+        kth = min(limit + 1, scores.shape[1] - 1)
+        top = np.argpartition(-scores, kth=kth, axis=1)[:, : kth + 1]
+        for row, query in enumerate(chunk):
+            best = top[row][np.argsort(-scores[row, top[row]], kind="stable")]
+            ranked = [(int(doc_ids[i]), float(scores[row, i])) for i in best if doc_ids[i] != query]
+            out[query] = ranked[:limit]
+    return out
+
+
+def index_embeddings(*, eval_set: EvalSet, model_version_id: int) -> np.ndarray:
+    """The stored vectors of a version, in eval_set.doc_ids order (zeros where missing)."""
+    from search.models import Embedding
+
+    position = eval_set.position
+    out: np.ndarray | None = None
+    rows = Embedding.objects.filter(model_version_id=model_version_id, document_id__in=eval_set.doc_ids)
+    for doc_id, vector in rows.values_list("document_id", "embedding").iterator(chunk_size=2000):
+        vector = np.asarray(vector, dtype=np.float32)
+        if out is None:
+            out = np.zeros((len(eval_set.doc_ids), vector.shape[0]), dtype=np.float32)
+        out[position[doc_id]] = vector
+    if out is None:
+        raise ValueError("this model version has no stored vectors for the dataset")
+    return out
+
+
+def sample_queries(queries: Sequence[int], max_queries: int | None) -> list[int]:
+    """An evenly spaced, deterministic subset (all of them when max_queries is None)."""
+    queries = list(queries)
+    if max_queries is None or len(queries) <= max_queries:
+        return queries
+    step = len(queries) / max_queries
+    return [queries[int(i * step)] for i in range(max_queries)]
+
+
+def hybrid_systems(
+    keyword: dict[int, list[tuple[int, float]]],
+    vector: dict[int, list[tuple[int, float]]],
+    *,
+    fusions: Sequence[dict],
+) -> dict[str, dict[int, list[int]]]:
+    """Rankings of keyword-only, vector-only and each fusion ({"method", "rrf_k"|"alpha"})."""
+    from search.fusion import weighted_score_fusion
+
+    queries = set(keyword) | set(vector)
+    systems: dict[str, dict[int, list[int]]] = {
+        "keyword": {q: [d for d, _ in keyword.get(q, [])] for q in queries},
+        "vector": {q: [d for d, _ in vector.get(q, [])] for q in queries},
+    }
+    for fusion in fusions:
+        if fusion["method"] == "rrf":
+            name = f"rrf k={fusion['rrf_k']}"
+            systems[name] = fuse(systems["keyword"], systems["vector"], k=fusion["rrf_k"])
+        else:
+            name = f"weighted alpha={fusion['alpha']:.1f}"
+            systems[name] = {
+                q: [d for d, _ in weighted_score_fusion(keyword.get(q, []), vector.get(q, []), alpha=fusion["alpha"])]
+                for q in queries
+            }
+    return systems

@@ -20,3 +20,37 @@ def reciprocal_rank_fusion(rankings: Sequence[Sequence[Hashable]], *, k: int = R
             scores[item] = scores.get(item, 0.0) + 1.0 / (k + rank)
     order = {item: i for i, item in enumerate(scores)}
     return sorted(scores.items(), key=lambda kv: (-kv[1], order[kv[0]]))
+
+
+# alpha of weighted fusion when none is given: the middle (Weaviate's default
+# too); an index's tuned alpha (services.tune_fusion) replaces it.
+DEFAULT_ALPHA = 0.5
+
+
+def _min_max(scored: Sequence[tuple[Hashable, float]]) -> dict[Hashable, float]:
+    """Scores rescaled to [0, 1] within one list; a list of equal scores maps to 1."""
+    if not scored:
+        return {}
+    values = [s for _, s in scored]
+    low, high = min(values), max(values)
+    span = high - low
+    return {item: (1.0 if span <= 0 else (s - low) / span) for item, s in scored}
+
+
+def weighted_score_fusion(
+    keyword: Sequence[tuple[Hashable, float]], vector: Sequence[tuple[Hashable, float]], *, alpha: float = DEFAULT_ALPHA
+) -> list[tuple[Hashable, float]]:
+    """Convex combination of min-max normalised scores: alpha * vector + (1 - alpha) * keyword.
+
+    Each side's scores are normalised over its own candidates (Weaviate's
+    "relative score fusion"); a document missing from one side gets 0 there.
+    alpha = 1 is vector-only, alpha = 0 keyword-only. Ties keep first-seen order.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be between 0 and 1, got {alpha}")
+    kw, vec = _min_max(keyword), _min_max(vector)
+    order: dict[Hashable, int] = {}
+    for item, _ in list(keyword) + list(vector):
+        order.setdefault(item, len(order))
+    fused = {item: alpha * vec.get(item, 0.0) + (1.0 - alpha) * kw.get(item, 0.0) for item in order}
+    return sorted(fused.items(), key=lambda kv: (-kv[1], order[kv[0]]))

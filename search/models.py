@@ -27,6 +27,13 @@ class SearchIndex(models.Model):
 
     TERMINAL = frozenset({Status.READY, Status.FAILED})
 
+    class ScanStatus(models.TextChoices):
+        IDLE = "idle", "Not run"
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        DONE = "done", "Done"
+        FAILED = "failed", "Failed"
+
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="search_indexes")
     dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="search_indexes")
     model_version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="search_indexes")
@@ -40,6 +47,20 @@ class SearchIndex(models.Model):
     # re-queued by the reaper and resumes (embedding is idempotent).
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     error = models.TextField(blank=True)
+    # Default fusion of hybrid search, tuned on the validation split (TRAIN
+    # duplicate clusters) by services.tune_fusion: {"method": "rrf"|"weighted",
+    # "rrf_k": 60, "alpha": 0.5, "validation": {...figures per candidate}}.
+    # Empty means RRF with k=60.
+    fusion = models.JSONField(default=dict, blank=True)
+    # Duplicate finder job (services.scan_duplicates): state kept here, not in Celery.
+    duplicates_status = models.CharField(
+        max_length=16, choices=ScanStatus.choices, default=ScanStatus.IDLE
+    )
+    duplicates_threshold = models.FloatField(null=True, blank=True)
+    duplicates_found = models.PositiveIntegerField(default=0)
+    duplicates_started_at = models.DateTimeField(null=True, blank=True)
+    duplicates_finished_at = models.DateTimeField(null=True, blank=True)
+    duplicates_error = models.TextField(blank=True)
 
     class Meta:
         ordering = ["-created_at"]
@@ -66,3 +87,41 @@ class Embedding(models.Model):
             models.UniqueConstraint(fields=["document", "model_version"], name="embedding_unique_document_version")
         ]
         indexes = [models.Index(fields=["model_version", "document"], name="embedding_version_document")]
+
+
+class DuplicatePair(models.Model):
+    """Two documents of a dataset whose vectors are closer than a threshold, and a person's verdict.
+
+    Pairs are stored with document_a.id < document_b.id, so a pair has one row
+    whichever side was found first. A rescan refreshes similarity of pending
+    pairs and never touches a decision.
+    """
+
+    class Decision(models.TextChoices):
+        PENDING = "pending", "Not reviewed"
+        DUPLICATE = "duplicate", "Duplicate"
+        NOT_DUPLICATE = "not_duplicate", "Not a duplicate"
+
+    dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="duplicate_pairs")
+    document_a = models.ForeignKey(Document, on_delete=models.CASCADE, related_name="+")
+    document_b = models.ForeignKey(Document, on_delete=models.CASCADE, related_name="+")
+    similarity = models.FloatField()
+    # The version whose vectors found the pair (kept when the version is archived).
+    found_with = models.ForeignKey(ModelVersion, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    decision = models.CharField(max_length=16, choices=Decision.choices, default=Decision.PENDING)
+    decided_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    decided_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-similarity", "id"]
+        constraints = [
+            models.UniqueConstraint(fields=["document_a", "document_b"], name="duplicate_pair_unique"),
+            models.CheckConstraint(condition=models.Q(document_a__lt=models.F("document_b")), name="duplicate_pair_ordered"),
+        ]
+        indexes = [models.Index(fields=["dataset", "decision", "-similarity"], name="duplicate_pair_review")]
+
+    def __str__(self) -> str:
+        return f"{self.document_a_id} ~ {self.document_b_id} ({self.similarity:.3f}, {self.decision})"

@@ -1,7 +1,10 @@
 from rest_framework import serializers
 
-from search.models import SearchIndex
-from search.services import MAX_K, MAX_QUERY_CHARS, MODES
+from search.fusion import RRF_K
+from search.models import DuplicatePair, SearchIndex
+from search.services import (
+    DEFAULT_DUPLICATE_THRESHOLD, FUSION_METHODS, MAX_K, MAX_QUERY_CHARS, MODES, RRF_K_RANGE, SearchFilters,
+)
 
 
 class SearchIndexSerializer(serializers.ModelSerializer):
@@ -9,7 +12,8 @@ class SearchIndexSerializer(serializers.ModelSerializer):
         model = SearchIndex
         fields = [
             "id", "dataset", "model_version", "status", "embedded_count", "total_count", "created_at",
-            "started_at", "finished_at", "error",
+            "started_at", "finished_at", "error", "fusion", "duplicates_status", "duplicates_threshold",
+            "duplicates_found", "duplicates_finished_at", "duplicates_error",
         ]
         read_only_fields = fields
 
@@ -19,7 +23,141 @@ class SearchIndexCreateSerializer(serializers.Serializer):
     model_version = serializers.IntegerField()
 
 
-class SearchParamsSerializer(serializers.Serializer):
-    q = serializers.CharField(allow_blank=True, trim_whitespace=True, max_length=MAX_QUERY_CHARS * 4)
+def _values(field_name: str) -> serializers.ListField:
+    return serializers.ListField(
+        child=serializers.CharField(max_length=200), required=False, default=list, max_length=50,
+        help_text=f"Repeat the parameter to match any of several values ({field_name}=A&{field_name}=B).",
+    )
+
+
+class FiltersSerializer(serializers.Serializer):
+    """Attribute filters from query parameters (the same names in the web form and the API)."""
+
+    issue_type = _values("issue_type")
+    priority = _values("priority")
+    status = _values("status")
+    resolution = _values("resolution")
+    component = _values("component")
+    label = _values("label")
+    category = _values("category")
+    created_from = serializers.DateField(required=False, allow_null=True, default=None)
+    created_to = serializers.DateField(required=False, allow_null=True, default=None)
+
+    def validate(self, attrs):
+        start, end = attrs.get("created_from"), attrs.get("created_to")
+        if start and end and start > end:
+            raise serializers.ValidationError({"created_to": ["must not be before created_from."]})
+        return attrs
+
+    @staticmethod
+    def to_filters(data: dict) -> SearchFilters:
+        return SearchFilters(
+            issue_types=tuple(data.get("issue_type", ())), priorities=tuple(data.get("priority", ())),
+            statuses=tuple(data.get("status", ())), resolutions=tuple(data.get("resolution", ())),
+            components=tuple(data.get("component", ())), labels=tuple(data.get("label", ())),
+            categories=tuple(data.get("category", ())),
+            created_from=data.get("created_from"), created_to=data.get("created_to"),
+        )
+
+
+LIST_FILTERS = ("issue_type", "priority", "status", "resolution", "component", "label", "category")
+
+
+def query_data(query_params) -> dict:
+    """QueryDict -> plain dict with the repeatable filter parameters as lists; blank values dropped."""
+    data = {}
+    for key in query_params:
+        values = [v for v in query_params.getlist(key) if v != ""]
+        if key in LIST_FILTERS:
+            data[key] = values
+        elif values:
+            data[key] = values[-1]
+    return data
+
+
+class SearchParamsSerializer(FiltersSerializer):
+    # Longer queries are cut (and the response says so), not refused; this
+    # bound only stops absurd URLs from being parsed.
+    q = serializers.CharField(allow_blank=True, trim_whitespace=True, max_length=MAX_QUERY_CHARS * 4, default="")
     mode = serializers.ChoiceField(choices=MODES, default="hybrid")
     k = serializers.IntegerField(min_value=1, max_value=MAX_K, default=10)
+    page = serializers.IntegerField(min_value=1, default=1)
+    fusion = serializers.ChoiceField(choices=FUSION_METHODS, required=False, allow_null=True, default=None,
+                                     help_text="Default: the index's tuned fusion.")
+    alpha = serializers.FloatField(min_value=0.0, max_value=1.0, required=False, allow_null=True, default=None,
+                                   help_text="Weighted fusion: weight of the vector side.")
+    rrf_k = serializers.IntegerField(min_value=RRF_K_RANGE[0], max_value=RRF_K_RANGE[1], required=False,
+                                     allow_null=True, default=None, help_text=f"RRF constant (default {RRF_K}).")
+
+
+class SimilarParamsSerializer(FiltersSerializer):
+    key = serializers.CharField(required=False, max_length=255, help_text="Ticket key, e.g. HDFS-1234")
+    document = serializers.IntegerField(required=False, help_text="Document id (instead of key)")
+    k = serializers.IntegerField(min_value=1, max_value=MAX_K, default=10)
+
+    def validate(self, attrs):
+        attrs = super().validate(attrs)
+        if not attrs.get("key") and not attrs.get("document"):
+            raise serializers.ValidationError({"key": ["Give a ticket key (or a document id)."]})
+        return attrs
+
+
+class HitSerializer(serializers.Serializer):
+    """One result (the shape of services.serialize_hit), for the schema."""
+
+    id = serializers.IntegerField()
+    key = serializers.CharField()
+    title = serializers.CharField()
+    snippet = serializers.CharField()
+    snippet_html = serializers.CharField(help_text="ts_headline fragments, HTML-escaped, matches in <mark>")
+    metadata = serializers.DictField()
+    score = serializers.FloatField()
+    keyword_rank = serializers.IntegerField(allow_null=True)
+    vector_rank = serializers.IntegerField(allow_null=True)
+    keyword_score = serializers.FloatField(allow_null=True)
+    vector_similarity = serializers.FloatField(allow_null=True)
+    identifier_match = serializers.BooleanField()
+
+
+class SearchResponseSerializer(serializers.Serializer):
+    query = serializers.CharField()
+    mode = serializers.CharField()
+    page = serializers.IntegerField()
+    k = serializers.IntegerField()
+    has_more = serializers.BooleanField()
+    message = serializers.CharField()
+    notice = serializers.CharField()
+    fusion = serializers.DictField()
+    filters = serializers.DictField()
+    timings_ms = serializers.DictField(child=serializers.FloatField())
+    results = HitSerializer(many=True)
+
+
+class SimilarResponseSerializer(serializers.Serializer):
+    document = serializers.DictField()
+    results = HitSerializer(many=True)
+
+
+class DuplicateScanSerializer(serializers.Serializer):
+    threshold = serializers.FloatField(min_value=0.5, max_value=0.999, default=DEFAULT_DUPLICATE_THRESHOLD)
+
+
+class DocumentBriefSerializer(serializers.Serializer):
+    id = serializers.IntegerField(source="pk")
+    key = serializers.CharField(source="external_key")
+    title = serializers.CharField()
+
+
+class DuplicatePairSerializer(serializers.ModelSerializer):
+    document_a = DocumentBriefSerializer(read_only=True)
+    document_b = DocumentBriefSerializer(read_only=True)
+    decided_by = serializers.CharField(source="decided_by.username", read_only=True, default=None)
+
+    class Meta:
+        model = DuplicatePair
+        fields = ["id", "document_a", "document_b", "similarity", "decision", "decided_by", "decided_at"]
+        read_only_fields = fields
+
+
+class DuplicateDecisionSerializer(serializers.Serializer):
+    decision = serializers.ChoiceField(choices=DuplicatePair.Decision.values)

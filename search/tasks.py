@@ -15,3 +15,12 @@ def build_index(*, index_id: int) -> None:
         logger.warning("search index %s is gone; nothing to build", index_id)
         return
     services.build_index(index=index)
+
+
+@shared_task(name="search.scan_duplicates")
+def scan_duplicates(*, index_id: int) -> None:
+    index = SearchIndex.objects.select_related("model_version").filter(pk=index_id).first()
+    if index is None:
+        logger.warning("search index %s is gone; no duplicate scan", index_id)
+        return
+    services.scan_duplicates(index=index)

@@ -1,0 +1,236 @@
+"""Hybrid search (issue 6): identifiers, filters, fusion, paging, snippets, similar tickets, duplicates."""
+
+from __future__ import annotations
+
+from datetime import date
+
+import numpy as np
+import pytest
+
+from search import services
+from search.fusion import weighted_score_fusion
+from search.models import DuplicatePair, Embedding, SearchIndex
+from training.datasets import refresh_search_vectors
+from training.models import Dataset, Document, ModelVersion
+
+# Building creates the HNSW index (DDL): not inside a test transaction.
+pytestmark = pytest.mark.django_db(transaction=True)
+
+PRIORITIES = ["Major", "Minor", "Blocker"]
+COMPONENTS = ["namenode", "datanode", "yarn"]
+
+
+def _doc(i: int) -> tuple[str, str, str, dict]:
+    return (
+        f"HDFS-{100 + i}",
+        f"Replication issue number {i} on the cluster",
+        f"Block replication stalls when node {i} restarts; the balancer keeps moving blocks.",
+        {
+            "issue_type": "Bug" if i % 2 else "Improvement",
+            "priority": PRIORITIES[i % 3],
+            "status": "Open" if i < 10 else "Resolved",
+            "components": [COMPONENTS[i % 3]],
+            "labels": ["newbie"] if i % 5 == 0 else [],
+            "created": f"{2010 + i % 6}-03-0{1 + i % 9}T10:00:00.000+0000",
+        },
+    )
+
+
+SPECIAL = [
+    ("HDFS-9001", "NPE while reporting blocks",
+     "Stack trace: java.lang.NullPointerException at org.apache.hadoop.hdfs.server.namenode.FSNamesystem.getBlockLocations(FSNamesystem.java:1234)",
+     {"issue_type": "Bug", "priority": "Critical", "status": "Open", "components": ["namenode"], "labels": [],
+      "created": "2019-01-02T00:00:00.000+0000"}),
+    ("HDFS-9002", "Web UI escapes <script> tags badly",
+     "The page shows <script>alert(1)</script> when the replication column is empty.",
+     {"issue_type": "Bug", "priority": "Minor", "status": "Open", "components": ["ui"], "labels": [],
+      "created": "2019-01-03T00:00:00.000+0000"}),
+    ("YARN-77", "ResourceManager memory accounting wrong", "Memory column is off by 1024 in the scheduler page.",
+     {"issue_type": "Bug", "priority": "Major", "status": "Open", "components": ["yarn"], "labels": [],
+      "created": "2019-01-04T00:00:00.000+0000"}),
+    ("YARN-78", "ResourceManager memory accounting wrong", "Memory column is off by 1024 in the scheduler page.",
+     {"issue_type": "Bug", "priority": "Major", "status": "Open", "components": ["yarn"], "labels": [],
+      "created": "2019-01-05T00:00:00.000+0000"}),
+]
+
+
+@pytest.fixture
+def corpus(user, tiny_model_dir):
+    ds = Dataset.objects.create(owner=user, name="corpus")
+    rows = [_doc(i) for i in range(30)] + SPECIAL
+    Document.objects.bulk_create(
+        [Document(dataset=ds, external_key=k, title=t, body=b, metadata=m) for k, t, b, m in rows]
+    )
+    refresh_search_vectors(dataset=ds)
+    version = ModelVersion.objects.create(owner=user, name="tiny", version=1, base_model="tiny",
+                                          artifact_path=str(tiny_model_dir), dimensions=32, dataset=ds)
+    index = SearchIndex.objects.create(owner=user, dataset=ds, model_version=version)
+    services.build_index(index=index)
+    index.refresh_from_db()
+    return index
+
+
+def _keys(hits) -> list[str]:
+    return [h.document.external_key for h in hits]
+
+
+def test_identifier_inside_dotted_name_is_found_through_side_index(corpus):
+    # The English parser keeps "java.lang.NullPointerException" as one token;
+    # the 'simple' side index splits it, so the class name alone finds it.
+    for query in ("NullPointerException", "FSNamesystem", "getBlockLocations"):
+        result = services.hybrid_search(index=corpus, query=query, mode="keyword", k=5)
+        assert _keys(result.hits) == ["HDFS-9001"], query
+        assert result.hits[0].identifier_match is True
+        assert result.hits[0].keyword_rank == 1
+
+
+def test_query_identifiers_splits_like_the_side_index():
+    assert services.query_identifiers("NPE in java.lang.NullPointerException on HDFS-1234 with dfs.replication") == [
+        "java.lang.NullPointerException", "HDFS-1234", "dfs.replication"
+    ]
+    assert services.query_identifiers("namenode fails to start") == []
+
+
+def test_hybrid_without_identifier_match_marks_none(corpus):
+    result = services.hybrid_search(index=corpus, query="balancer replication", k=3)
+    assert [h.identifier_match for h in result.hits] == [False, False, False]
+    assert result.fusion == {"method": "rrf", "rrf_k": 60}
+
+
+@pytest.mark.parametrize("mode", ["keyword", "vector", "hybrid"])
+def test_filters_apply_to_every_mode_and_still_fill_k(corpus, mode):
+    filters = services.SearchFilters(priorities=("Blocker",), components=("yarn",))
+    result = services.hybrid_search(index=corpus, query="replication node restarts", mode=mode, k=5, filters=filters)
+    # 10 Blocker docs (i % 3 == 2) are all in component yarn (i % 3 == 2): k=5 is filled.
+    assert len(result.hits) == 5
+    assert {(h.document.metadata["priority"], tuple(h.document.metadata["components"])) for h in result.hits} == {
+        ("Blocker", ("yarn",))
+    }
+    assert result.filters == {"priorities": ["Blocker"], "components": ["yarn"]}
+
+
+def test_vector_filter_keeping_few_rows_returns_all_of_them(corpus):
+    # Label "newbie" keeps 6 of 34 rows; the iterative HNSW scan must find every one.
+    filters = services.SearchFilters(labels=("newbie",))
+    result = services.hybrid_search(index=corpus, query="replication", mode="vector", k=10, filters=filters)
+    assert sorted(_keys(result.hits)) == ["HDFS-100", "HDFS-105", "HDFS-110", "HDFS-115", "HDFS-120", "HDFS-125"]
+
+
+def test_date_range_filter_is_inclusive(corpus):
+    filters = services.SearchFilters(created_from=date(2019, 1, 3), created_to=date(2019, 1, 4))
+    result = services.hybrid_search(index=corpus, query="memory OR escapes", mode="keyword", k=10, filters=filters)
+    assert sorted(_keys(result.hits)) == ["HDFS-9002", "YARN-77"]
+
+
+def test_filter_with_no_match_says_so(corpus):
+    filters = services.SearchFilters(statuses=("Closed",))
+    result = services.hybrid_search(index=corpus, query="replication", mode="hybrid", k=10, filters=filters)
+    assert (result.hits, result.message) == ([], "No document matches this query with these filters.")
+
+
+def test_pages_do_not_overlap_and_end(corpus):
+    first = services.hybrid_search(index=corpus, query="replication", mode="keyword", k=20, page=1)
+    second = services.hybrid_search(index=corpus, query="replication", mode="keyword", k=20, page=2)
+    # 30 generated tickets + HDFS-9002 mention replication.
+    assert (len(first.hits), first.has_more, len(second.hits), second.has_more) == (20, True, 11, False)
+    assert not set(_keys(first.hits)) & set(_keys(second.hits))
+    third = services.hybrid_search(index=corpus, query="replication", mode="keyword", k=20, page=3)
+    assert (third.hits, third.message) == ([], "No more results: this page is past the last one.")
+
+
+def test_page_beyond_depth_is_refused(corpus):
+    with pytest.raises(services.SearchError, match="page: must be between 1 and 5 for k=100"):
+        services.hybrid_search(index=corpus, query="replication", k=100, page=6)
+
+
+def test_snippet_highlights_matches_and_escapes_html(corpus):
+    result = services.hybrid_search(index=corpus, query="replication column", mode="keyword", k=1)
+    assert _keys(result.hits) == ["HDFS-9002"]
+    # PostgreSQL's parser drops the tag; anything else markup-like is escaped.
+    assert result.hits[0].snippet_html == (
+        "page shows alert(1) when the <mark>replication</mark> <mark>column</mark> is empty"
+    )
+    assert services._marked_html("a <b onclick=x> & \x02c\x03") == "a &lt;b onclick=x&gt; &amp; <mark>c</mark>"
+
+
+def test_any_word_fallback_when_no_document_has_all_words(corpus):
+    result = services.hybrid_search(index=corpus, query="scheduler zebra", mode="keyword", k=5)
+    assert sorted(_keys(result.hits)) == ["YARN-77", "YARN-78"]
+    assert result.notice == "No document has all the words; showing documents with any of them."
+
+
+def test_very_long_query_is_cut_with_notice(corpus):
+    result = services.hybrid_search(index=corpus, query="memory " * 400, mode="keyword", k=5)
+    assert len(result.query) == services.MAX_QUERY_CHARS
+    assert result.notice == f"The query was cut to its first {services.MAX_QUERY_CHARS} characters."
+    assert sorted(_keys(result.hits)) == ["YARN-77", "YARN-78"]
+
+
+def test_weighted_fusion_mode_uses_alpha(corpus):
+    vector_only = services.hybrid_search(index=corpus, query="replication stalls", mode="vector", k=5)
+    weighted = services.hybrid_search(index=corpus, query="replication stalls", fusion="weighted", alpha=1.0, k=5)
+    assert weighted.fusion == {"method": "weighted", "alpha": 1.0}
+    assert _keys(weighted.hits) == _keys(vector_only.hits)
+    with pytest.raises(services.SearchError, match="alpha: must be between 0 and 1, got 1.5"):
+        services.hybrid_search(index=corpus, query="x", fusion="weighted", alpha=1.5)
+
+
+def test_weighted_score_fusion_exact_scores():
+    fused = weighted_score_fusion([("a", 0.9), ("b", 0.5), ("c", 0.1)], [("b", 0.8), ("d", 0.6)], alpha=0.25)
+    # keyword normalised: a 1, b 0.5, c 0; vector: b 1, d 0.
+    assert fused == [("a", 0.75), ("b", 0.625), ("c", 0.0), ("d", 0.0)]
+
+
+def test_similar_documents_match_exact_cosine_order(corpus):
+    document = Document.objects.get(dataset=corpus.dataset, external_key="YARN-77")
+    hits = services.similar_documents(index=corpus, document=document, k=5)
+    vectors = dict(Embedding.objects.filter(model_version=corpus.model_version).values_list("document_id", "embedding"))
+    query = np.asarray(vectors.pop(document.pk))
+    exact = sorted(vectors, key=lambda d: -float(np.dot(query, np.asarray(vectors[d]))))[:5]
+    assert [h.document.pk for h in hits] == exact
+    assert hits[0].document.external_key == "YARN-78"  # same text
+    assert hits[0].vector_similarity == pytest.approx(1.0, abs=1e-5)
+
+
+def test_duplicate_scan_finds_identical_pair_and_keeps_decisions(corpus, user):
+    services.start_duplicate_scan(index=corpus, threshold=0.999)
+    index = services.scan_duplicates(index=SearchIndex.objects.get(pk=corpus.pk))
+    assert (index.duplicates_status, index.duplicates_found) == ("done", 1)
+    pair = DuplicatePair.objects.get()
+    assert sorted([pair.document_a.external_key, pair.document_b.external_key]) == ["YARN-77", "YARN-78"]
+    services.decide_duplicate(pair=pair, decision="duplicate", user=user)
+    services.start_duplicate_scan(index=corpus, threshold=0.999)
+    index = services.scan_duplicates(index=SearchIndex.objects.get(pk=corpus.pk))
+    # The reviewed pair is kept as decided, not re-added as pending.
+    assert index.duplicates_found == 0
+    assert list(DuplicatePair.objects.values_list("decision", "decided_by__username")) == [("duplicate", "alice")]
+
+
+def test_duplicate_scan_refuses_bad_threshold_and_double_start(corpus):
+    with pytest.raises(services.SearchError, match="threshold: must be at least 0.5 and below 1, got 1.0"):
+        services.start_duplicate_scan(index=corpus, threshold=1.0)
+    services.start_duplicate_scan(index=corpus, threshold=0.95)
+    with pytest.raises(services.SearchError, match="already queued or running"):
+        services.start_duplicate_scan(index=corpus, threshold=0.95)
+
+
+def test_build_records_untuned_fusion_without_validation_clusters(corpus):
+    assert corpus.fusion == {
+        "method": "rrf", "rrf_k": 60, "tuned": False,
+        "reason": "The dataset has no duplicate clusters in the validation split; RRF k=60 is used untuned.",
+    }
+
+
+def test_identifier_query_uses_the_side_index(corpus):
+    from django.db import connection, transaction
+
+    # The query's expression must be the migration's, byte for byte, or the index is never used.
+    sql = (
+        f"EXPLAIN SELECT d.id FROM training_document d WHERE {services.IDENTIFIER_TSVECTOR} @@ "
+        "websearch_to_tsquery('simple'::regconfig, %s)"
+    )
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SET LOCAL enable_seqscan = off")
+        cursor.execute(sql, ["fsnamesystem"])
+        plan = "\n".join(row[0] for row in cursor.fetchall())
+    assert "document_identifier_gin" in plan

@@ -1,0 +1,74 @@
+"""Fusion tuned on the validation split (TRAIN clusters) and the search evaluation page (TEST clusters)."""
+
+from __future__ import annotations
+
+import pytest
+
+from search import evaluation, services
+from search.models import SearchIndex
+from training import datasets
+from training.models import ModelVersion
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def slice_index(user, tiny_model_dir, small_jira_file):
+    ds = datasets.import_dataset(owner=user, name="slice", kind="tickets", path=small_jira_file,
+                                 filename=small_jira_file.name)
+    version = ModelVersion.objects.create(owner=user, name="tiny", version=1, base_model="tiny",
+                                          artifact_path=str(tiny_model_dir), dimensions=32, dataset=ds)
+    index = SearchIndex.objects.create(owner=user, dataset=ds, model_version=version)
+    return services.build_index(index=index)
+
+
+def test_build_tunes_fusion_on_train_clusters_only(slice_index):
+    fusion = slice_index.fusion
+    train = evaluation.ticket_eval_set(dataset=slice_index.dataset, split="train")
+    test = evaluation.ticket_eval_set(dataset=slice_index.dataset, split="test")
+    assert train.queries and test.queries and not set(train.queries) & set(test.queries)
+    assert (fusion["tuned"], fusion["queries"], fusion["split"]) == (
+        True, len(train.queries), "validation (TRAIN duplicate clusters)"
+    )
+    candidates = {services._fusion_name(f) for f in services.FUSION_CANDIDATES}
+    assert set(fusion["systems"]) == candidates | {"keyword", "vector"}
+    best = max(fusion["systems"][name]["ndcg@10"] for name in candidates)
+    chosen = services._fusion_name({k: fusion[k] for k in ("method", "rrf_k", "alpha") if k in fusion})
+    assert fusion["systems"][chosen]["ndcg@10"] == best
+    # The search default follows the tuned fusion.
+    assert services.resolve_fusion(index=slice_index) == {
+        k: fusion[k] for k in ("method", "rrf_k", "alpha") if k in fusion
+    }
+
+
+def test_evaluate_search_runs_test_queries_through_three_systems(slice_index):
+    report = services.evaluate_search(index=slice_index, max_queries=None)
+    test = evaluation.ticket_eval_set(dataset=slice_index.dataset, split="test")
+    assert report["queries"] == len(test.queries)
+    assert list(report["systems"]) == ["keyword", "vector", "hybrid"]
+    assert report["fusion"] == services.resolve_fusion(index=slice_index)
+    # The keyword row is the lead's keyword_rankings() on the same queries.
+    plain = evaluation.evaluate(evaluation.keyword_rankings(dataset=slice_index.dataset, eval_set=test), test)
+    assert report["systems"]["keyword"] == plain.summary()
+
+
+def test_evaluation_page_shows_metric_table(web, slice_index):
+    html = web.get(f"/search/evaluate/{slice_index.pk}", {"run": "1", "queries": "5"}).content.decode()
+    assert "5 held-out queries" in html
+    for system in ("keyword", "vector", "hybrid"):
+        assert f"<tr><td>{system}</td>" in html
+    assert "Tuned on" in html
+
+
+def test_evaluation_page_rejects_bad_query_count(web, slice_index):
+    response = web.get(f"/search/evaluate/{slice_index.pk}", {"run": "1", "queries": "lots"})
+    assert response.status_code == 400
+    assert "queries: give a number of held-out queries between 1 and 5000." in response.content.decode()
+
+
+def test_tune_page_action_records_fusion(web, slice_index):
+    SearchIndex.objects.filter(pk=slice_index.pk).update(fusion={})
+    response = web.post(f"/search/tune/{slice_index.pk}")
+    assert response.status_code == 302
+    slice_index.refresh_from_db()
+    assert slice_index.fusion["tuned"] is True
