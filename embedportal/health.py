@@ -55,9 +55,10 @@ def system_health(owner=None) -> dict[str, Any]:
     try:
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")
-        health["running_jobs"] = running_jobs(owner)
     except Exception as exc:  # reported on the dashboard, never raised
         health["database"] = f"unreachable: {exc}"
+    else:
+        health["running_jobs"] = running_jobs(owner)
     if health["broker"] == "ok":
         inspector = app.control.inspect(timeout=INSPECT_TIMEOUT_S)
         try:

@@ -41,6 +41,13 @@ def _recent_runs(request: HttpRequest):
     return TrainingRun.objects.filter(owner=request.user).select_related("dataset")[:RECENT_RUNS]
 
 
+@login_required
+def setup_check(request: HttpRequest) -> HttpResponse:
+    from embedportal.setup_check import run_checks
+
+    return render(request, "setup_check.html", {"checks": run_checks(load_models=True)})
+
+
 @api_view(["GET"])
 def api_health(request) -> Response:
     """Workers, queue lengths, broker and database reachability."""

@@ -21,12 +21,20 @@ def hadoop_issues() -> list[dict]:
 
 @pytest.fixture(scope="session")
 def small_jira_file(tmp_path_factory, hadoop_issues) -> Path:
-    """A real slice of the Hadoop export: 60 issues from duplicate clusters + 140 others."""
-    keys_with_dups = [
-        issue for issue in hadoop_issues
-        if any((link.get("type") or {}).get("name") == "Duplicate" for link in issue["fields"].get("issuelinks") or [])
+    """A real slice of the Hadoop export: 40 whole duplicate clusters plus other issues, 200 in all."""
+    from training.pairs import Ticket, duplicate_clusters
+
+    tickets = [
+        Ticket(i["key"], i["fields"]["summary"], "", tuple(
+            ((link.get("type") or {}).get("name", "").lower(), (link.get(d) or {}).get("key", ""))
+            for link in i["fields"].get("issuelinks") or [] for d in ("outwardIssue", "inwardIssue") if d in link))
+        for i in hadoop_issues
     ]
-    chosen = keys_with_dups[:60] + [i for i in hadoop_issues[:400] if i not in keys_with_dups][:140]
+    clusters = [c for c in duplicate_clusters(tickets) if len(c) == 2][:40]
+    keys = {key for cluster in clusters for key in cluster}
+    by_key = {i["key"]: i for i in hadoop_issues}
+    chosen = [by_key[k] for k in sorted(keys)]
+    chosen += [i for i in hadoop_issues if i["key"] not in keys][: 200 - len(chosen)]
     path = tmp_path_factory.mktemp("jira") / "hadoop-slice.json"
     path.write_text(json.dumps({"issues": chosen}))
     return path

@@ -66,6 +66,15 @@ def test_loop_upload_train_index_search_through_real_worker(celery_worker, api, 
     assert run["metrics"]["steps"] == 3
     assert isinstance(run["metrics"]["final_loss"], float)
     assert run["metrics"]["device"] == "cpu"
+    assert run["metrics"]["loss"] == "mnrl"
+    assert run["attempts"] == 1
+    # The proof: held-out TEST queries of the slice, before and after, keyword and hybrid
+    systems = run["evaluation"]["systems"]
+    assert set(systems) == {"keyword", "base", "hybrid_base", "fine_tuned", "hybrid_fine_tuned"}
+    assert set(systems["fine_tuned"]) == {"recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10", "map@100", "queries"}
+    assert systems["keyword"]["queries"] == run["evaluation"]["queries"] > 0
+    assert len(run["evaluation"]["per_query"]) == run["evaluation"]["queries"]
+    assert "base model nDCG@10" in run["log"] and "registered hadoop-slice v1" in run["log"]
     version = api.get(f"/api/models/{run['model_version']}/").json()
     assert version["stage"] == "production"
     assert version["dimensions"] == 32

@@ -27,8 +27,10 @@ def test_start_run_rejects_out_of_range_hyperparameters(api, dataset):
         "batch_size": "must be between 2 and 4096, got 1",
         "learning_rate": "must be a number, got 'fast'",
         "epochs": "must be a whole number, got 2.5",
-        "colour": "unknown hyperparameter; allowed: batch_size, epochs, learning_rate, max_pairs, max_seq_length, "
-                  "max_steps, seed, warmup_ratio",
+        "colour": "unknown hyperparameter; allowed: batch_size, checkpoint_steps, early_stopping_patience, epochs, "
+                  "evaluate, gradient_accumulation_steps, keep_checkpoints, learning_rate, loss, matryoshka_dims, "
+                  "max_pairs, max_seq_length, max_steps, no_duplicates, seed, triplet_margin, warmup_ratio, "
+                  "weight_decay",
     }
     assert TrainingRun.objects.count() == 0
 
@@ -55,8 +57,13 @@ def test_start_run_queues_with_defaults(api, dataset, django_capture_on_commit_c
     run = TrainingRun.objects.get()
     assert run.status == TrainingRun.Status.QUEUED
     assert run.base_model == "sentence-transformers/all-MiniLM-L6-v2"
-    assert run.hyperparameters == {"epochs": 1, "batch_size": 32, "learning_rate": 2e-5, "warmup_ratio": 0.1,
-                                   "max_seq_length": 256, "max_steps": 5, "max_pairs": None, "seed": 42}
+    assert run.hyperparameters == {
+        "loss": "auto", "epochs": 1, "batch_size": 32, "learning_rate": 2e-5, "warmup_ratio": 0.1,
+        "weight_decay": 0.01, "max_seq_length": 256, "gradient_accumulation_steps": 1, "max_steps": 5,
+        "max_pairs": None, "seed": 42, "no_duplicates": True, "early_stopping_patience": None,
+        "checkpoint_steps": None, "keep_checkpoints": 2, "triplet_margin": 0.5, "matryoshka_dims": [],
+        "evaluate": True,
+    }
     assert len(callbacks) == 1  # enqueued only after commit
 
 
@@ -80,17 +87,35 @@ def test_cancel_queued_run_is_immediate(api, user, dataset):
     assert response.json()["status"] == "cancelled"
 
 
-def test_reaper_fails_runs_without_heartbeat(user, dataset):
+def test_cancel_running_run_sets_flag_for_worker(api, user, dataset):
+    run = TrainingRun.objects.create(owner=user, dataset=dataset, base_model="m", status=TrainingRun.Status.RUNNING)
+    body = api.post(f"/api/runs/{run.pk}/cancel/").json()
+    assert (body["status"], body["cancel_requested"]) == ("running", True)
+
+
+def test_start_run_refuses_loss_that_does_not_fit_ticket_pairs(api, dataset):
+    response = api.post("/api/runs/", {"dataset": dataset.pk, "hyperparameters": {"loss": "triplet"}}, format="json")
+    assert response.status_code == 400
+    assert response.json()["fields"]["loss"].startswith("TripletLoss (cosine distance) needs triplets but this dataset gives pairs")
+    assert TrainingRun.objects.count() == 0
+
+
+def test_reaper_requeues_stale_runs_and_fails_after_max_attempts(user, dataset, django_capture_on_commit_callbacks):
     old = timezone.now() - timedelta(seconds=600)
-    stale = TrainingRun.objects.create(owner=user, dataset=dataset, base_model="m",
+    stale = TrainingRun.objects.create(owner=user, dataset=dataset, base_model="m", attempts=1,
                                        status=TrainingRun.Status.RUNNING, heartbeat_at=old)
-    fresh = TrainingRun.objects.create(owner=user, dataset=dataset, base_model="m",
+    exhausted = TrainingRun.objects.create(owner=user, dataset=dataset, base_model="m", attempts=3,
+                                           status=TrainingRun.Status.RUNNING, heartbeat_at=old)
+    fresh = TrainingRun.objects.create(owner=user, dataset=dataset, base_model="m", attempts=1,
                                        status=TrainingRun.Status.RUNNING, heartbeat_at=timezone.now())
-    assert services.reap_stale_runs(timeout_s=300) == 1
-    stale.refresh_from_db()
-    fresh.refresh_from_db()
-    assert stale.status == TrainingRun.Status.FAILED
-    assert "stopped reporting for over 300 s" in stale.error
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        assert services.reap_stale_runs(timeout_s=300) == {"requeued": 1, "failed": 1}
+    for run in (stale, exhausted, fresh):
+        run.refresh_from_db()
+    assert stale.status == TrainingRun.Status.QUEUED
+    assert len(callbacks) == 1
+    assert exhausted.status == TrainingRun.Status.FAILED
+    assert "stopped reporting for over 300 s on 3 attempts" in exhausted.error
     assert fresh.status == TrainingRun.Status.RUNNING
 
 

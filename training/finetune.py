@@ -1,7 +1,9 @@
-"""Fine-tuning a sentence-transformers model on (anchor, positive) pairs.
+"""Fine-tuning a sentence-transformers model with SentenceTransformerTrainer.
 
 This module knows sentence-transformers and torch; it knows nothing of Django.
-The training service passes callbacks for progress and cancellation.
+The training service passes callbacks for progress, checkpoints, logs and
+cancellation. Written against sentence-transformers 6.x (trainer, losses and
+evaluators under `sentence_transformers.sentence_transformer`).
 """
 
 from __future__ import annotations
@@ -9,15 +11,29 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from training.hyperparameters import Hyperparameters
+from training.hyperparameters import LOSS_LABELS, Hyperparameters
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ALIASES = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
+VALIDATION_NAME = "validation"
+VALIDATION_METRIC = f"eval_{VALIDATION_NAME}_cosine_ndcg@10"
+
+# Data shapes and the losses that accept them.
+PAIRS, TRIPLETS, SCORED_PAIRS, LABELED_PAIRS = "pairs", "triplets", "scored_pairs", "labeled_pairs"
+LOSS_SHAPES = {
+    "mnrl": {PAIRS, TRIPLETS},
+    "cached_mnrl": {PAIRS, TRIPLETS},
+    "triplet": {TRIPLETS},
+    "contrastive": {LABELED_PAIRS},
+    "online_contrastive": {LABELED_PAIRS},
+    "cosine": {SCORED_PAIRS, LABELED_PAIRS},
+}
+DEFAULT_LOSS = {PAIRS: "mnrl", TRIPLETS: "mnrl", SCORED_PAIRS: "cosine", LABELED_PAIRS: "online_contrastive"}
 
 
 def resolve_base_model(name: str) -> str:
@@ -67,6 +83,60 @@ class TrainingCancelled(Exception):
 
 
 @dataclass
+class TrainingData:
+    """Columns for the trainer, in the order the loss reads them.
+
+    pairs: anchor, positive; triplets: anchor, positive, negative;
+    scored_pairs: sentence1, sentence2, score (0..1); labeled_pairs:
+    sentence1, sentence2, label (0/1).
+    """
+
+    columns: dict[str, list]
+
+    @property
+    def shape(self) -> str:
+        names = tuple(self.columns)
+        if names == ("anchor", "positive", "negative"):
+            return TRIPLETS
+        if names == ("anchor", "positive"):
+            return PAIRS
+        if names == ("sentence1", "sentence2", "score"):
+            return SCORED_PAIRS
+        if names == ("sentence1", "sentence2", "label"):
+            return LABELED_PAIRS
+        raise ValueError(f"unsupported training columns {names}")
+
+    def __len__(self) -> int:
+        return len(next(iter(self.columns.values()))) if self.columns else 0
+
+    @classmethod
+    def from_pairs(cls, pairs: list[tuple[str, str]]) -> "TrainingData":
+        return cls({"anchor": [a for a, _ in pairs], "positive": [p for _, p in pairs]})
+
+
+def choose_loss(requested: str, shape: str) -> str:
+    """The loss to use: the requested one if it fits the data, else a clear error."""
+    if requested in ("", "auto"):
+        return DEFAULT_LOSS[shape]
+    if shape not in LOSS_SHAPES[requested]:
+        accepted = ", ".join(sorted(LOSS_SHAPES[requested]))
+        raise ValueError(
+            f"loss: {LOSS_LABELS[requested]} needs {accepted} but this dataset gives {shape}; "
+            f"use loss 'auto' ({LOSS_LABELS[DEFAULT_LOSS[shape]]})."
+        )
+    return requested
+
+
+@dataclass
+class Validation:
+    """An information-retrieval validation set: ids -> texts and relevant ids."""
+
+    queries: dict[str, str]
+    corpus: dict[str, str]
+    relevant: dict[str, set[str]]
+
+
+@dataclass
 class FineTuneResult:
     final_loss: float
     steps: int
@@ -75,6 +145,35 @@ class FineTuneResult:
     device: str
     precision: str
     dimensions: int
+    loss: str
+    resumed_from_step: int = 0
+    best_validation_ndcg: float | None = None
+    validation_history: list = field(default_factory=list)
+
+
+def build_loss(name: str, model, hyper: Hyperparameters):
+    from sentence_transformers.sentence_transformer import losses
+
+    if name == "mnrl":
+        loss = losses.MultipleNegativesRankingLoss(model)
+    elif name == "cached_mnrl":
+        # Gradient caching: the batch's in-batch negatives at a fraction of the memory.
+        loss = losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=min(32, hyper.batch_size))
+    elif name == "triplet":
+        loss = losses.TripletLoss(
+            model, distance_metric=losses.TripletDistanceMetric.COSINE, triplet_margin=hyper.triplet_margin
+        )
+    elif name == "contrastive":
+        loss = losses.ContrastiveLoss(model)
+    elif name == "online_contrastive":
+        loss = losses.OnlineContrastiveLoss(model)
+    elif name == "cosine":
+        loss = losses.CosineSimilarityLoss(model)
+    else:
+        raise ValueError(f"unknown loss {name!r}")
+    if hyper.matryoshka_dims:
+        loss = losses.MatryoshkaLoss(model, loss, matryoshka_dims=list(hyper.matryoshka_dims))
+    return loss
 
 
 ProgressFn = Callable[[dict], None]
@@ -83,88 +182,184 @@ ProgressFn = Callable[[dict], None]
 def fine_tune(
     *,
     base_model: str,
-    pairs: list[tuple[str, str]],
+    data: TrainingData,
     output_dir: Path,
     hyper: Hyperparameters,
     device: str = "auto",
+    validation: Validation | None = None,
+    resume_from: str | None = None,
     on_progress: ProgressFn | None = None,
+    on_checkpoint: Callable[[str], None] | None = None,
+    on_log: Callable[[str], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> FineTuneResult:
-    """Train with MultipleNegativesRankingLoss and save the model to output_dir.
+    """Train, keep checkpoints, validate, and save the final model to output_dir/model.
 
-    Side effects: writes the model folder; calls on_progress with
-    {step, total_steps, epoch, loss, learning_rate} at each logging step;
-    raises TrainingCancelled when should_stop() turns true.
+    Side effects: writes checkpoints under output_dir/checkpoints (keeps
+    `keep_checkpoints` plus the best by validation nDCG@10) and the final model
+    folder with a model card; calls on_progress at each logging step with
+    {step, total_steps, epoch, loss, learning_rate, pairs_per_s, eta_s},
+    on_checkpoint with each saved folder, on_log with log lines; raises
+    TrainingCancelled when should_stop() turns true.
     """
     import torch
     from datasets import Dataset as HFDataset
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.base.sampler import BatchSamplers
-    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
-    from transformers import TrainerCallback
+    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+    from transformers import EarlyStoppingCallback, TrainerCallback
 
+    log = on_log or (lambda line: logger.info(line))
     device = pick_device(device)
+    loss_name = choose_loss(hyper.loss, data.shape)
     model = load_model(base_model, device=device, max_seq_length=hyper.max_seq_length)
-    train_dataset = HFDataset.from_dict({"anchor": [a for a, _ in pairs], "positive": [p for _, p in pairs]})
-    loss = MultipleNegativesRankingLoss(model)
+    train_dataset = HFDataset.from_dict(data.columns)
+    loss = build_loss(loss_name, model, hyper)
 
     use_bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
     use_fp16 = device == "cuda" and not use_bf16
-    steps_per_epoch = math.ceil(len(pairs) / hyper.batch_size)
+    per_step = hyper.batch_size * hyper.gradient_accumulation_steps
+    steps_per_epoch = max(1, math.ceil(len(data) / per_step))
     total_steps = hyper.max_steps or steps_per_epoch * hyper.epochs
+    save_steps = hyper.checkpoint_steps or steps_per_epoch
+    evaluator = None
+    if validation is not None and validation.queries:
+        evaluator = InformationRetrievalEvaluator(
+            queries=validation.queries,
+            corpus=validation.corpus,
+            relevant_docs=validation.relevant,
+            name=VALIDATION_NAME,
+            batch_size=64,
+            write_csv=False,
+            show_progress_bar=False,
+        )
     output_dir = Path(output_dir)
     args = SentenceTransformerTrainingArguments(
         output_dir=str(output_dir / "checkpoints"),
         num_train_epochs=hyper.epochs,
         max_steps=hyper.max_steps or -1,
         per_device_train_batch_size=hyper.batch_size,
+        gradient_accumulation_steps=hyper.gradient_accumulation_steps,
         learning_rate=hyper.learning_rate,
         warmup_steps=hyper.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
+        weight_decay=hyper.weight_decay,
         seed=hyper.seed,
         bf16=use_bf16,
         fp16=use_fp16,
         use_cpu=device == "cpu",
-        # In-batch negatives: two copies of one text in a batch would be false negatives.
-        batch_sampler=BatchSamplers.NO_DUPLICATES,
-        save_strategy="no",
+        batch_sampler=BatchSamplers.NO_DUPLICATES if hyper.no_duplicates else BatchSamplers.BATCH_SAMPLER,
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=hyper.keep_checkpoints,
+        eval_strategy="steps" if evaluator else "no",
+        eval_steps=save_steps if evaluator else None,
+        load_best_model_at_end=evaluator is not None,
+        metric_for_best_model=VALIDATION_METRIC if evaluator else None,
+        greater_is_better=True,
         logging_steps=max(1, min(50, total_steps // 20)),
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
 
+    started = time.monotonic()
+    validation_history: list = []
+    first_step = {"value": None}
+
     class _Progress(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if on_progress and logs and "loss" in logs:
-                on_progress(
-                    {
-                        "step": state.global_step,
-                        "total_steps": state.max_steps or total_steps,
-                        "epoch": round(state.epoch or 0.0, 3),
-                        "loss": float(logs["loss"]),
-                        "learning_rate": float(logs.get("learning_rate", 0.0)),
-                    }
-                )
+            logs = logs or {}
+            if VALIDATION_METRIC in logs:
+                point = [state.global_step, round(float(logs[VALIDATION_METRIC]), 5)]
+                validation_history.append(point)
+                log(f"step {state.global_step}: validation nDCG@10 {point[1]:.4f}")
+                if on_progress:
+                    on_progress({"validation": point})
+            if "loss" not in logs:
+                return
+            if first_step["value"] is None:
+                first_step["value"] = state.global_step
+            elapsed = time.monotonic() - started
+            done_here = max(state.global_step - (resumed_step or 0), 1)
+            rate = done_here * per_step / max(elapsed, 1e-6)
+            total = state.max_steps or total_steps
+            point = {
+                "step": state.global_step,
+                "total_steps": total,
+                "epoch": round(state.epoch or 0.0, 3),
+                "loss": float(logs["loss"]),
+                "learning_rate": float(logs.get("learning_rate", 0.0)),
+                "pairs_per_s": round(rate, 2),
+                "eta_s": round((total - state.global_step) * per_step / rate, 1) if rate else None,
+            }
+            log(f"step {point['step']}/{total} loss {point['loss']:.4f} lr {point['learning_rate']:.2e} "
+                f"{point['pairs_per_s']} pairs/s")
+            if on_progress:
+                on_progress(point)
+
+        def on_save(self, args, state, control, **kwargs):
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            log(f"checkpoint saved at step {state.global_step}")
+            if on_checkpoint:
+                on_checkpoint(str(folder))
 
         def on_step_end(self, args, state, control, **kwargs):
             if should_stop and should_stop():
                 raise TrainingCancelled()
 
+    callbacks = [_Progress()]
+    if evaluator is not None and hyper.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=hyper.early_stopping_patience))
     trainer = SentenceTransformerTrainer(
-        model=model, args=args, train_dataset=train_dataset, loss=loss, callbacks=[_Progress()]
+        model=model, args=args, train_dataset=train_dataset, loss=loss, evaluator=evaluator, callbacks=callbacks
     )
-    started = time.monotonic()
-    output = trainer.train()
+    resumed_step = _checkpoint_step(resume_from) if resume_from else 0
+    log(
+        f"training {len(data)} {data.shape} with {LOSS_LABELS[loss_name]} on {device} "
+        f"({'bf16' if use_bf16 else 'fp16' if use_fp16 else 'fp32'}), {total_steps} steps"
+        + (f", resuming from step {resumed_step}" if resumed_step else "")
+    )
+    output = trainer.train(resume_from_checkpoint=resume_from or None)
     duration = time.monotonic() - started
-    model.save(str(output_dir / "model"))
+    final_dir = output_dir / "model"
+    model.save(str(final_dir))
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     final_loss = float(losses[-1]) if losses else float(output.training_loss)
-    return FineTuneResult(
+    best = trainer.state.best_metric if evaluator is not None else None
+    result = FineTuneResult(
         final_loss=final_loss,
         steps=int(trainer.state.global_step),
-        train_pairs=len(pairs),
+        train_pairs=len(data),
         duration_s=round(duration, 2),
         device=device,
         precision="bf16" if use_bf16 else "fp16" if use_fp16 else "fp32",
         dimensions=embedding_dimension(model),
+        loss=loss_name,
+        resumed_from_step=resumed_step,
+        best_validation_ndcg=round(float(best), 5) if best is not None else None,
+        validation_history=validation_history,
     )
+    log(f"finished: {result.steps} steps in {result.duration_s} s, final loss {final_loss:.4f}")
+    return result
+
+
+def _checkpoint_step(path: str) -> int:
+    try:
+        return int(Path(path).name.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return 0
+
+
+def write_model_card(*, model_dir: Path, title: str, data: dict, hyperparameters: dict, metrics: dict) -> None:
+    """Append EmbedPortal's section (data, parameters, held-out metrics) to the model's README.md."""
+    card = Path(model_dir) / "README.md"
+    existing = card.read_text() if card.exists() else ""
+    lines = [f"\n\n# {title}\n", "## Training data\n"]
+    lines += [f"- {k}: {v}" for k, v in data.items()]
+    lines += ["\n## Hyperparameters\n"] + [f"- {k}: {v}" for k, v in hyperparameters.items()]
+    if metrics:
+        lines += ["\n## Held-out evaluation (TEST split)\n", "| system | " + " | ".join(next(iter(metrics.values()))) + " |"]
+        lines += ["|" + " --- |" * (len(next(iter(metrics.values()))) + 1)]
+        for system, values in metrics.items():
+            lines.append(f"| {system} | " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in values.values()) + " |")
+    card.write_text(existing + "\n".join(lines) + "\n")

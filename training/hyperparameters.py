@@ -9,6 +9,17 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+LOSSES = ("auto", "mnrl", "cached_mnrl", "triplet", "contrastive", "online_contrastive", "cosine")
+LOSS_LABELS = {
+    "auto": "Chosen from the data's shape",
+    "mnrl": "MultipleNegativesRankingLoss",
+    "cached_mnrl": "CachedMultipleNegativesRankingLoss",
+    "triplet": "TripletLoss (cosine distance)",
+    "contrastive": "ContrastiveLoss",
+    "online_contrastive": "OnlineContrastiveLoss",
+    "cosine": "CosineSimilarityLoss",
+}
+
 
 class HyperparameterError(ValueError):
     def __init__(self, errors: dict[str, str]):
@@ -18,38 +29,73 @@ class HyperparameterError(ValueError):
 
 @dataclass(frozen=True)
 class Hyperparameters:
+    loss: str = "auto"
     epochs: int = 1
     batch_size: int = 32
     learning_rate: float = 2e-5
     warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
     max_seq_length: int = 256
+    gradient_accumulation_steps: int = 1
     # Caps so a demo run finishes in minutes on CPU; None means no cap.
     max_steps: int | None = None
     max_pairs: int | None = None
     seed: int = 42
+    # In-batch negatives: keep two copies of one text out of the same batch.
+    no_duplicates: bool = True
+    # Stop after this many validations without improvement (None: never).
+    early_stopping_patience: int | None = None
+    # Save (and validate) every this many steps; None: once per epoch.
+    checkpoint_steps: int | None = None
+    keep_checkpoints: int = 2
+    triplet_margin: float = 0.5
+    # Matryoshka output dimensions, e.g. [384, 256, 128, 64]; empty: no wrapper.
+    matryoshka_dims: tuple[int, ...] = ()
+    # Evaluate base and fine-tuned models on the held-out TEST split.
+    evaluate: bool = True
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out["matryoshka_dims"] = list(self.matryoshka_dims)
+        return out
+
+    @classmethod
+    def from_stored(cls, stored: dict) -> "Hyperparameters":
+        """Rebuild from a run row (tolerates rows written before a field existed)."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in stored.items() if k in known}
+        if "matryoshka_dims" in values:
+            values["matryoshka_dims"] = tuple(values["matryoshka_dims"] or ())
+        return cls(**values)
 
 
-# name -> (type, minimum, maximum, what to do when out of range)
+# name -> (type, minimum, maximum)
 RANGES: dict[str, tuple[type, float, float]] = {
     "epochs": (int, 1, 100),
     "batch_size": (int, 2, 4096),
     "learning_rate": (float, 1e-7, 1e-2),
     "warmup_ratio": (float, 0.0, 0.99),
+    "weight_decay": (float, 0.0, 1.0),
     "max_seq_length": (int, 8, 8192),
+    "gradient_accumulation_steps": (int, 1, 1024),
     "max_steps": (int, 1, 10_000_000),
     "max_pairs": (int, 2, 100_000_000),
     "seed": (int, 0, 2**31 - 1),
+    "early_stopping_patience": (int, 1, 1000),
+    "checkpoint_steps": (int, 1, 10_000_000),
+    "keep_checkpoints": (int, 1, 100),
+    "triplet_margin": (float, 0.0, 10.0),
 }
+BOOLEANS = ("no_duplicates", "evaluate")
+TRUE_WORDS = {"1", "true", "yes", "on"}
+FALSE_WORDS = {"0", "false", "no", "off"}
 
 
 def parse(raw: dict | None) -> Hyperparameters:
     """Validate a mapping of hyperparameters (strings allowed) into Hyperparameters.
 
     Unknown names and out-of-range values raise HyperparameterError naming each
-    field and its allowed range. Empty values mean "use the default".
+    field and what is allowed. Empty values mean "use the default".
     """
     raw = dict(raw or {})
     known = {f.name for f in fields(Hyperparameters)}
@@ -62,6 +108,8 @@ def parse(raw: dict | None) -> Hyperparameters:
         if value is None or value == "":
             continue
         try:
+            if isinstance(value, bool):
+                raise ValueError
             number = kind(value)
             if kind is int and float(value) != number:
                 raise ValueError
@@ -72,6 +120,40 @@ def parse(raw: dict | None) -> Hyperparameters:
             errors[name] = f"must be between {low:g} and {high:g}, got {number:g}"
             continue
         values[name] = number
+    for name in BOOLEANS:
+        value = raw.get(name)
+        if value is None or value == "":
+            continue
+        if isinstance(value, bool):
+            values[name] = value
+        elif str(value).strip().lower() in TRUE_WORDS | FALSE_WORDS:
+            values[name] = str(value).strip().lower() in TRUE_WORDS
+        else:
+            errors[name] = f"must be true or false, got {value!r}"
+    loss = raw.get("loss")
+    if loss not in (None, ""):
+        if loss not in LOSSES:
+            errors["loss"] = f"must be one of {', '.join(LOSSES)}, got {loss!r}"
+        else:
+            values["loss"] = loss
+    dims = raw.get("matryoshka_dims")
+    if dims not in (None, "", []):
+        parsed = _parse_dims(dims)
+        if parsed is None:
+            errors["matryoshka_dims"] = f"must be a list of whole numbers from largest to smallest, got {dims!r}"
+        else:
+            values["matryoshka_dims"] = parsed
     if errors:
         raise HyperparameterError(errors)
     return Hyperparameters(**values)
+
+
+def _parse_dims(dims) -> tuple[int, ...] | None:
+    items = dims.replace(" ", "").split(",") if isinstance(dims, str) else dims
+    try:
+        parsed = tuple(int(item) for item in items)
+    except (TypeError, ValueError):
+        return None
+    if not parsed or any(d < 1 for d in parsed) or list(parsed) != sorted(parsed, reverse=True):
+        return None
+    return parsed

@@ -138,6 +138,8 @@ class TrainingRun(models.Model):
     log = models.TextField(blank=True)
     # How many times a worker claimed the run (a resumed run has attempts > 1).
     attempts = models.PositiveSmallIntegerField(default=0)
+    # Set by cancel (UI/API); the worker checks it about once a second.
+    cancel_requested = models.BooleanField(default=False)
     # Folder of the last complete checkpoint; a resumed run continues from it.
     checkpoint_path = models.CharField(max_length=1000, blank=True)
 

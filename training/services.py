@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Max
+from django.db.models import F, Max, Value
+from django.db.models.functions import Coalesce, Concat
 from django.utils import timezone
 
 from training import finetune
@@ -59,10 +59,13 @@ def check_base_model(name: str) -> str:
     return name
 
 
-def start_run(*, owner, dataset: Dataset, base_model: str = "", hyperparameters: dict | None = None) -> TrainingRun:
+def start_run(
+    *, owner, dataset: Dataset, base_model: str = "", hyperparameters: dict | None = None, enqueue: bool = True
+) -> TrainingRun:
     """Validate and queue a training run; the worker picks it up after commit.
 
-    Side effects: creates a queued TrainingRun and enqueues `training.run_training`
+    Side effects: creates a queued TrainingRun and (unless enqueue=False, as the
+    `train` command does to run it in-process) enqueues `training.run_training`
     once the transaction commits. Raises ServiceError or HyperparameterError.
     """
     from training import tasks
@@ -74,11 +77,18 @@ def start_run(*, owner, dataset: Dataset, base_model: str = "", hyperparameters:
     doc_count = dataset.documents.count()
     if doc_count < MIN_TRAINING_PAIRS:
         raise ServiceError(f"dataset: {dataset.name} has {doc_count} document(s); training needs at least 2.")
+    if hyper.loss not in ("auto", "mnrl", "cached_mnrl"):
+        # Ticket datasets give (anchor, positive) pairs; refuse a loss that needs other data now, not later.
+        try:
+            finetune.choose_loss(hyper.loss, finetune.PAIRS)
+        except ValueError as exc:
+            raise ServiceError(str(exc)) from exc
     with transaction.atomic():
         run = TrainingRun.objects.create(
             owner=owner, dataset=dataset, base_model=base_model, hyperparameters=hyper.as_dict()
         )
-        transaction.on_commit(lambda: tasks.run_training.delay(run_id=run.pk))
+        if enqueue:
+            transaction.on_commit(lambda: tasks.run_training.delay(run_id=run.pk))
     return run
 
 
@@ -86,7 +96,8 @@ def _claim(run: TrainingRun) -> bool:
     """queued -> running, exactly once even if the task is delivered twice."""
     now = timezone.now()
     claimed = TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.QUEUED).update(
-        status=TrainingRun.Status.RUNNING, started_at=now, heartbeat_at=now
+        status=TrainingRun.Status.RUNNING, started_at=Coalesce("started_at", Value(now)), heartbeat_at=now,
+        attempts=F("attempts") + 1,
     )
     return claimed == 1
 
@@ -97,54 +108,131 @@ def _finish(run: TrainingRun, status: str, **fields: Any) -> None:
     )
 
 
-def execute_run(*, run: TrainingRun, device: str | None = None) -> TrainingRun:
-    """Train a queued run to the end and register its model version.
+def default_pair_cap(tickets) -> int:
+    """Pairs used when the user sets no max_pairs: every duplicate pair, plus
+    summary -> description pairs up to twice as many (at least 1,000 pairs in
+    all), so a default run on 20k tickets takes minutes, not an hour, on CPU."""
+    from training.pairs import duplicate_clusters, split_clusters
 
-    Side effects: moves the run queued -> running -> succeeded/failed/cancelled,
-    writes progress into run.metrics, saves the model under MODELS_DIR,
-    creates a ModelVersion (promoted to production when the dataset has none)
-    and queues its search index. A run that is not queued is left alone.
+    train, _ = split_clusters(duplicate_clusters(tickets))
+    duplicate_pairs = sum(len(c) * (len(c) - 1) for c in train)
+    return max(1000, 3 * duplicate_pairs)
+
+
+def execute_run(*, run: TrainingRun, device: str | None = None, echo: Callable[[str], None] | None = None) -> TrainingRun:
+    """Train a queued run to the end, evaluate it, and register its model version.
+
+    Side effects: queued -> running -> succeeded/failed/cancelled (attempts + 1);
+    writes progress, validation history and the log into the row in batches;
+    keeps checkpoints under MODELS_DIR/run-N (a resumed run continues from
+    checkpoint_path); evaluates base and fine-tuned models on the held-out TEST
+    split into run.evaluation; saves the model with a model card; creates a
+    ModelVersion (production when the dataset has none) whose embeddings are
+    the evaluation's corpus vectors. A run that is not queued is left alone.
     """
+    from training.evaluate import HeldOutEvaluation, validation_split
+
     if not _claim(run):
         logger.info("run %s is %s, not queued; skipping", run.pk, run.status)
         run.refresh_from_db()
         return run
-    hyper = Hyperparameters(**run.hyperparameters)
+    run.refresh_from_db()
+    hyper = Hyperparameters.from_stored(run.hyperparameters)
+    device = finetune.pick_device(device or settings.TRAINING_DEVICE)
     output_dir = Path(settings.MODELS_DIR) / f"run-{run.pk}"
-    progress = _ProgressWriter(run)
+    progress = _ProgressWriter(run, echo=echo)
+    resume_from = run.checkpoint_path if run.checkpoint_path and Path(run.checkpoint_path).is_dir() else None
     try:
-        pairs = build_ticket_pairs(dataset_tickets(run.dataset), max_pairs=hyper.max_pairs, seed=hyper.seed)
+        progress.log(f"attempt {run.attempts} on {device}" + (f", resuming from {resume_from}" if resume_from else ""))
+        tickets = dataset_tickets(run.dataset)
+        train_tickets, validation = validation_split(tickets)
+        cap = hyper.max_pairs or default_pair_cap(train_tickets)
+        pairs = build_ticket_pairs(train_tickets, max_pairs=cap, seed=hyper.seed)
         if len(pairs) < MIN_TRAINING_PAIRS:
             raise ServiceError(
                 f"Only {len(pairs)} training pair(s) could be built from {run.dataset.name}: it needs tickets "
                 "with a description of at least 30 characters or Duplicate links between its tickets."
             )
+        progress.log(
+            f"{len(pairs)} training pairs (cap {cap}); validation: "
+            + (f"{len(validation.queries)} queries over {len(validation.corpus)} documents" if validation else "none")
+        )
+        held_out = HeldOutEvaluation(dataset=run.dataset, log=progress.log) if hyper.evaluate else None
+        evaluation = dict(run.evaluation or {})
+        if held_out is not None and held_out.available and "base" not in evaluation.get("systems", {}):
+            base = held_out.model(run.base_model, max_seq_length=hyper.max_seq_length, device=device)
+            evaluation = {
+                "queries": len(held_out.eval_set.queries),
+                "systems": {
+                    "keyword": held_out.keyword().summary(),
+                    "base": base.vector.summary(),
+                    "hybrid_base": base.hybrid.summary(),
+                },
+            }
+            TrainingRun.objects.filter(pk=run.pk).update(evaluation=evaluation)
+            progress.log(f"base model nDCG@10 {base.vector.metrics['ndcg@10']:.4f}")
         result = finetune.fine_tune(
             base_model=run.base_model,
-            pairs=pairs,
+            data=finetune.TrainingData.from_pairs(pairs),
             output_dir=output_dir,
             hyper=hyper,
-            device=device or settings.TRAINING_DEVICE,
+            device=device,
+            validation=validation,
+            resume_from=resume_from,
             on_progress=progress.update,
+            on_checkpoint=progress.checkpoint,
+            on_log=progress.log,
             should_stop=progress.cancel_requested,
         )
+        tuned_embeddings = None
+        if held_out is not None and held_out.available:
+            tuned = held_out.model(str(output_dir / "model"), max_seq_length=hyper.max_seq_length, device=device)
+            tuned_embeddings = tuned.embeddings
+            # The base model's per-query results (cached in this process, recomputed after a resume).
+            base_result = held_out.model(run.base_model, max_seq_length=hyper.max_seq_length, device=device).vector
+            evaluation["systems"]["fine_tuned"] = tuned.vector.summary()
+            evaluation["systems"]["hybrid_fine_tuned"] = tuned.hybrid.summary()
+            evaluation["per_query"] = held_out.drilldown(base_result, tuned.vector)
+            progress.log(f"fine-tuned model nDCG@10 {tuned.vector.metrics['ndcg@10']:.4f}")
+        elif held_out is not None:
+            evaluation = {"unavailable": "The dataset has no held-out duplicate clusters (no Duplicate links "
+                                         "inside the dataset), so there is nothing to evaluate on."}
+        finetune.write_model_card(
+            model_dir=output_dir / "model",
+            title=f"EmbedPortal: {run.dataset.name}, run #{run.pk}",
+            data={"dataset": run.dataset.name, "documents": len(tickets), "training pairs": len(pairs),
+                  "base model": run.base_model, "loss": result.loss},
+            hyperparameters=hyper.as_dict(),
+            metrics=evaluation.get("systems", {}),
+        )
     except finetune.TrainingCancelled:
+        progress.log("cancelled; checkpoints kept")
+        progress.flush()
         _finish(run, TrainingRun.Status.CANCELLED, metrics={**progress.metrics, "cancelled": True})
-        shutil.rmtree(output_dir, ignore_errors=True)
         run.refresh_from_db()
         return run
     except Exception as exc:  # any failure ends the run with a reason a person can act on
         logger.exception("training run %s failed", run.pk)
+        progress.log(f"failed: {type(exc).__name__}: {exc}")
+        progress.flush()
         _finish(run, TrainingRun.Status.FAILED, error=explain_failure(exc), metrics=progress.metrics)
         run.refresh_from_db()
         return run
 
-    metrics = {**progress.metrics, **result.__dict__}
+    progress.flush()
+    result_fields = {k: v for k, v in result.__dict__.items() if k != "validation_history"}
+    metrics = {**progress.metrics, **result_fields}
+    progress.metrics = metrics  # later flushes (log lines) must not write the pre-result metrics back
     with transaction.atomic():
-        _finish(run, TrainingRun.Status.SUCCEEDED, metrics=metrics)
+        _finish(run, TrainingRun.Status.SUCCEEDED, metrics=metrics, evaluation=evaluation)
         run.refresh_from_db()
         if run.status == TrainingRun.Status.SUCCEEDED:
-            register_version(run=run, artifact_path=output_dir / "model", dimensions=result.dimensions)
+            version = register_version(
+                run=run, artifact_path=output_dir / "model", dimensions=result.dimensions,
+                embeddings=(held_out.eval_set.doc_ids, tuned_embeddings) if tuned_embeddings is not None else None,
+            )
+            progress.log(f"registered {version} ({version.get_stage_display()})")
+            progress.flush()
     return run
 
 
@@ -153,77 +241,129 @@ def explain_failure(exc: Exception) -> str:
     text = f"{type(exc).__name__}: {exc}"
     lowered = text.lower()
     if "out of memory" in lowered or isinstance(exc, MemoryError):
-        return text + "\nLikely fix: lower batch_size or max_seq_length."
+        return text + "\nLikely fix: lower batch_size or max_seq_length, or use loss cached_mnrl."
     if "can't load" in lowered or "does not appear to have" in lowered or "repository not found" in lowered:
         return text + "\nLikely fix: check base_model; this machine may not reach the Hugging Face hub."
+    if "checkpoint" in lowered and ("corrupt" in lowered or "unexpected eof" in lowered or "invalid" in lowered):
+        return text + "\nLikely fix: the checkpoint is damaged; start a new run."
     return text
 
 
 class _ProgressWriter:
-    """Batches progress into at most one UPDATE per PROGRESS_WRITE_INTERVAL_S."""
+    """Batches progress and log lines into at most one UPDATE per PROGRESS_WRITE_INTERVAL_S."""
 
-    def __init__(self, run: TrainingRun):
+    def __init__(self, run: TrainingRun, echo: Callable[[str], None] | None = None):
         self.run = run
-        self.metrics: dict[str, Any] = {"loss_history": []}
+        self.echo = echo
+        self.metrics: dict[str, Any] = dict(run.metrics or {})
+        self.metrics.setdefault("loss_history", [])
+        self.metrics.setdefault("validation_history", [])
+        self.metrics.pop("cancel_requested", None)
+        self._log_lines: list[str] = []
         self._last_write = 0.0
         self._last_cancel_check = 0.0
         self._cancelled = False
+        self._checkpoint = ""
+
+    def log(self, line: str) -> None:
+        stamped = f"{timezone.now():%H:%M:%S} {line}"
+        self._log_lines.append(stamped)
+        if self.echo:
+            self.echo(stamped)
+        self._maybe_write()
 
     def update(self, point: dict) -> None:
-        self.metrics.update({k: point[k] for k in ("step", "total_steps", "epoch", "loss", "learning_rate")})
-        self.metrics["loss_history"].append([point["step"], round(point["loss"], 5)])
-        now = time.monotonic()
-        if now - self._last_write >= PROGRESS_WRITE_INTERVAL_S:
-            self._last_write = now
-            TrainingRun.objects.filter(pk=self.run.pk).update(metrics=self.metrics, heartbeat_at=timezone.now())
+        if "validation" in point:
+            self.metrics["validation_history"].append(point["validation"])
+        else:
+            self.metrics.update({k: v for k, v in point.items()})
+            self.metrics["loss_history"].append([point["step"], round(point["loss"], 5)])
+        self._maybe_write()
+
+    def checkpoint(self, path: str) -> None:
+        self._checkpoint = path
+        self.flush()
+
+    def _maybe_write(self) -> None:
+        if time.monotonic() - self._last_write >= PROGRESS_WRITE_INTERVAL_S:
+            self.flush()
+
+    def flush(self) -> None:
+        self._last_write = time.monotonic()
+        fields: dict[str, Any] = {"metrics": self.metrics, "heartbeat_at": timezone.now()}
+        if self._log_lines:
+            fields["log"] = Concat(F("log"), Value("\n".join(self._log_lines) + "\n"))
+            self._log_lines = []
+        if self._checkpoint:
+            fields["checkpoint_path"] = self._checkpoint
+        TrainingRun.objects.filter(pk=self.run.pk).update(**fields)
 
     def cancel_requested(self) -> bool:
         now = time.monotonic()
         if not self._cancelled and now - self._last_cancel_check >= 1.0:
             self._last_cancel_check = now
             # Cancellation is a flag the API/UI sets on the row; the worker sees it here.
-            row = TrainingRun.objects.filter(pk=self.run.pk).values_list("metrics", flat=True).first()
-            self._cancelled = bool(row and row.get("cancel_requested"))
+            flag = TrainingRun.objects.filter(pk=self.run.pk).values_list("cancel_requested", flat=True).first()
+            self._cancelled = bool(flag)
             TrainingRun.objects.filter(pk=self.run.pk).update(heartbeat_at=timezone.now())
         return self._cancelled
 
 
 def cancel_run(*, run: TrainingRun) -> TrainingRun:
-    """Cancel a queued run at once; ask a running one to stop at its next step."""
+    """Cancel a queued run at once; ask a running one to stop at its next step (within ~1 s)."""
     TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.QUEUED).update(
         status=TrainingRun.Status.CANCELLED, finished_at=timezone.now()
     )
+    TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.RUNNING).update(cancel_requested=True)
     run.refresh_from_db()
-    if run.status == TrainingRun.Status.RUNNING:
-        with transaction.atomic():
-            locked = TrainingRun.objects.select_for_update().get(pk=run.pk)
-            locked.metrics = {**locked.metrics, "cancel_requested": True}
-            locked.save(update_fields=["metrics"])
-        run.refresh_from_db()
     return run
 
 
-def reap_stale_runs(*, timeout_s: int | None = None) -> int:
-    """Fail running runs whose worker stopped sending heartbeats. Returns how many."""
+MAX_ATTEMPTS = 3
+
+
+def reap_stale_runs(*, timeout_s: int | None = None) -> dict[str, int]:
+    """Runs whose worker stopped sending heartbeats: re-queue them to resume
+    from their last checkpoint, or fail them after MAX_ATTEMPTS.
+
+    Side effects: running -> queued (+ a new task after commit) or -> failed.
+    Returns {"requeued": n, "failed": m}.
+    """
+    from training import tasks
+
     timeout_s = timeout_s if timeout_s is not None else settings.RUN_HEARTBEAT_TIMEOUT_S
     cutoff = timezone.now() - timedelta(seconds=timeout_s)
-    return TrainingRun.objects.filter(status=TrainingRun.Status.RUNNING, heartbeat_at__lt=cutoff).update(
+    stale = TrainingRun.objects.filter(status=TrainingRun.Status.RUNNING, heartbeat_at__lt=cutoff)
+    failed = stale.filter(attempts__gte=MAX_ATTEMPTS).update(
         status=TrainingRun.Status.FAILED,
         finished_at=timezone.now(),
-        error=f"The worker stopped reporting for over {timeout_s} s (it was killed or lost its connection). "
-        "Start the run again.",
+        error=f"The worker stopped reporting for over {timeout_s} s on {MAX_ATTEMPTS} attempts (it was killed "
+        "or lost its connection each time). Check the worker's memory and logs, then start the run again.",
     )
+    requeued = 0
+    for pk in list(stale.filter(attempts__lt=MAX_ATTEMPTS).values_list("pk", flat=True)):
+        with transaction.atomic():
+            if stale.filter(pk=pk).update(status=TrainingRun.Status.QUEUED):
+                requeued += 1
+                transaction.on_commit(lambda pk=pk: tasks.run_training.delay(run_id=pk))
+    return {"requeued": requeued, "failed": failed}
 
 
 # --- Model registry -------------------------------------------------------------
 
 
-def register_version(*, run: TrainingRun, artifact_path: Path, dimensions: int) -> ModelVersion:
+def register_version(
+    *, run: TrainingRun, artifact_path: Path, dimensions: int, embeddings: tuple | None = None
+) -> ModelVersion:
     """Record a trained model; it becomes production when its dataset has none.
 
     Side effects: creates a ModelVersion (name = dataset name, next version
-    number for that name); promotion queues the production search index.
+    number for that name); stores `embeddings` = (document ids, vectors) from
+    the evaluation as the version's vectors, so the index build only has to
+    embed what is missing; promotion queues the production search index.
     """
+    from search.vectors import store_embeddings
+
     name = run.dataset.name
     for _ in range(3):
         latest = ModelVersion.objects.filter(owner=run.owner, name=name).aggregate(v=Max("version"))["v"] or 0
@@ -238,19 +378,27 @@ def register_version(*, run: TrainingRun, artifact_path: Path, dimensions: int) 
                     dimensions=dimensions,
                     source_run=run,
                     dataset=run.dataset,
-                    metrics={"final_loss": run.metrics.get("final_loss")},
+                    metrics={"final_loss": run.metrics.get("final_loss"), **_held_out_metrics(run)},
                 )
             break
         except IntegrityError:
             continue  # another run took the number; take the next
     else:
         raise ServiceError(f"Could not allocate a version number for {name}.")
+    if embeddings is not None:
+        store_embeddings(model_version=version, doc_ids=embeddings[0], vectors=embeddings[1])
     has_production = ModelVersion.objects.filter(
         dataset=run.dataset, stage=ModelVersion.Stage.PRODUCTION
     ).exists()
     if not has_production:
         promote(version=version)
     return version
+
+
+def _held_out_metrics(run: TrainingRun) -> dict:
+    systems = (run.evaluation or {}).get("systems", {})
+    tuned = systems.get("fine_tuned")
+    return {"held_out": tuned} if tuned else {}
 
 
 def promote(*, version: ModelVersion) -> ModelVersion:

@@ -166,8 +166,46 @@ def dataset_delete(request: HttpRequest, pk: int) -> HttpResponse:
 @login_required
 def run_detail(request: HttpRequest, pk: int) -> HttpResponse:
     run = get_object_or_404(TrainingRun.objects.select_related("dataset"), pk=pk, owner=request.user)
-    template = "partials/run_status.html" if request.headers.get("HX-Request") else "training/run_detail.html"
-    return render(request, template, {"run": run, "version": getattr(run, "model_version", None)})
+    progress_data = {
+        "loss": run.metrics.get("loss_history", []),
+        "validation": run.metrics.get("validation_history", []),
+    }
+    context = {"run": run, "version": getattr(run, "model_version", None), "progress_data": progress_data}
+    if request.headers.get("HX-Request"):
+        return render(request, "partials/run_status.html", context)
+    systems = (run.evaluation or {}).get("systems", {})
+    per_query = (run.evaluation or {}).get("per_query", [])
+    context.update(
+        metric_names=METRIC_NAMES,
+        evaluation_rows=[
+            (SYSTEM_LABELS.get(name, name), [values.get(m) for m in METRIC_NAMES]) for name, values in systems.items()
+        ],
+        drilldown=per_query[:DRILLDOWN_ROWS],
+        improved=sum(1 for row in per_query if row["delta"] > 0),
+        worsened=sum(1 for row in per_query if row["delta"] < 0),
+        unchanged=sum(1 for row in per_query if row["delta"] == 0),
+    )
+    return render(request, "training/run_detail.html", context)
+
+
+@login_required
+def run_compare(request: HttpRequest) -> HttpResponse:
+    ids = [int(i) for i in request.GET.getlist("ids") if i.isdigit()]
+    runs = TrainingRun.objects.filter(owner=request.user).select_related("dataset")
+    chosen = [run for run in runs if run.pk in ids]
+    rows = []
+    for run in chosen:
+        systems = (run.evaluation or {}).get("systems", {})
+        rows.append(
+            {
+                "run": run,
+                "tuned": [systems.get("fine_tuned", {}).get(m) for m in METRIC_NAMES],
+                "base_ndcg": systems.get("base", {}).get("ndcg@10"),
+                "hybrid_ndcg": systems.get("hybrid_fine_tuned", {}).get("ndcg@10"),
+            }
+        )
+    context = {"choices": runs[:100], "selected_ids": ids, "runs": chosen, "rows": rows, "metric_names": METRIC_NAMES}
+    return render(request, "training/run_compare.html", context)
 
 
 @login_required
