@@ -14,6 +14,9 @@ import json
 import sys
 
 BENCHES = {"ingest": "bench.ingest"}
+BENCHES["search"] = "bench.search"
+BENCHES["quality"] = "bench.quality"
+BENCHES["train-speed"] = "bench.train_speed"
 
 
 def main(argv: list[str] | None = None) -> int:
