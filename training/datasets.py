@@ -142,17 +142,22 @@ def _store_version(
                 f"strict: {report.rows_rejected} row(s) rejected, so nothing was imported (strict mode). "
                 f"First: row {first['row']}, field {first['field']}: {first['reason']}."
             )
-        cursor.execute(f"CREATE INDEX ON {STAGE_TABLE} (external_key)")
-        cursor.execute(f"ANALYZE {STAGE_TABLE}")
-        cursor.execute(
-            f"SELECT count(*) FILTER (WHERE d.id IS NULL), "
-            f"count(*) FILTER (WHERE d.id IS NOT NULL AND d.content_hash <> s.content_hash), "
-            f"count(*) FILTER (WHERE d.content_hash = s.content_hash) "
-            f"FROM {STAGE_TABLE} s LEFT JOIN training_document d "
-            f"ON d.dataset_id = %s AND d.external_key = s.external_key",
-            [dataset.pk],
-        )
-        added, changed, unchanged = cursor.fetchone()
+        first_version = not dataset.documents.exists()
+        if first_version:
+            # Nothing to compare with: every staged row is new (no join, no index on the stage).
+            added, changed, unchanged = report.rows_accepted, 0, 0
+        else:
+            cursor.execute(f"CREATE INDEX ON {STAGE_TABLE} (external_key)")
+            cursor.execute(f"ANALYZE {STAGE_TABLE}")
+            cursor.execute(
+                f"SELECT count(*) FILTER (WHERE d.id IS NULL), "
+                f"count(*) FILTER (WHERE d.id IS NOT NULL AND d.content_hash <> s.content_hash), "
+                f"count(*) FILTER (WHERE d.content_hash = s.content_hash) "
+                f"FROM {STAGE_TABLE} s LEFT JOIN training_document d "
+                f"ON d.dataset_id = %s AND d.external_key = s.external_key",
+                [dataset.pk],
+            )
+            added, changed, unchanged = cursor.fetchone()
         vector = (
             "setweight(to_tsvector(%(config)s::regconfig, s.title), 'A') || "
             "setweight(to_tsvector(%(config)s::regconfig, s.body), 'B')"
@@ -179,12 +184,18 @@ def _store_version(
                 params,
             )
         if added:
+            # COPY filled the stage in file order and a sequential scan reads it back
+            # that way, so documents keep the file's order without an ORDER BY (a
+            # sort of a 1 GB stage spills to disk with the default 4 MB work_mem).
+            only_new = "" if first_version else (
+                "WHERE NOT EXISTS (SELECT 1 FROM training_document d "
+                "WHERE d.dataset_id = %(dataset)s AND d.external_key = s.external_key)"
+            )
             cursor.execute(
                 "INSERT INTO training_document "
                 "(dataset_id, external_key, title, body, metadata, content_hash, changed_in_version, search_vector) "
                 f"SELECT %(dataset)s, s.external_key, s.title, s.body, s.metadata, s.content_hash, %(version)s, "
-                f"{vector} FROM {STAGE_TABLE} s WHERE NOT EXISTS (SELECT 1 FROM training_document d "
-                "WHERE d.dataset_id = %(dataset)s AND d.external_key = s.external_key) ORDER BY s.row",
+                f"{vector} FROM {STAGE_TABLE} s {only_new}",
                 params,
             )
         cursor.execute(f"DROP TABLE {STAGE_TABLE}")

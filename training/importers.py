@@ -203,7 +203,8 @@ class ImportReport:
             "min": self.length_min or 0,
             "max": self.length_max,
             "mean": round(self.length_total / self.rows_accepted, 1) if self.rows_accepted else 0,
-            "buckets": dict(zip(labels, self.length_buckets)),
+            # A list, not an object: jsonb would reorder the keys.
+            "buckets": [{"range": label, "count": count} for label, count in zip(labels, self.length_buckets)],
         }
 
     def as_dict(self) -> dict[str, Any]:
@@ -1039,7 +1040,9 @@ def validate_rows(documents: Iterable[ParsedDocument], report: ImportReport) -> 
     also rejected (row, field "key"), so strict mode refuses it. NUL
     characters (which PostgreSQL text cannot hold) are removed.
     """
-    first_row: dict[str, tuple[int, str]] = {}
+    # key -> (60 bits of the content hash << 32) | row: one small int per key
+    # keeps 1M keys at ~150 MB (a (row, hexdigest) tuple cost twice that).
+    first_row: dict[str, int] = {}
     for doc in documents:
         key = doc.external_key.replace("\x00", "")
         title = _clean_text(doc.title)
@@ -1057,16 +1060,17 @@ def validate_rows(documents: Iterable[ParsedDocument], report: ImportReport) -> 
                           field_name=problem[0], reason=problem[1])
             continue
         digest = content_hash(key, title, body, metadata_json)
+        packed = (int(digest[:15], 16) << 32) | (doc.row & 0xFFFFFFFF)
         if key in first_row:
             report.duplicates += 1
-            first, first_digest = first_row[key]
-            if first_digest != digest:
+            first = first_row[key] & 0xFFFFFFFF
+            if first_row[key] >> 32 != packed >> 32:
                 # Same key, other content: which one is right is the user's call, so say so.
                 report.reject(row=doc.row, key=key, field_name="key",
                               reason=f"duplicate key with different content (first seen in row {first}); "
                                      "this row was skipped")
             continue
-        first_row[key] = (doc.row, digest)
+        first_row[key] = packed
         report.accept(title=title, body=body)
         yield StagedRow(doc.row, key, title, body, metadata_json, digest)
 
