@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 from dataclasses import dataclass, field
+from itertools import combinations
 from datetime import date, timedelta
 from typing import Any
 
@@ -375,16 +377,17 @@ def hybrid_search(
     identifier_ids: set[int] = set()
     started = time.perf_counter()
     if mode in ("hybrid", "keyword"):
-        keyword, identifier_ids, relaxed = _keyword_ranking(index.dataset, query, candidates, filters)
-        if relaxed:
-            response.notice = " ".join(
-                filter(None, [response.notice, "No document has all the words; showing documents with any of them."])
-            )
+        # In hybrid mode the vector side carries a query whose words no
+        # document mostly shares; the costly any-word pass is keyword-only.
+        keyword, identifier_ids, relaxed = _keyword_ranking(
+            index.dataset, query, candidates, filters, any_word=mode == "keyword"
+        )
+        response.notice = " ".join(filter(None, [response.notice, relaxed]))
         response.timings_ms["keyword"] = _ms(started)
     if mode in ("hybrid", "vector"):
         if query_vector is None:
             t0 = time.perf_counter()
-            query_vector = encoders.encode_query(index.model_version.artifact_path, query)
+            query_vector = encode_query(artifact_path=index.model_version.artifact_path, text=query)
             response.timings_ms["embed"] = _ms(t0)
         t1 = time.perf_counter()
         vector = _vector_ranking(index, query_vector, candidates, filters)
@@ -409,6 +412,30 @@ def hybrid_search(
         if page == 1 and not filters.is_empty:
             response.message = "No document matches this query with these filters."
     return response
+
+
+# Query embedding runs on one intra-op thread, one query at a time per
+# process: on the 2 shared cores, MiniLM with torch's default 2 threads took
+# p50 290 ms / p95 1,020 ms per query under load (OpenMP threads spinning
+# against other processes) and p50 25 ms / p95 34 ms with 1. Concurrent
+# requests get their parallelism from the web server's processes instead.
+QUERY_ENCODE_THREADS = 1
+_encode_lock = threading.Lock()
+
+
+def encode_query(*, artifact_path: str, text: str) -> list[float]:
+    """The normalised query vector. Side effect: torch's thread count is 1 while it encodes, then restored."""
+    import torch
+
+    model = encoders.get_model(artifact_path)
+    with _encode_lock:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(QUERY_ENCODE_THREADS)
+        try:
+            vector = model.encode([text], normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+        finally:
+            torch.set_num_threads(previous)
+    return vector[0].tolist()
 
 
 def _ms(since: float) -> float:
@@ -479,20 +506,51 @@ def _identifier_sql(filters_sql: str) -> str:
     )
 
 
+# Relaxing "all words": documents with all but 1, then all but 2 of the
+# query's lexemes (Elasticsearch's minimum_should_match), written as an OR of
+# AND-groups so each group stays selective and the GIN index does the work.
+# Up to 12 lexemes (66 groups when dropping 2); at least 2 must remain.
+MAX_RELAXED_LEXEMES = 12
+MAX_DROPPED_WORDS = 2
+# Last resort in keyword mode: any word, ranking only the first 500 matches
+# found. Ranking every document that shares one common word with the query
+# read and ranked ~30k tsvectors at 100k tickets: 0.5-1.7 s per query.
+ANY_WORD_CAP = 500
+
+_ANY_WORD_CAPPED_SQL = (
+    "SELECT s.id, ts_rank_cd(s.sv, %s::tsquery) AS rank FROM ("
+    "SELECT d.id, d.search_vector AS sv FROM training_document d "
+    "WHERE d.dataset_id = %s AND d.search_vector @@ %s::tsquery{filters} LIMIT %s"
+    ") s ORDER BY rank DESC, s.id LIMIT %s"
+)
+
+
+def _tsquery_literal(groups) -> str:
+    """tsquery text OR-ing AND-groups of lexemes, each quoted (bound as a parameter, cast ::tsquery)."""
+
+    def quoted(lexeme: str) -> str:
+        return "'" + lexeme.replace("\\", "\\\\").replace("'", "''") + "'"
+
+    return " | ".join("(" + " & ".join(quoted(lexeme) for lexeme in group) + ")" for group in groups)
+
+
 def _keyword_ranking(
-    dataset: Dataset, query: str, limit: int, filters: SearchFilters
-) -> tuple[list[tuple[int, float]], set[int], bool]:
-    """(ranking, ids matched through the identifier index, relaxed to any word?).
+    dataset: Dataset, query: str, limit: int, filters: SearchFilters, *, any_word: bool = True
+) -> tuple[list[tuple[int, float]], set[int], str]:
+    """(ranking, ids matched through the identifier index, notice when the query was relaxed).
 
     Full text (all words, the dataset's language) and, when the query holds
     identifiers, the side index (all words too, unstemmed, identifiers split
     at their punctuation) are merged: a document found by either matches
     every word of the query. Documents only the side index finds are ranked
-    by their any-word rank. All values are bound parameters; only our own SQL
-    fragments are formatted in.
+    by their any-word rank. When nothing has all the words the query is
+    relaxed to all but 1, then all but 2 words, then (if `any_word`) any
+    word among the first ANY_WORD_CAP matches. All values are bound
+    parameters; only our own SQL fragments are formatted in.
     """
     config = dataset.language
     where, params = filters.sql()
+    notice = ""
     with connection.cursor() as cursor:
         by_identifier: list[tuple[int, float]] = []
         if query_identifiers(query):
@@ -502,19 +560,36 @@ def _keyword_ranking(
             _KEYWORD_SQL.format(tsquery=_ALL_WORDS, filters=where), [config, query, dataset.pk, *params, limit]
         )
         rows = [(doc_id, float(rank)) for doc_id, rank in cursor.fetchall()]
-        relaxed = False
         if not rows and not by_identifier:
-            cursor.execute(
-                _KEYWORD_SQL.format(tsquery=_ANY_WORD, filters=where),
-                [config, config, query, dataset.pk, *params, limit],
-            )
-            rows = [(doc_id, float(rank)) for doc_id, rank in cursor.fetchall()]
-            relaxed = bool(rows)
+            cursor.execute("SELECT lexeme FROM unnest(to_tsvector(%s::regconfig, %s))", [config, query])
+            lexemes = [row[0] for row in cursor.fetchall()]
+            for dropped in range(1, MAX_DROPPED_WORDS + 1):
+                if len(lexemes) > MAX_RELAXED_LEXEMES or len(lexemes) - dropped < 2:
+                    break
+                tsquery = _tsquery_literal(combinations(lexemes, len(lexemes) - dropped))
+                cursor.execute(
+                    _KEYWORD_SQL.format(tsquery="%s::tsquery", filters=where), [tsquery, dataset.pk, *params, limit]
+                )
+                rows = [(doc_id, float(rank)) for doc_id, rank in cursor.fetchall()]
+                if rows:
+                    notice = (
+                        f"No document has all the words; showing documents with all but {dropped} of them."
+                    )
+                    break
+            if not rows and any_word and lexemes:
+                tsquery = _tsquery_literal([lexeme] for lexeme in lexemes)
+                cursor.execute(
+                    _ANY_WORD_CAPPED_SQL.format(filters=where),
+                    [tsquery, dataset.pk, tsquery, *params, ANY_WORD_CAP, limit],
+                )
+                rows = [(doc_id, float(rank)) for doc_id, rank in cursor.fetchall()]
+                if rows:
+                    notice = "No document has most of the words; showing documents with any of them."
     identifier_ids = {doc_id for doc_id, _ in by_identifier}
     scores = dict(by_identifier)
-    scores.update(rows)  # the all-words rank wins where both found a document
+    scores.update(rows)  # the full-text rank wins where both found a document
     ranking = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
-    return ranking[:limit], identifier_ids, relaxed
+    return ranking[:limit], identifier_ids, notice
 
 
 def _vector_sql(dims: int, version_id: int, filters_sql: str, *, source: str = "%s::vector({dims})") -> str:

@@ -153,10 +153,24 @@ def test_snippet_highlights_matches_and_escapes_html(corpus):
     assert services._marked_html("a <b onclick=x> & \x02c\x03") == "a &lt;b onclick=x&gt; &amp; <mark>c</mark>"
 
 
-def test_any_word_fallback_when_no_document_has_all_words(corpus):
+def test_relaxes_to_all_but_one_word_when_no_document_has_all(corpus):
+    result = services.hybrid_search(index=corpus, query="memory column scheduler zebra", mode="keyword", k=5)
+    assert sorted(_keys(result.hits)) == ["YARN-77", "YARN-78"]
+    assert result.notice == "No document has all the words; showing documents with all but 1 of them."
+
+
+def test_any_word_fallback_is_keyword_mode_only(corpus):
     result = services.hybrid_search(index=corpus, query="scheduler zebra", mode="keyword", k=5)
     assert sorted(_keys(result.hits)) == ["YARN-77", "YARN-78"]
-    assert result.notice == "No document has all the words; showing documents with any of them."
+    assert result.notice == "No document has most of the words; showing documents with any of them."
+    hybrid = services.hybrid_search(index=corpus, query="scheduler zebra", mode="hybrid", k=5)
+    # The vector side answers alone; no keyword rank anywhere.
+    assert (len(hybrid.hits), hybrid.notice) == (5, "")
+    assert [h.keyword_rank for h in hybrid.hits] == [None] * 5
+
+
+def test_tsquery_literal_quotes_lexemes():
+    assert services._tsquery_literal([["it's", "a\\b"], ["c"]]) == "('it''s' & 'a\\\\b') | ('c')"
 
 
 def test_very_long_query_is_cut_with_notice(corpus):
