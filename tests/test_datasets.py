@@ -485,3 +485,20 @@ def test_any_upload_into_a_dataset_gives_a_version_or_a_400_and_loses_nothing(ap
     else:
         keys = set(dataset.documents.values_list("external_key", flat=True))
         assert {key for key, _, _ in before} <= keys
+
+
+def test_upload_page_over_the_size_limit_is_refused_with_csrf_enforced(user, settings):
+    from django.test import Client
+
+    settings.MAX_UPLOAD_MB = 1
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(user)
+    page = client.get("/datasets/")
+    token = page.cookies["csrftoken"].value
+    big = SimpleUploadedFile("big.csv", b"question,answer\n" + b"q,a\n" * 300_000)
+    response = client.post("/datasets/", {"name": "big", "file": big, "csrfmiddlewaretoken": token})
+    assert response.status_code == 400
+    assert "big.csv: the file is larger than the 1 MB upload limit (EMBEDPORTAL_MAX_UPLOAD_MB)." in response.content.decode()
+    refused = client.post("/datasets/", {"name": "x", "file": SimpleUploadedFile("a.csv", b"question,answer\nq,a\n")})
+    assert refused.status_code == 403  # the CSRF check still runs
+    assert Dataset.objects.count() == 0

@@ -305,6 +305,15 @@ def test_ten_megabyte_cell_rejects_its_row_naming_the_field(tmp_path):
                               "reason": "10,000,000 characters, above the 1,000,000 limit"}]
 
 
+def test_ten_megabyte_json_description_rejects_its_issue(tmp_path):
+    issues = [{"key": "A-1", "fields": {"summary": "Huge", "description": "y" * 10_000_000}},
+              {"key": "A-2", "fields": {"summary": "Fine", "description": "ok"}}]
+    _, rows, report = read(write(tmp_path, "e.json", json.dumps(issues).encode()))
+    assert [r.external_key for r in rows] == ["A-2"]
+    assert report.errors == [{"row": 1, "key": "A-1", "field": "body",
+                              "reason": "10,000,000 characters, above the 1,000,000 limit"}]
+
+
 def test_duplicate_keys_first_wins_and_conflicts_are_rejected(tmp_path):
     content = b"id,question,answer\n1,Q?,A\n1,Q?,A\n1,Q?,Other answer\n2,R?,B\n"
     _, rows, report = read(write(tmp_path, "faq.csv", content))

@@ -46,9 +46,15 @@ class DatasetViewSet(
             document_count=Count("documents"), latest_version=_latest_version()
         )
 
+    def initialize_request(self, request, *args, **kwargs):
+        # Before DRF authenticates (a session-auth CSRF check reads the body):
+        # uploads then pass the streaming size limit.
+        self._upload_limit = forms.limit_upload_size(request) if request.method == "POST" else None
+        return super().initialize_request(request, *args, **kwargs)
+
     def _limited(self, request):
-        """Install the streaming size limit before the body is parsed; a 400 if it was passed."""
-        handler = forms.limit_upload_size(request)
+        """A 400 if the upload passed the size limit while it streamed in."""
+        handler = self._upload_limit
         request.data  # parse now, through the handler
         if handler is not None and handler.exceeded:
             return Response({"error": handler.message, "fields": {"file": handler.message}},

@@ -1055,6 +1055,11 @@ def validate_rows(documents: Iterable[ParsedDocument], report: ImportReport) -> 
             except UnicodeEncodeError:
                 problem = (name, _undecodable(value) or "text that cannot be stored")
                 break
+        if problem is None:
+            # CSV cells are checked per column on the way in; this covers JSON, JSONL and Parquet.
+            too_long = next(((n, v) for n, v in (("title", title), ("body", body)) if len(v) > MAX_CELL_CHARS), None)
+            if too_long is not None:
+                problem = (too_long[0], f"{len(too_long[1]):,} characters, above the {MAX_CELL_CHARS:,} limit")
         if problem is not None:
             report.reject(row=doc.row, key=key.encode("utf-8", "replace").decode("utf-8"),
                           field_name=problem[0], reason=problem[1])

@@ -3,6 +3,7 @@ from django.contrib.auth.decorators import login_required
 from django.db.models import Count
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.csrf import csrf_exempt, csrf_protect
 from django.views.decorators.http import require_POST
 
 from training import datasets, forms, pairs, services
@@ -12,10 +13,16 @@ from training.hyperparameters import HyperparameterError
 from training.models import Dataset, DatasetVersion, ModelVersion, TrainingRun
 
 
-@login_required
+@csrf_exempt  # the upload size limit must be in place before the CSRF check reads the body;
+@login_required  # _dataset_list checks CSRF right after (Django's documented pattern)
 def dataset_list(request: HttpRequest) -> HttpResponse:
     """List datasets; POST uploads a new one, or with action=preview only reads and validates it."""
     limiter = forms.limit_upload_size(request) if request.method == "POST" else None
+    return _dataset_list(request, limiter)
+
+
+@csrf_protect
+def _dataset_list(request: HttpRequest, limiter) -> HttpResponse:
     form = UploadForm(request.POST or None, request.FILES or None)
     preview = None
     if limiter is not None and limiter.exceeded:
@@ -95,14 +102,20 @@ def _mapping_initial(dataset: Dataset) -> dict:
     return initial
 
 
+@csrf_exempt  # as dataset_list: size limit first, then the CSRF check
 @login_required
 @require_POST
 def dataset_upload(request: HttpRequest, pk: int) -> HttpResponse:
     """A newer export (upserted by key, a new version) or a duplicate links file into this dataset."""
+    limiter = forms.limit_upload_size(request)
+    return _dataset_upload(request, pk, limiter)
+
+
+@csrf_protect
+def _dataset_upload(request: HttpRequest, pk: int, limiter) -> HttpResponse:
     dataset = get_object_or_404(
         Dataset.objects.annotate(document_count=Count("documents")), pk=pk, owner=request.user
     )
-    limiter = forms.limit_upload_size(request)
     upload_form = VersionUploadForm(request.POST, request.FILES)
     if limiter is not None and limiter.exceeded:
         upload_form.add_error("file", limiter.message)
