@@ -1,37 +1,91 @@
-"""Per-process cache of loaded models for query embedding.
+"""Serving models in web and worker processes: lazy, one copy per process, hot reload.
 
-Loading MiniLM takes ~1-7 s; a web or worker process keeps the models it has
-used, keyed by artifact path, so each query only pays for encoding.
+Models are loaded on first use and kept per process, keyed by artifact path.
+Requests look the version up in the database each time, so a promotion is
+picked up by the very next request without a restart (the new path is loaded,
+the old one ages out). A model idle for MODEL_IDLE_UNLOAD_S is dropped at the
+next access; at most MAX_CACHED_MODELS stay in memory.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 
+import numpy as np
+from django.conf import settings
+
 from training import finetune
+from training.errors import ServiceError
 
 # Two models in memory cover "production + the one being compared".
 MAX_CACHED_MODELS = 2
-_cache: OrderedDict[str, object] = OrderedDict()
+MAX_TEXTS = 256
+MAX_TEXT_CHARS = 8192
+_cache: OrderedDict[str, tuple[object, float]] = OrderedDict()
 _lock = threading.Lock()
 
 
+def _evict_idle(now: float) -> None:
+    idle = getattr(settings, "MODEL_IDLE_UNLOAD_S", 1800)
+    for path in [p for p, (_, used) in _cache.items() if now - used > idle]:
+        del _cache[path]
+
+
 def get_model(artifact_path: str):
+    now = time.monotonic()
     with _lock:
-        model = _cache.get(artifact_path)
-        if model is not None:
+        _evict_idle(now)
+        entry = _cache.get(artifact_path)
+        if entry is not None:
+            _cache[artifact_path] = (entry[0], now)
             _cache.move_to_end(artifact_path)
-            return model
+            return entry[0]
     model = finetune.load_model(artifact_path, device="auto")
     with _lock:
-        _cache[artifact_path] = model
+        _cache[artifact_path] = (model, time.monotonic())
         while len(_cache) > MAX_CACHED_MODELS:
             _cache.popitem(last=False)
     return model
+
+
+def loaded_models() -> list[str]:
+    with _lock:
+        return list(_cache)
 
 
 def encode_query(artifact_path: str, text: str) -> list[float]:
     model = get_model(artifact_path)
     vector = model.encode([text], normalize_embeddings=True, convert_to_numpy=True)[0]
     return vector.tolist()
+
+
+def _check_texts(texts, field: str, limit: int = MAX_TEXTS) -> list[str]:
+    if not isinstance(texts, list) or not texts:
+        raise ServiceError(f"{field}: give a non-empty list of texts.")
+    if len(texts) > limit:
+        raise ServiceError(f"{field}: at most {limit} texts per request, got {len(texts)}; split the batch.")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ServiceError(f"{field}: item {i} is not a string.")
+        if len(text) > MAX_TEXT_CHARS:
+            raise ServiceError(f"{field}: item {i} has {len(text)} characters; the limit is {MAX_TEXT_CHARS}.")
+    return texts
+
+
+def embed_texts(*, artifact_path: str, texts: list) -> np.ndarray:
+    """Normalized embeddings of up to MAX_TEXTS texts."""
+    texts = _check_texts(texts, "texts")
+    return get_model(artifact_path).encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+
+
+def similarity(*, artifact_path: str, pairs: list) -> list[float]:
+    """Cosine similarity of each [text_a, text_b] pair."""
+    if not isinstance(pairs, list) or not pairs or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
+        raise ServiceError("pairs: give a non-empty list of [text_a, text_b] pairs.")
+    if len(pairs) > MAX_TEXTS:
+        raise ServiceError(f"pairs: at most {MAX_TEXTS} pairs per request, got {len(pairs)}; split the batch.")
+    flat = _check_texts([t for pair in pairs for t in pair], "pairs", limit=2 * MAX_TEXTS)
+    vectors = get_model(artifact_path).encode(flat, normalize_embeddings=True, convert_to_numpy=True)
+    return [round(float(np.dot(vectors[2 * i], vectors[2 * i + 1])), 6) for i in range(len(pairs))]

@@ -46,6 +46,8 @@ class SearchIndex(models.Model):
     # Touched after every chunk; a running build whose heartbeat stopped is
     # re-queued by the reaper and resumes (embedding is idempotent).
     heartbeat_at = models.DateTimeField(null=True, blank=True)
+    # Throughput of the last embedding job, end to end into pgvector.
+    docs_per_s = models.FloatField(null=True, blank=True)
     error = models.TextField(blank=True)
     # Default fusion of hybrid search, tuned on the validation split (TRAIN
     # duplicate clusters) by services.tune_fusion: {"method": "rrf"|"weighted",
@@ -81,6 +83,9 @@ class Embedding(models.Model):
     document = models.ForeignKey(Document, on_delete=models.CASCADE, related_name="embeddings")
     model_version = models.ForeignKey(ModelVersion, on_delete=models.CASCADE, related_name="embeddings")
     embedding = VectorField()
+    # Document.content_hash when this vector was made: a document whose hash
+    # changed since is embedded again by the next (incremental) job.
+    content_hash = models.CharField(max_length=40, blank=True)
 
     class Meta:
         constraints = [

@@ -19,16 +19,16 @@ from itertools import combinations
 from datetime import date, timedelta
 from typing import Any
 
-import numpy as np
 from django.core.cache import cache
 from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 from django.utils.html import escape
 
-from search import encoders, evaluation
+from search import embedding, encoders, evaluation
 from search.fusion import DEFAULT_ALPHA, RRF_K, reciprocal_rank_fusion, weighted_score_fusion
 from search.models import DuplicatePair, Embedding, SearchIndex
+from training import registry
 from training.models import Dataset, Document, ModelVersion
 
 logger = logging.getLogger(__name__)
@@ -109,29 +109,17 @@ def build_index(*, index: SearchIndex) -> SearchIndex:
         return index
     version = index.model_version
     try:
-        model = encoders.get_model(version.artifact_path)
-        pending = Document.objects.filter(dataset=index.dataset).exclude(
-            embeddings__model_version=version
+        def progress(p) -> None:
+            SearchIndex.objects.filter(pk=index.pk).update(
+                embedded_count=p.done, total_count=p.total, docs_per_s=round(p.docs_per_s, 2),
+                heartbeat_at=timezone.now(),
+            )
+
+        result = embedding.embed_documents(dataset=index.dataset, model_version=version, on_chunk=progress)
+        SearchIndex.objects.filter(pk=index.pk).update(
+            embedded_count=result.done, total_count=result.total,
+            docs_per_s=result.docs_per_s if result.docs_per_s else None,
         )
-        total = Document.objects.filter(dataset=index.dataset).count()
-        done = total - pending.count()
-        SearchIndex.objects.filter(pk=index.pk).update(total_count=total, embedded_count=done)
-        ids = list(pending.order_by("id").values_list("id", flat=True))
-        for start in range(0, len(ids), EMBED_CHUNK_SIZE):
-            chunk = list(
-                Document.objects.filter(id__in=ids[start : start + EMBED_CHUNK_SIZE]).values_list("id", "title", "body")
-            )
-            texts = [(f"{title}\n{body}" if body else title)[:MAX_EMBED_CHARS] for _, title, body in chunk]
-            vectors = model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
-            Embedding.objects.bulk_create(
-                [
-                    Embedding(document_id=doc_id, model_version=version, embedding=vec)
-                    for (doc_id, _, _), vec in zip(chunk, vectors.astype(np.float32))
-                ],
-                ignore_conflicts=True,
-            )
-            done += len(chunk)
-            SearchIndex.objects.filter(pk=index.pk).update(embedded_count=done, heartbeat_at=timezone.now())
         ensure_hnsw_index(model_version=version)
     except Exception as exc:  # the job fails with the reason; vectors written so far are kept
         logger.exception("building index %s failed", index.pk)
@@ -141,6 +129,7 @@ def build_index(*, index: SearchIndex) -> SearchIndex:
     else:
         SearchIndex.objects.filter(pk=index.pk).update(status=SearchIndex.Status.READY, finished_at=timezone.now())
         index.refresh_from_db()
+        registry.on_index_ready(index=index)  # a pending promotion switches now, atomically
         _tune_after_build(index)
     index.refresh_from_db()
     return index

@@ -75,14 +75,16 @@ def test_loop_upload_train_index_search_through_real_worker(celery_worker, api, 
     assert systems["keyword"]["queries"] == run["evaluation"]["queries"] > 0
     assert len(run["evaluation"]["per_query"]) == run["evaluation"]["queries"]
     assert "base model nDCG@10" in run["log"] and "registered hadoop-slice v1" in run["log"]
-    version = api.get(f"/api/models/{run['model_version']}/").json()
-    assert version["stage"] == "production"
-    assert version["dimensions"] == 32
-    assert version["version"] == 1
-
     index = wait_for(lambda: api.get("/api/indexes/").json()["results"][0],
                      lambda i: i["status"] in ("ready", "failed"))
     assert index["status"] == "ready", index["error"]
+    # The first version of a dataset was asked to be promoted; it switched when its index completed
+    version = api.get(f"/api/models/{run['model_version']}/").json()
+    assert version["stage"] == "production"
+    assert version["promotion_requested_at"] is None
+    assert version["dimensions"] == 32
+    assert version["version"] == 1
+    assert version["metrics"]["held_out"]["queries"] == run["evaluation"]["queries"]
     assert index["embedded_count"] == index["total_count"] == 200
     assert Embedding.objects.filter(model_version_id=version["id"]).count() == 200
 

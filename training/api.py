@@ -2,14 +2,16 @@
 
 from django.db.models import Count, OuterRef, Subquery
 from django.http import StreamingHttpResponse
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import mixins, status, viewsets
-from rest_framework.decorators import action
+from rest_framework import serializers as drf_serializers
+from rest_framework.decorators import action, api_view
 from rest_framework.exceptions import NotFound, ValidationError
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.response import Response
 
-from training import datasets, forms, importers, pairs, serializers, services
+from training import datasets, forms, importers, pairs, registry, serializers, services
 from training.errors import ServiceError
 from training.hyperparameters import HyperparameterError
 from training.models import Dataset, DatasetVersion, ModelVersion, TrainingRun
@@ -226,14 +228,146 @@ class TrainingRunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, views
         return Response(self.get_serializer(run).data)
 
 
-class ModelVersionViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+class PromoteSerializer(drf_serializers.Serializer):
+    require_not_worse = drf_serializers.BooleanField(
+        default=False, help_text="Refuse when the candidate's held-out nDCG@10 is below production's."
+    )
+
+
+class RollbackSerializer(drf_serializers.Serializer):
+    dataset = drf_serializers.IntegerField()
+
+
+class ModelVersionViewSet(
+    mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin, viewsets.GenericViewSet
+):
     serializer_class = serializers.ModelVersionSerializer
 
     def get_queryset(self):
         return ModelVersion.objects.filter(owner=self.request.user)
 
-    @extend_schema(request=None)
+    @extend_schema(request=PromoteSerializer)
     @action(detail=True, methods=["post"])
     def promote(self, request, pk=None):
-        version = services.promote(version=self.get_object())
+        """Request promotion; it switches at once if the index is ready, else when it is (stage stays candidate)."""
+        params = PromoteSerializer(data=request.data)
+        params.is_valid(raise_exception=True)
+        try:
+            version = registry.request_promotion(
+                version=self.get_object(), user=request.user, require_not_worse=params.validated_data["require_not_worse"]
+            )
+        except ServiceError as exc:
+            return Response({"error": str(exc)}, status=status.HTTP_409_CONFLICT)
         return Response(self.get_serializer(version).data)
+
+    @extend_schema(request=RollbackSerializer)
+    @action(detail=False, methods=["post"])
+    def rollback(self, request):
+        """Serve the dataset's previous production version again (instant: its vectors are kept)."""
+        params = RollbackSerializer(data=request.data)
+        params.is_valid(raise_exception=True)
+        dataset = Dataset.objects.filter(owner=request.user, pk=params.validated_data["dataset"]).first()
+        if dataset is None:
+            raise ValidationError({"dataset": ["No such dataset of yours."]})
+        try:
+            version = registry.rollback(dataset=dataset, user=request.user)
+        except ServiceError as exc:
+            return Response({"error": str(exc)}, status=status.HTTP_409_CONFLICT)
+        return Response(self.get_serializer(version).data)
+
+    def destroy(self, request, pk=None):
+        try:
+            registry.delete_version(version=self.get_object())
+        except ServiceError as exc:
+            return Response({"error": str(exc)}, status=status.HTTP_409_CONFLICT)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+    @extend_schema(responses={(200, "application/zip"): OpenApiTypes.BINARY})
+    @action(detail=True, methods=["get"])
+    def download(self, request, pk=None):
+        """The model folder as a zip that SentenceTransformer(unzipped_folder) loads."""
+        try:
+            path = registry.export_zip(version=self.get_object())
+        except ServiceError as exc:
+            return Response({"error": str(exc)}, status=status.HTTP_404_NOT_FOUND)
+        return _temporary_file_response(path, "application/zip")
+
+    @extend_schema(
+        # Not "format": DRF reserves that query parameter for choosing a renderer.
+        parameters=[OpenApiParameter("as", str, enum=list(registry.EXPORT_FORMATS), default="jsonl")],
+        responses={(200, "application/octet-stream"): OpenApiTypes.BINARY},
+    )
+    @action(detail=True, methods=["get"])
+    def embeddings(self, request, pk=None):
+        """The version's stored vectors as Parquet, JSONL or CSV (key, title, embedding)."""
+        try:
+            path = registry.export_embeddings(version=self.get_object(), fmt=request.query_params.get("as", "jsonl"))
+        except ServiceError as exc:
+            return service_error_response(exc)
+        return _temporary_file_response(path, "application/octet-stream")
+
+
+def _temporary_file_response(path, content_type):
+    import shutil
+
+    from django.http import FileResponse
+
+    response = FileResponse(open(path, "rb"), as_attachment=True, filename=path.name, content_type=content_type)
+    shutil.rmtree(path.parent, ignore_errors=True)  # the open handle keeps the data readable on POSIX
+    return response
+
+
+class EmbedSerializer(drf_serializers.Serializer):
+    texts = drf_serializers.ListField(child=drf_serializers.CharField(allow_blank=True, trim_whitespace=False))
+    version = drf_serializers.IntegerField(required=False, help_text="model version id (default: your production model)")
+
+
+class SimilaritySerializer(drf_serializers.Serializer):
+    pairs = drf_serializers.ListField(child=drf_serializers.ListField(child=drf_serializers.CharField(allow_blank=True)))
+    version = drf_serializers.IntegerField(required=False)
+
+
+def _serving_version(user, version_id):
+    qs = ModelVersion.objects.filter(owner=user)
+    if version_id is not None:
+        version = qs.filter(pk=version_id).first()
+        if version is None:
+            raise ValidationError({"version": [f"No model version {version_id} of yours."]})
+        return version
+    version = qs.filter(stage=ModelVersion.Stage.PRODUCTION).order_by("-promoted_at").first()
+    if version is None:
+        raise ValidationError({"version": ["You have no production model yet; pass a version id."]})
+    return version
+
+
+@extend_schema(request=EmbedSerializer, responses={200: dict})
+@api_view(["POST"])
+def embed(request):
+    """Texts -> normalized vectors with a model version (default: your latest production model)."""
+    from search import encoders
+
+    params = EmbedSerializer(data=request.data)
+    params.is_valid(raise_exception=True)
+    version = _serving_version(request.user, params.validated_data.get("version"))
+    try:
+        vectors = encoders.embed_texts(artifact_path=version.artifact_path, texts=params.validated_data["texts"])
+    except ServiceError as exc:
+        return service_error_response(exc)
+    return Response({"version": version.pk, "model": str(version), "dimensions": int(vectors.shape[1]),
+                     "embeddings": [[round(float(x), 7) for x in row] for row in vectors]})
+
+
+@extend_schema(request=SimilaritySerializer, responses={200: dict})
+@api_view(["POST"])
+def similarity(request):
+    """[text_a, text_b] pairs -> cosine similarity with a model version."""
+    from search import encoders
+
+    params = SimilaritySerializer(data=request.data)
+    params.is_valid(raise_exception=True)
+    version = _serving_version(request.user, params.validated_data.get("version"))
+    try:
+        scores = encoders.similarity(artifact_path=version.artifact_path, pairs=params.validated_data["pairs"])
+    except ServiceError as exc:
+        return service_error_response(exc)
+    return Response({"version": version.pk, "model": str(version), "scores": scores})

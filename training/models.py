@@ -175,6 +175,21 @@ class ModelVersion(models.Model):
     stage = models.CharField(max_length=16, choices=Stage.choices, default=Stage.CANDIDATE, db_index=True)
     metrics = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
+    # Lineage: the dataset version the run trained on, and who made/promoted it.
+    dataset_version = models.ForeignKey(
+        "DatasetVersion", null=True, blank=True, on_delete=models.SET_NULL, related_name="model_versions"
+    )
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    # Set when a promotion is requested; the switch happens once its index is ready.
+    promotion_requested_at = models.DateTimeField(null=True, blank=True)
+    promoted_at = models.DateTimeField(null=True, blank=True)
+    promoted_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    # Where the artifact is kept besides the local folder (s3://bucket/prefix/...), if configured.
+    storage_uri = models.CharField(max_length=1000, blank=True)
 
     class Meta:
         ordering = ["name", "-version"]

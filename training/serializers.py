@@ -130,6 +130,7 @@ class ModelVersionSerializer(serializers.ModelSerializer):
         model = ModelVersion
         fields = [
             "id", "name", "version", "base_model", "artifact_path", "dimensions", "source_run", "dataset",
-            "stage", "metrics", "created_at",
+            "stage", "metrics", "created_at", "dataset_version", "created_by", "promotion_requested_at",
+            "promoted_at", "promoted_by", "storage_uri",
         ]
         read_only_fields = fields

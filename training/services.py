@@ -14,16 +14,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
-from django.db.models import F, Max, Value
+from django.db import transaction
+from django.db.models import F, Value
 from django.db.models.functions import Coalesce, Concat
 from django.utils import timezone
 
-from training import finetune
+from training import finetune, registry
 from training.datasets import dataset_tickets
 from training.errors import ServiceError
 from training.hyperparameters import Hyperparameters, parse
-from training.models import Dataset, ModelVersion, TrainingRun
+from training.models import Dataset, TrainingRun
 from training.pairs import build_ticket_pairs
 
 logger = logging.getLogger(__name__)
@@ -228,7 +228,7 @@ def execute_run(*, run: TrainingRun, device: str | None = None, echo: Callable[[
         _finish(run, TrainingRun.Status.SUCCEEDED, metrics=metrics, evaluation=evaluation)
         run.refresh_from_db()
         if run.status == TrainingRun.Status.SUCCEEDED:
-            version = register_version(
+            version = registry.register_version(
                 run=run, artifact_path=output_dir / "model", dimensions=result.dimensions,
                 embeddings=(held_out.eval_set.doc_ids, tuned_embeddings) if tuned_embeddings is not None else None,
             )
@@ -348,74 +348,3 @@ def reap_stale_runs(*, timeout_s: int | None = None) -> dict[str, int]:
                 requeued += 1
                 transaction.on_commit(lambda pk=pk: tasks.run_training.delay(run_id=pk))
     return {"requeued": requeued, "failed": failed}
-
-
-# --- Model registry -------------------------------------------------------------
-
-
-def register_version(
-    *, run: TrainingRun, artifact_path: Path, dimensions: int, embeddings: tuple | None = None
-) -> ModelVersion:
-    """Record a trained model; it becomes production when its dataset has none.
-
-    Side effects: creates a ModelVersion (name = dataset name, next version
-    number for that name); stores `embeddings` = (document ids, vectors) from
-    the evaluation as the version's vectors, so the index build only has to
-    embed what is missing; promotion queues the production search index.
-    """
-    from search.vectors import store_embeddings
-
-    name = run.dataset.name
-    for _ in range(3):
-        latest = ModelVersion.objects.filter(owner=run.owner, name=name).aggregate(v=Max("version"))["v"] or 0
-        try:
-            with transaction.atomic():
-                version = ModelVersion.objects.create(
-                    owner=run.owner,
-                    name=name,
-                    version=latest + 1,
-                    base_model=run.base_model,
-                    artifact_path=str(artifact_path),
-                    dimensions=dimensions,
-                    source_run=run,
-                    dataset=run.dataset,
-                    metrics={"final_loss": run.metrics.get("final_loss"), **_held_out_metrics(run)},
-                )
-            break
-        except IntegrityError:
-            continue  # another run took the number; take the next
-    else:
-        raise ServiceError(f"Could not allocate a version number for {name}.")
-    if embeddings is not None:
-        store_embeddings(model_version=version, doc_ids=embeddings[0], vectors=embeddings[1])
-    has_production = ModelVersion.objects.filter(
-        dataset=run.dataset, stage=ModelVersion.Stage.PRODUCTION
-    ).exists()
-    if not has_production:
-        promote(version=version)
-    return version
-
-
-def _held_out_metrics(run: TrainingRun) -> dict:
-    systems = (run.evaluation or {}).get("systems", {})
-    tuned = systems.get("fine_tuned")
-    return {"held_out": tuned} if tuned else {}
-
-
-def promote(*, version: ModelVersion) -> ModelVersion:
-    """Make `version` the production model of its dataset and build its index.
-
-    Side effects: the previous production version of the same dataset becomes
-    archived; a search index for (dataset, version) is queued if missing.
-    """
-    from search import services as search_services
-
-    with transaction.atomic():
-        ModelVersion.objects.filter(
-            owner=version.owner, dataset=version.dataset, stage=ModelVersion.Stage.PRODUCTION
-        ).exclude(pk=version.pk).update(stage=ModelVersion.Stage.ARCHIVED)
-        ModelVersion.objects.filter(pk=version.pk).update(stage=ModelVersion.Stage.PRODUCTION)
-        version.refresh_from_db()
-        if version.dataset is not None:
-            search_services.create_index(owner=version.owner, dataset=version.dataset, model_version=version)
-    return version

@@ -1,12 +1,15 @@
+import shutil
+from pathlib import Path
+
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.db.models import Count
-from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.http import FileResponse, HttpRequest, HttpResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.csrf import csrf_exempt, csrf_protect
 from django.views.decorators.http import require_POST
 
-from training import datasets, forms, pairs, services
+from training import datasets, forms, pairs, registry, services
 from training.forms import PairsForm, RunForm, UploadForm, VersionUploadForm
 from training.errors import ServiceError
 from training.hyperparameters import HyperparameterError
@@ -176,6 +179,17 @@ def dataset_delete(request: HttpRequest, pk: int) -> HttpResponse:
     return redirect("dataset_list")
 
 
+METRIC_NAMES = ("ndcg@10", "mrr@10", "recall@1", "recall@5", "recall@10", "map@100")
+SYSTEM_LABELS = {
+    "keyword": "keyword (full text)",
+    "base": "base model",
+    "fine_tuned": "fine-tuned model",
+    "hybrid_base": "hybrid with base model",
+    "hybrid_fine_tuned": "hybrid with fine-tuned model",
+}
+DRILLDOWN_ROWS = 30
+
+
 @login_required
 def run_detail(request: HttpRequest, pk: int) -> HttpResponse:
     run = get_object_or_404(TrainingRun.objects.select_related("dataset"), pk=pk, owner=request.user)
@@ -237,9 +251,92 @@ def model_list(request: HttpRequest) -> HttpResponse:
 
 
 @login_required
+def model_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    version = get_object_or_404(
+        ModelVersion.objects.select_related("dataset", "source_run", "dataset_version", "created_by", "promoted_by"),
+        pk=pk, owner=request.user,
+    )
+    card_path = Path(version.artifact_path) / "README.md"
+    context = {
+        "version": version,
+        "indexes": version.search_indexes.select_related("dataset"),
+        "card": card_path.read_text()[-20000:] if card_path.exists() else "",
+        "production": registry.production_version(dataset=version.dataset) if version.dataset else None,
+        "export_formats": registry.EXPORT_FORMATS,
+    }
+    return render(request, "training/model_detail.html", context)
+
+
+@login_required
 @require_POST
 def model_promote(request: HttpRequest, pk: int) -> HttpResponse:
     version = get_object_or_404(ModelVersion, pk=pk, owner=request.user)
-    services.promote(version=version)
-    messages.success(request, f"{version} is now in production; its search index is being built.")
+    try:
+        version = registry.request_promotion(
+            version=version, user=request.user, require_not_worse=request.POST.get("require_not_worse") == "on"
+        )
+    except ServiceError as exc:
+        messages.error(request, str(exc))
+    else:
+        if version.stage == ModelVersion.Stage.PRODUCTION:
+            messages.success(request, f"{version} is now in production.")
+        else:
+            messages.info(request, f"{version} will serve search as soon as its index is complete; "
+                                   "the current production version answers until then.")
+    return redirect("model_detail", pk=pk)
+
+
+@login_required
+@require_POST
+def model_rollback(request: HttpRequest, pk: int) -> HttpResponse:
+    dataset = get_object_or_404(Dataset, pk=pk, owner=request.user)
+    try:
+        version = registry.rollback(dataset=dataset, user=request.user)
+    except ServiceError as exc:
+        messages.error(request, str(exc))
+        return redirect("model_list")
+    messages.success(request, f"Rolled back: {version} serves {dataset.name} again.")
+    return redirect("model_detail", pk=version.pk)
+
+
+@login_required
+@require_POST
+def model_delete(request: HttpRequest, pk: int) -> HttpResponse:
+    version = get_object_or_404(ModelVersion, pk=pk, owner=request.user)
+    try:
+        registry.delete_version(version=version)
+    except ServiceError as exc:
+        messages.error(request, str(exc))
+        return redirect("model_detail", pk=pk)
+    messages.success(request, f"Deleted {version}.")
     return redirect("model_list")
+
+
+@login_required
+def model_download(request: HttpRequest, pk: int) -> HttpResponse:
+    version = get_object_or_404(ModelVersion, pk=pk, owner=request.user)
+    try:
+        path = registry.export_zip(version=version)
+    except ServiceError as exc:
+        messages.error(request, str(exc))
+        return redirect("model_detail", pk=pk)
+    return _temporary_file_response(path, "application/zip")
+
+
+@login_required
+def model_export(request: HttpRequest, pk: int) -> HttpResponse:
+    version = get_object_or_404(ModelVersion, pk=pk, owner=request.user)
+    try:
+        path = registry.export_embeddings(version=version, fmt=request.GET.get("as", "jsonl"))
+    except ServiceError as exc:
+        messages.error(request, str(exc))
+        return redirect("model_detail", pk=pk)
+    return _temporary_file_response(path, "application/octet-stream")
+
+
+def _temporary_file_response(path: Path, content_type: str) -> FileResponse:
+    """Stream a temporary export and delete it (and its folder) once sent."""
+    handle = open(path, "rb")
+    response = FileResponse(handle, as_attachment=True, filename=path.name, content_type=content_type)
+    shutil.rmtree(path.parent, ignore_errors=True)  # the open handle keeps the data readable on POSIX
+    return response
