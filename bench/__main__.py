@@ -17,6 +17,7 @@ BENCHES = {"ingest": "bench.ingest"}
 BENCHES["search"] = "bench.search"
 BENCHES["quality"] = "bench.quality"
 BENCHES["train-speed"] = "bench.train_speed"
+BENCHES["embed"] = "bench.embed"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,107 @@
+"""Embedding job throughput into pgvector (issue: registry and embedding jobs).
+
+Baseline, measured in the same run: `SentenceTransformer.encode` over the
+documents in id order, then one INSERT per row. The product's job
+(search.embedding.embed_documents) encodes longest-first in chunks and COPYs
+each chunk. Both use the same fp32 model; quality is checked on the
+../shared/DATA.md protocol from the vectors each path stored.
+Targets: throughput ratio >= 1.5, nDCG@10 drop <= 0.01.
+
+`--limit N` embeds the first N issues plus every issue of a duplicate cluster
+(so the protocol's queries stay complete) instead of the whole file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.harness import SHARED_DATA, emit, setup_django, summary
+
+
+def run(argv: list[str]) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m bench embed")
+    parser.add_argument("--data", type=Path, default=SHARED_DATA / "jira" / "apache-hadoop.jira.json.gz")
+    parser.add_argument("--limit", type=int, default=0, help="first N issues + all duplicate-cluster issues (0: all)")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    setup_django()
+    from django.contrib.auth import get_user_model
+
+    from search import encoders
+    from search import evaluation as ev
+    from search.embedding import document_text, embed_documents
+    from search.models import Embedding
+    from training import datasets
+    from training.finetune import embedding_dimension, resolve_base_model
+    from training.models import Document, ModelVersion
+
+    owner, _ = get_user_model().objects.get_or_create(username="bench")
+    path = _subset(args.data, args.limit) if args.limit else args.data
+    dataset = datasets.import_dataset(owner=owner, name="embed-bench", kind="tickets", path=path, filename=path.name)
+    artifact = resolve_base_model("sentence-transformers/all-MiniLM-L6-v2")
+    model = encoders.get_model(artifact)
+    dims = embedding_dimension(model)
+    versions = {
+        name: ModelVersion.objects.create(owner=owner, name=name, version=1, base_model=artifact,
+                                          artifact_path=artifact, dimensions=dims, dataset=dataset)
+        for name in ("baseline", "embedportal")
+    }
+    docs = list(Document.objects.filter(dataset=dataset).order_by("id").values_list("id", "title", "body"))
+    emit({"documents": len(docs), "model": "all-MiniLM-L6-v2", "max_seq_length": model.max_seq_length})
+
+    # Baseline: encode in id order, then row-by-row INSERTs.
+    started = time.perf_counter()
+    vectors = model.encode([document_text(t, b) for _, t, b in docs], batch_size=64, normalize_embeddings=True,
+                           convert_to_numpy=True)
+    for (doc_id, _, _), vec in zip(docs, vectors):
+        Embedding.objects.create(document_id=doc_id, model_version=versions["baseline"], embedding=vec)
+    baseline_s = time.perf_counter() - started
+    emit({"system": "baseline encode + row-by-row insert", "seconds": round(baseline_s, 1),
+          "docs_per_s": round(len(docs) / baseline_s, 2)})
+
+    started = time.perf_counter()
+    embed_documents(dataset=dataset, model_version=versions["embedportal"])
+    ours_s = time.perf_counter() - started
+    emit({"system": "embedportal job (length-sorted chunks + COPY)", "seconds": round(ours_s, 1),
+          "docs_per_s": round(len(docs) / ours_s, 2)})
+
+    eval_set = ev.ticket_eval_set(dataset=dataset)
+    ndcg = {}
+    for name, version in versions.items():
+        stored = dict(Embedding.objects.filter(model_version=version).values_list("document_id", "embedding"))
+        matrix = np.asarray([stored[d] for d in eval_set.doc_ids], dtype=np.float32)
+        ndcg[name] = ev.evaluate(ev.vector_rankings(embeddings=matrix, eval_set=eval_set), eval_set).metrics["ndcg@10"]
+    figures = {
+        "documents": len(docs),
+        "queries": len(eval_set.queries),
+        "baseline_docs_per_s": round(len(docs) / baseline_s, 2),
+        "embedportal_docs_per_s": round(len(docs) / ours_s, 2),
+        "throughput_ratio": round(baseline_s / ours_s, 3),
+        "baseline_ndcg@10": round(ndcg["baseline"], 4),
+        "embedportal_ndcg@10": round(ndcg["embedportal"], 4),
+        "ndcg_drop": round(ndcg["baseline"] - ndcg["embedportal"], 4),
+    }
+    return summary("embed", figures, {"throughput_ratio": ">= 1.5", "ndcg_drop": "<= 0.01"})
+
+
+def _subset(source: Path, limit: int) -> Path:
+    with gzip.open(source, "rt") if source.suffix == ".gz" else open(source) as fh:
+        issues = json.load(fh)["issues"]
+    keys = {i["key"] for i in issues}
+    linked = {
+        i["key"] for i in issues
+        for link in i["fields"].get("issuelinks") or []
+        if (link.get("type") or {}).get("name") == "Duplicate"
+        and ((link.get("outwardIssue") or link.get("inwardIssue") or {}).get("key") in keys)
+    }
+    chosen = [i for n, i in enumerate(issues) if n < limit or i["key"] in linked]
+    out = Path(tempfile.mkdtemp(prefix="embed-bench-")) / "subset.json"
+    out.write_text(json.dumps({"issues": chosen}))
+    return out
