@@ -28,9 +28,9 @@ def test_start_run_rejects_out_of_range_hyperparameters(api, dataset):
         "learning_rate": "must be a number, got 'fast'",
         "epochs": "must be a whole number, got 2.5",
         "colour": "unknown hyperparameter; allowed: batch_size, checkpoint_steps, early_stopping_patience, epochs, "
-                  "evaluate, gradient_accumulation_steps, keep_checkpoints, learning_rate, loss, matryoshka_dims, "
-                  "max_pairs, max_seq_length, max_steps, no_duplicates, seed, triplet_margin, warmup_ratio, "
-                  "weight_decay",
+                  "evaluate, gradient_accumulation_steps, hard_negatives, keep_checkpoints, learning_rate, loss, "
+                  "matryoshka_dims, max_pairs, max_seq_length, max_steps, no_duplicates, seed, strategy, "
+                  "triplet_margin, warmup_ratio, weak_positives, weight_decay",
     }
     assert TrainingRun.objects.count() == 0
 
@@ -62,7 +62,7 @@ def test_start_run_queues_with_defaults(api, dataset, django_capture_on_commit_c
         "weight_decay": 0.01, "max_seq_length": 256, "gradient_accumulation_steps": 1, "max_steps": 5,
         "max_pairs": None, "seed": 42, "no_duplicates": True, "early_stopping_patience": None,
         "checkpoint_steps": None, "keep_checkpoints": 2, "triplet_margin": 0.5, "matryoshka_dims": [],
-        "evaluate": True,
+        "evaluate": True, "strategy": "", "weak_positives": "", "hard_negatives": False,
     }
     assert len(callbacks) == 1  # enqueued only after commit
 
@@ -91,6 +91,23 @@ def test_cancel_running_run_sets_flag_for_worker(api, user, dataset):
     run = TrainingRun.objects.create(owner=user, dataset=dataset, base_model="m", status=TrainingRun.Status.RUNNING)
     body = api.post(f"/api/runs/{run.pk}/cancel/").json()
     assert (body["status"], body["cancel_requested"]) == ("running", True)
+
+
+def test_start_run_accepts_triplet_loss_with_hard_negatives(api, dataset, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=False):
+        response = api.post("/api/runs/", {"dataset": dataset.pk, "hyperparameters": {
+            "loss": "triplet", "hard_negatives": "true", "strategy": "tickets"}}, format="json")
+    assert response.status_code == 201, response.content
+    assert response.json()["hyperparameters"]["hard_negatives"] is True
+
+
+def test_start_run_rejects_unknown_strategy_and_bad_dims(api, dataset):
+    response = api.post("/api/runs/", {"dataset": dataset.pk, "hyperparameters": {
+        "strategy": "magic", "matryoshka_dims": "64,128"}}, format="json")
+    assert response.json()["fields"] == {
+        "strategy": "must be one of tickets, qa, labels, pairs, triplets, got 'magic'",
+        "matryoshka_dims": "must be a list of whole numbers from largest to smallest, got '64,128'",
+    }
 
 
 def test_start_run_refuses_loss_that_does_not_fit_ticket_pairs(api, dataset):

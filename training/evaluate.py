@@ -8,7 +8,6 @@ version's embeddings instead of encoding the corpus a third time.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,7 +16,6 @@ import numpy as np
 from search import evaluation as ev
 from training.finetune import Validation, load_model
 from training.models import Dataset
-from training.pairs import Ticket, duplicate_clusters, split_clusters
 
 # Validation corpus: the validation clusters plus this many other tickets as
 # distractors, so one validation pass encodes ~2-3k texts instead of the whole
@@ -27,37 +25,28 @@ VALIDATION_DISTRACTORS = 2000
 DRILLDOWN_TOP = 5
 
 
-def _bucket(key: str) -> int:
-    return int(hashlib.sha1(key.encode()).hexdigest(), 16) % 10
+def validation_from_pairs(rows: list[tuple[str, ...]], distractors: list[str]) -> Validation | None:
+    """An information-retrieval validation set from held-out (anchor, positive[, ...]) rows.
 
-
-def validation_split(tickets: list[Ticket]) -> tuple[list[Ticket], Validation | None]:
-    """Carve a validation set out of TRAIN duplicate clusters.
-
-    A TRAIN cluster whose min key's sha1 bucket is 3 (the first bucket after
-    DATA.md's TEST buckets 0-2) is VALIDATION: its tickets are removed from
-    the training tickets and become validation queries. TEST is untouched.
-    Returns (tickets to train on, validation set or None when there are no
-    such clusters).
+    Each anchor is a query whose relevant document is its positive; the
+    corpus is the validation positives plus up to VALIDATION_DISTRACTORS texts
+    from the training side, so one validation pass encodes a few thousand
+    texts rather than the whole dataset.
     """
-    train_clusters, _ = split_clusters(duplicate_clusters(tickets))
-    val_clusters = [c for c in train_clusters if _bucket(min(c)) == 3]
-    if not val_clusters:
-        return tickets, None
-    val_keys = {key for cluster in val_clusters for key in cluster}
-    by_key = {t.key: t for t in tickets}
-    others = sorted((t.key for t in tickets if t.key not in val_keys), key=lambda k: hashlib.sha1(k.encode()).digest())
-    corpus_keys = sorted(val_keys) + others[:VALIDATION_DISTRACTORS]
-    relevant = {}
-    for cluster in val_clusters:
-        for key in cluster:
-            relevant[key] = set(cluster) - {key}
-    validation = Validation(
-        queries={key: by_key[key].text for key in sorted(val_keys)},
-        corpus={key: by_key[key].text for key in corpus_keys},
-        relevant=relevant,
-    )
-    return [t for t in tickets if t.key not in val_keys], validation
+    if not rows:
+        return None
+    corpus_ids: dict[str, str] = {}
+    queries: dict[str, str] = {}
+    relevant: dict[str, set[str]] = {}
+    for i, row in enumerate(rows):
+        anchor, positive = row[0], row[1]
+        cid = corpus_ids.setdefault(positive, f"d{len(corpus_ids)}")
+        qid = f"q{i}"
+        queries[qid] = anchor
+        relevant.setdefault(qid, set()).add(cid)
+    for text in distractors[:VALIDATION_DISTRACTORS]:
+        corpus_ids.setdefault(text, f"d{len(corpus_ids)}")
+    return Validation(queries=queries, corpus={cid: text for text, cid in corpus_ids.items()}, relevant=relevant)
 
 
 @dataclass

@@ -2,7 +2,7 @@ from django import forms
 from django.conf import settings
 from django.core.files.uploadhandler import FileUploadHandler, SkipFile
 
-from training.hyperparameters import RANGES
+from training.hyperparameters import LOSS_LABELS
 from training.models import Dataset
 from training.pairs import STRATEGIES
 
@@ -145,15 +145,38 @@ class PairsForm(forms.Form):
 
 
 class RunForm(forms.Form):
+    """Every field is optional: empty means the default shown as the placeholder.
+
+    Values are validated by training.hyperparameters.parse (the same rules as
+    the API and the train command); this form only collects them as text.
+    """
+
     base_model = forms.CharField(max_length=500, required=False, initial=settings.DEFAULT_BASE_MODEL)
-    epochs = forms.IntegerField(required=False, initial=1)
-    batch_size = forms.IntegerField(required=False, initial=32)
-    learning_rate = forms.FloatField(required=False, initial=2e-5)
-    warmup_ratio = forms.FloatField(required=False, initial=0.1)
-    max_seq_length = forms.IntegerField(required=False, initial=256)
-    max_steps = forms.IntegerField(required=False, help_text="Cap the number of steps (quick demo runs).")
-    max_pairs = forms.IntegerField(required=False, help_text="Cap the number of training pairs.")
-    seed = forms.IntegerField(required=False, initial=42)
+    loss = forms.ChoiceField(choices=[(k, v) for k, v in LOSS_LABELS.items()], required=False, initial="auto")
+    strategy = forms.ChoiceField(
+        choices=[("", "Dataset default")] + [(k, v.split(":")[0]) for k, v in STRATEGIES.items()], required=False
+    )
+    weak_positives = forms.ChoiceField(
+        choices=[("", "None"), ("component", "Same component"), ("issue_type", "Same issue type")], required=False
+    )
+    hard_negatives = forms.BooleanField(required=False, help_text="Mine hard negatives with the base model.")
+    epochs = forms.CharField(required=False, initial=1)
+    batch_size = forms.CharField(required=False, initial=32)
+    learning_rate = forms.CharField(required=False, initial=2e-5)
+    warmup_ratio = forms.CharField(required=False, initial=0.1)
+    weight_decay = forms.CharField(required=False, initial=0.01)
+    max_seq_length = forms.CharField(required=False, initial=256)
+    gradient_accumulation_steps = forms.CharField(required=False, initial=1)
+    max_steps = forms.CharField(required=False, help_text="Cap the number of steps (quick demo runs).")
+    max_pairs = forms.CharField(required=False, help_text="Cap the number of training examples.")
+    early_stopping_patience = forms.CharField(required=False, help_text="Validations without gain before stopping.")
+    checkpoint_steps = forms.CharField(required=False, help_text="Checkpoint and validate every N steps (default: each epoch).")
+    matryoshka_dims = forms.CharField(required=False, help_text="e.g. 384,256,128,64")
+    seed = forms.CharField(required=False, initial=42)
+    evaluate = forms.BooleanField(required=False, initial=True, help_text="Held-out before/after evaluation.")
 
     def hyperparameters(self) -> dict:
-        return {name: self.cleaned_data.get(name) for name in RANGES if self.cleaned_data.get(name) is not None}
+        values = {name: self.cleaned_data.get(name) for name in self.fields if name != "base_model"}
+        values["hard_negatives"] = bool(values.get("hard_negatives"))
+        values["evaluate"] = bool(values.get("evaluate"))
+        return {k: v for k, v in values.items() if v not in (None, "")}

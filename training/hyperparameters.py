@@ -53,6 +53,12 @@ class Hyperparameters:
     matryoshka_dims: tuple[int, ...] = ()
     # Evaluate base and fine-tuned models on the held-out TEST split.
     evaluate: bool = True
+    # How training examples are built (training.pairs.STRATEGIES); "" = the dataset kind's default.
+    strategy: str = ""
+    # Tickets: also use same-component or same-issue-type tickets as weaker positives.
+    weak_positives: str = ""
+    # Turn pairs into (anchor, positive, negative) triplets mined with the base model.
+    hard_negatives: bool = False
 
     def as_dict(self) -> dict:
         out = asdict(self)
@@ -86,7 +92,9 @@ RANGES: dict[str, tuple[type, float, float]] = {
     "keep_checkpoints": (int, 1, 100),
     "triplet_margin": (float, 0.0, 10.0),
 }
-BOOLEANS = ("no_duplicates", "evaluate")
+BOOLEANS = ("no_duplicates", "evaluate", "hard_negatives")
+STRATEGY_NAMES = ("", "tickets", "qa", "labels", "pairs", "triplets")
+WEAK_POSITIVES = ("", "component", "issue_type")
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off"}
 
@@ -136,6 +144,14 @@ def parse(raw: dict | None) -> Hyperparameters:
             errors["loss"] = f"must be one of {', '.join(LOSSES)}, got {loss!r}"
         else:
             values["loss"] = loss
+    for name, allowed in (("strategy", STRATEGY_NAMES), ("weak_positives", WEAK_POSITIVES)):
+        value = raw.get(name)
+        if value in (None, ""):
+            continue
+        if value not in allowed:
+            errors[name] = f"must be one of {', '.join(a for a in allowed if a)}, got {value!r}"
+        else:
+            values[name] = value
     dims = raw.get("matryoshka_dims")
     if dims not in (None, "", []):
         parsed = _parse_dims(dims)

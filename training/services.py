@@ -19,12 +19,10 @@ from django.db.models import F, Value
 from django.db.models.functions import Coalesce, Concat
 from django.utils import timezone
 
-from training import finetune, registry
-from training.datasets import dataset_tickets
+from training import finetune, pairs, registry
 from training.errors import ServiceError
 from training.hyperparameters import Hyperparameters, parse
 from training.models import Dataset, TrainingRun
-from training.pairs import build_ticket_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -77,12 +75,11 @@ def start_run(
     doc_count = dataset.documents.count()
     if doc_count < MIN_TRAINING_PAIRS:
         raise ServiceError(f"dataset: {dataset.name} has {doc_count} document(s); training needs at least 2.")
-    if hyper.loss not in ("auto", "mnrl", "cached_mnrl"):
-        # Ticket datasets give (anchor, positive) pairs; refuse a loss that needs other data now, not later.
-        try:
-            finetune.choose_loss(hyper.loss, finetune.PAIRS)
-        except ValueError as exc:
-            raise ServiceError(str(exc)) from exc
+    shape = expected_shape(dataset=dataset, hyper=hyper)
+    try:
+        finetune.choose_loss(hyper.loss, shape)
+    except ValueError as exc:
+        raise ServiceError(str(exc)) from exc
     with transaction.atomic():
         run = TrainingRun.objects.create(
             owner=owner, dataset=dataset, base_model=base_model, hyperparameters=hyper.as_dict()
@@ -108,16 +105,48 @@ def _finish(run: TrainingRun, status: str, **fields: Any) -> None:
     )
 
 
-def default_pair_cap(tickets) -> int:
-    """Pairs used when the user sets no max_pairs: every duplicate pair, plus
-    summary -> description pairs up to as many again (at least 1,000 pairs in
-    all), so a default run on 20k tickets takes minutes, not an hour, on CPU
-    (Hadoop: ~3,400 pairs, ~106 steps of 32)."""
-    from training.pairs import duplicate_clusters, split_clusters
+STRATEGY_SHAPES = {"tickets": finetune.PAIRS, "qa": finetune.PAIRS, "pairs": finetune.PAIRS,
+                   "labels": finetune.TRIPLETS, "triplets": finetune.TRIPLETS}
 
-    train, _ = split_clusters(duplicate_clusters(tickets))
-    duplicate_pairs = sum(len(c) * (len(c) - 1) for c in train)
-    return max(1000, 2 * duplicate_pairs)
+
+def expected_shape(*, dataset: Dataset, hyper: Hyperparameters) -> str:
+    """The training data's shape for this dataset and settings (checked against the loss at submission)."""
+    strategy = hyper.strategy or pairs.DEFAULT_STRATEGY.get(dataset.kind, "tickets")
+    shape = STRATEGY_SHAPES.get(strategy, finetune.PAIRS)
+    return finetune.TRIPLETS if hyper.hard_negatives and shape == finetune.PAIRS else shape
+
+
+def build_training_data(*, run: TrainingRun, hyper: Hyperparameters, log: Callable[[str], None]):
+    """The run's training examples and validation set, through training.pairs.build_pairs.
+
+    Tickets without max_pairs are capped at every link pair plus as many
+    summary -> description pairs again (at least 1,000), so a default run on
+    20k tickets takes minutes rather than an hour on CPU (Hadoop: ~3,400
+    pairs). The TEST split is never used; validation rows never train.
+    """
+    from training.evaluate import validation_from_pairs
+
+    options = {"dataset": run.dataset, "strategy": hyper.strategy, "seed": hyper.seed,
+               "weak_positives": hyper.weak_positives}
+    cap = hyper.max_pairs
+    if cap is None and (hyper.strategy or pairs.DEFAULT_STRATEGY.get(run.dataset.kind)) == "tickets":
+        counts = pairs.build_pairs(**options).counts
+        strong = sum(v for k, v in counts.items() if k == "duplicate" or k.startswith("link:"))
+        cap = max(1000, 2 * strong)
+    hard = pairs.HardNegatives(model=finetune.resolve_base_model(run.base_model)) if hyper.hard_negatives else None
+    pair_set = pairs.build_pairs(**options, max_pairs=cap, hard_negatives=hard)
+    if len(pair_set.train) < MIN_TRAINING_PAIRS:
+        raise ServiceError(
+            f"Only {len(pair_set.train)} training example(s) could be built from {run.dataset.name} with the "
+            f"{pair_set.strategy} strategy; tickets need descriptions of at least 30 characters or Duplicate "
+            "links, Q&A rows need answers, labelled rows need two labels."
+        )
+    data = finetune.TrainingData({name: [row[i] for row in pair_set.train] for i, name in enumerate(pair_set.columns)})
+    validation = validation_from_pairs(pair_set.validation, [row[1] for row in pair_set.train])
+    log(f"{len(data)} training {data.shape} ({pair_set.strategy} strategy, cap {cap}; {pair_set.counts}); "
+        + (f"validation: {len(validation.queries)} queries over {len(validation.corpus)} texts" if validation
+           else "no validation rows"))
+    return pair_set, data, validation
 
 
 def execute_run(*, run: TrainingRun, device: str | None = None, echo: Callable[[str], None] | None = None) -> TrainingRun:
@@ -131,7 +160,7 @@ def execute_run(*, run: TrainingRun, device: str | None = None, echo: Callable[[
     ModelVersion (production when the dataset has none) whose embeddings are
     the evaluation's corpus vectors. A run that is not queued is left alone.
     """
-    from training.evaluate import HeldOutEvaluation, validation_split
+    from training.evaluate import HeldOutEvaluation
 
     if not _claim(run):
         logger.info("run %s is %s, not queued; skipping", run.pk, run.status)
@@ -145,20 +174,9 @@ def execute_run(*, run: TrainingRun, device: str | None = None, echo: Callable[[
     resume_from = run.checkpoint_path if run.checkpoint_path and Path(run.checkpoint_path).is_dir() else None
     try:
         progress.log(f"attempt {run.attempts} on {device}" + (f", resuming from {resume_from}" if resume_from else ""))
-        tickets = dataset_tickets(run.dataset)
-        train_tickets, validation = validation_split(tickets)
-        cap = hyper.max_pairs or default_pair_cap(train_tickets)
-        pairs = build_ticket_pairs(train_tickets, max_pairs=cap, seed=hyper.seed)
-        if len(pairs) < MIN_TRAINING_PAIRS:
-            raise ServiceError(
-                f"Only {len(pairs)} training pair(s) could be built from {run.dataset.name}: it needs tickets "
-                "with a description of at least 30 characters or Duplicate links between its tickets."
-            )
-        progress.log(
-            f"{len(pairs)} training pairs (cap {cap}); validation: "
-            + (f"{len(validation.queries)} queries over {len(validation.corpus)} documents" if validation else "none")
-        )
-        held_out = HeldOutEvaluation(dataset=run.dataset, log=progress.log) if hyper.evaluate else None
+        pair_set, data, validation = build_training_data(run=run, hyper=hyper, log=progress.log)
+        tickets = run.dataset.kind == Dataset.Kind.TICKETS
+        held_out = HeldOutEvaluation(dataset=run.dataset, log=progress.log) if hyper.evaluate and tickets else None
         evaluation = dict(run.evaluation or {})
         if held_out is not None and held_out.available and "base" not in evaluation.get("systems", {}):
             base = held_out.model(run.base_model, max_seq_length=hyper.max_seq_length, device=device)
@@ -174,7 +192,7 @@ def execute_run(*, run: TrainingRun, device: str | None = None, echo: Callable[[
             progress.log(f"base model nDCG@10 {base.vector.metrics['ndcg@10']:.4f}")
         result = finetune.fine_tune(
             base_model=run.base_model,
-            data=finetune.TrainingData.from_pairs(pairs),
+            data=data,
             output_dir=output_dir,
             hyper=hyper,
             device=device,
@@ -198,10 +216,14 @@ def execute_run(*, run: TrainingRun, device: str | None = None, echo: Callable[[
         elif held_out is not None:
             evaluation = {"unavailable": "The dataset has no held-out duplicate clusters (no Duplicate links "
                                          "inside the dataset), so there is nothing to evaluate on."}
+        elif hyper.evaluate:
+            evaluation = {"unavailable": "Before/after evaluation on a TEST split is made for ticket datasets; "
+                                         "this run's validation nDCG@10 (above) is measured on held-out groups."}
         finetune.write_model_card(
             model_dir=output_dir / "model",
             title=f"EmbedPortal: {run.dataset.name}, run #{run.pk}",
-            data={"dataset": run.dataset.name, "documents": len(tickets), "training pairs": len(pairs),
+            data={"dataset": run.dataset.name, "documents": run.dataset.documents.count(),
+                  "strategy": pair_set.strategy, "training examples": len(data), "counts": pair_set.counts,
                   "base model": run.base_model, "loss": result.loss},
             hyperparameters=hyper.as_dict(),
             metrics=evaluation.get("systems", {}),

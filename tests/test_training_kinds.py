@@ -1,0 +1,51 @@
+"""Training on every dataset kind goes through the same service (no worker needed here)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import SHARED_DATA
+from training import services
+from training.models import Dataset, TrainingRun
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _upload(api, name, path, kind):
+    with open(path, "rb") as fh:
+        response = api.post("/api/datasets/", {"name": name, "kind": kind, "file": fh}, format="multipart")
+    assert response.status_code == 201, response.content
+    return Dataset.objects.get(pk=response.json()["id"])
+
+
+def test_qa_dataset_trains_with_validation_and_registers(api, user, tiny_model_dir):
+    dataset = _upload(api, "bank", SHARED_DATA / "qa" / "bank-faq.csv", "qa")
+    run = services.start_run(owner=user, dataset=dataset, base_model=str(tiny_model_dir),
+                             hyperparameters={"max_steps": 3, "batch_size": 8, "max_seq_length": 32})
+    run = services.execute_run(run=run, device="cpu")
+    assert run.status == TrainingRun.Status.SUCCEEDED, run.error
+    assert "training pairs (qa strategy" in run.log
+    assert run.metrics["best_validation_ndcg"] is not None
+    assert run.evaluation["unavailable"].startswith("Before/after evaluation on a TEST split is made for ticket")
+    assert run.model_version.dimensions == 32
+
+
+def test_label_triplets_train_with_triplet_loss(api, user, tiny_model_dir):
+    dataset = _upload(api, "bank-labels", SHARED_DATA / "qa" / "bank-faq.csv", "qa")
+    run = services.start_run(owner=user, dataset=dataset, base_model=str(tiny_model_dir), hyperparameters={
+        "strategy": "labels", "loss": "triplet", "max_steps": 2, "batch_size": 8, "max_seq_length": 32})
+    run = services.execute_run(run=run, device="cpu")
+    assert run.status == TrainingRun.Status.SUCCEEDED, run.error
+    assert run.metrics["loss"] == "triplet"
+    assert "training triplets (labels strategy" in run.log
+
+
+def test_matryoshka_and_cached_loss_run(api, user, small_jira_file, tiny_model_dir):
+    dataset = _upload(api, "slice", small_jira_file, "tickets")
+    run = services.start_run(owner=user, dataset=dataset, base_model=str(tiny_model_dir), hyperparameters={
+        "loss": "cached_mnrl", "matryoshka_dims": "32,16", "max_steps": 2, "batch_size": 8, "max_seq_length": 32,
+        "evaluate": "false"})
+    run = services.execute_run(run=run, device="cpu")
+    assert run.status == TrainingRun.Status.SUCCEEDED, run.error
+    assert run.metrics["loss"] == "cached_mnrl"
+    assert run.evaluation == {}
