@@ -49,3 +49,18 @@ def test_matryoshka_and_cached_loss_run(api, user, small_jira_file, tiny_model_d
     assert run.status == TrainingRun.Status.SUCCEEDED, run.error
     assert run.metrics["loss"] == "cached_mnrl"
     assert run.evaluation == {}
+
+
+def test_corrupt_checkpoint_fails_with_reason_and_fix(api, user, small_jira_file, tiny_model_dir, tmp_path):
+    dataset = _upload(api, "slice", small_jira_file, "tickets")
+    run = services.start_run(owner=user, dataset=dataset, base_model=str(tiny_model_dir), hyperparameters={
+        "max_steps": 4, "batch_size": 8, "max_seq_length": 32, "evaluate": "false"}, enqueue=False)
+    broken = tmp_path / "checkpoint-2"
+    broken.mkdir()
+    (broken / "trainer_state.json").write_text("{truncated")
+    (broken / "model.safetensors").write_bytes(b"\x00garbage")
+    TrainingRun.objects.filter(pk=run.pk).update(checkpoint_path=str(broken))
+    run.refresh_from_db()
+    run = services.execute_run(run=run, device="cpu")
+    assert run.status == TrainingRun.Status.FAILED
+    assert f"The run was resuming from {broken}; if that checkpoint is damaged, start a new run" in run.error

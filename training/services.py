@@ -238,7 +238,11 @@ def execute_run(*, run: TrainingRun, device: str | None = None, echo: Callable[[
         logger.exception("training run %s failed", run.pk)
         progress.log(f"failed: {type(exc).__name__}: {exc}")
         progress.flush()
-        _finish(run, TrainingRun.Status.FAILED, error=explain_failure(exc), metrics=progress.metrics)
+        error = explain_failure(exc)
+        if resume_from:
+            error += (f"\nThe run was resuming from {resume_from}; if that checkpoint is damaged, "
+                      "start a new run (it begins from the base model).")
+        _finish(run, TrainingRun.Status.FAILED, error=error, metrics=progress.metrics)
         run.refresh_from_db()
         return run
 
