@@ -140,6 +140,9 @@ MODELS_DIR = Path(env_str("EMBEDPORTAL_MODELS_DIR", str(VAR_DIR / "models"))).re
 DEFAULT_BASE_MODEL = env_str("EMBEDPORTAL_BASE_MODEL", "sentence-transformers/all-MiniLM-L6-v2")
 # "auto" picks cuda, then mps, then cpu.
 TRAINING_DEVICE = env_str("EMBEDPORTAL_DEVICE", "auto")
+# Optional S3-compatible store for model artifacts (s3://bucket/prefix); see training/artifacts.py.
+ARTIFACT_STORE = env_str("EMBEDPORTAL_ARTIFACT_STORE", "")
+S3_ENDPOINT_URL = env_str("EMBEDPORTAL_S3_ENDPOINT_URL", "")
 # A served model unused for this long is dropped from a process's memory.
 MODEL_IDLE_UNLOAD_S = env_int("EMBEDPORTAL_MODEL_IDLE_UNLOAD_S", 1800)
 # A running run whose heartbeat is older than this is marked failed by the reaper.

@@ -42,7 +42,9 @@ def get_model(artifact_path: str):
             _cache[artifact_path] = (entry[0], now)
             _cache.move_to_end(artifact_path)
             return entry[0]
-    model = finetune.load_model(artifact_path, device="auto")
+    from training.artifacts import ensure_local
+
+    model = finetune.load_model(ensure_local(artifact_path), device="auto")
     with _lock:
         _cache[artifact_path] = (model, time.monotonic())
         while len(_cache) > MAX_CACHED_MODELS:

@@ -64,6 +64,9 @@ def register_version(
             continue  # another run took the number; take the next
     else:
         raise ServiceError(f"Could not allocate a version number for {name}.")
+    from training import artifacts
+
+    artifacts.publish(version=version)
     if embeddings is not None:
         doc_ids, vectors = embeddings
         hashes = dict(Document.objects.filter(pk__in=doc_ids).values_list("pk", "content_hash"))
