@@ -297,7 +297,9 @@ class _ProgressWriter:
         self._log_lines.append(stamped)
         if self.echo:
             self.echo(stamped)
-        self._maybe_write()
+        # Log lines are rare (phases, logging steps, checkpoints) and often
+        # precede a long silent phase such as encoding: write them at once.
+        self.flush()
 
     def update(self, point: dict) -> None:
         if "validation" in point:
