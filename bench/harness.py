@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import atexit
 import json
 import operator
 import os
 import resource
-import shutil
-import tempfile
 from pathlib import Path
 
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
@@ -17,17 +14,9 @@ _OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt
 
 def setup_django() -> None:
     """Django on a throwaway embedded PostgreSQL (or DATABASE_URL), migrated."""
-    if not os.environ.get("DATABASE_URL"):
-        var = Path(tempfile.mkdtemp(prefix="embedportal-bench-"))
-        os.environ["EMBEDPORTAL_VAR_DIR"] = str(var)
+    from embedportal.embedded_pg import use_throwaway_var_dir
 
-        def _cleanup() -> None:
-            from embedportal import embedded_pg
-
-            embedded_pg.stop(var / "pgdata")
-            shutil.rmtree(var, ignore_errors=True)
-
-        atexit.register(_cleanup)
+    use_throwaway_var_dir("embedportal-bench-")
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "embedportal.settings")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("LOG_LEVEL", "WARNING")

@@ -72,3 +72,26 @@ def _is_root() -> bool:
     import os
 
     return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def use_throwaway_var_dir(prefix: str) -> Path:
+    """Point EMBEDPORTAL_VAR_DIR at a new temporary folder (for tests and benchmarks).
+
+    Unless DATABASE_URL is set, settings then start a private embedded
+    PostgreSQL there; it is stopped and the folder deleted when the process exits.
+    """
+    import atexit
+    import os
+    import shutil
+    import tempfile
+
+    var = Path(tempfile.mkdtemp(prefix=prefix))
+    os.environ["EMBEDPORTAL_VAR_DIR"] = str(var)
+
+    def _cleanup() -> None:
+        if not os.environ.get("DATABASE_URL"):
+            stop(var / "pgdata")
+        shutil.rmtree(var, ignore_errors=True)
+
+    atexit.register(_cleanup)
+    return var

@@ -7,26 +7,11 @@ and deleted when the run ends. Redis is the real one at TEST_REDIS_URL
 is not disturbed.
 """
 
-import atexit
 import os
-import shutil
-import tempfile
-from pathlib import Path
 
-if not os.environ.get("DATABASE_URL"):
-    _var = Path(tempfile.mkdtemp(prefix="embedportal-test-"))
-    os.environ["EMBEDPORTAL_VAR_DIR"] = str(_var)
+from embedportal.embedded_pg import use_throwaway_var_dir
 
-    def _cleanup() -> None:
-        from embedportal import embedded_pg
-
-        embedded_pg.stop(_var / "pgdata")
-        shutil.rmtree(_var, ignore_errors=True)
-
-    atexit.register(_cleanup)
-else:
-    os.environ.setdefault("EMBEDPORTAL_VAR_DIR", tempfile.mkdtemp(prefix="embedportal-test-"))
-
+use_throwaway_var_dir("embedportal-test-")
 os.environ["REDIS_URL"] = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 os.environ.pop("CELERY_BROKER_URL", None)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

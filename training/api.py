@@ -12,6 +12,7 @@ from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.response import Response
 
 from training import datasets, forms, importers, pairs, registry, serializers, services
+from training.downloads import temporary_file_response
 from training.errors import ServiceError
 from training.hyperparameters import HyperparameterError
 from training.models import Dataset, DatasetVersion, ModelVersion, TrainingRun
@@ -290,7 +291,7 @@ class ModelVersionViewSet(
             path = registry.export_zip(version=self.get_object())
         except ServiceError as exc:
             return Response({"error": str(exc)}, status=status.HTTP_404_NOT_FOUND)
-        return _temporary_file_response(path, "application/zip")
+        return temporary_file_response(path, "application/zip")
 
     @extend_schema(
         # Not "format": DRF reserves that query parameter for choosing a renderer.
@@ -304,17 +305,7 @@ class ModelVersionViewSet(
             path = registry.export_embeddings(version=self.get_object(), fmt=request.query_params.get("as", "jsonl"))
         except ServiceError as exc:
             return service_error_response(exc)
-        return _temporary_file_response(path, "application/octet-stream")
-
-
-def _temporary_file_response(path, content_type):
-    import shutil
-
-    from django.http import FileResponse
-
-    response = FileResponse(open(path, "rb"), as_attachment=True, filename=path.name, content_type=content_type)
-    shutil.rmtree(path.parent, ignore_errors=True)  # the open handle keeps the data readable on POSIX
-    return response
+        return temporary_file_response(path, "application/octet-stream")
 
 
 class EmbedSerializer(drf_serializers.Serializer):

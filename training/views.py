@@ -1,17 +1,17 @@
-import shutil
 from pathlib import Path
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.db.models import Count
-from django.http import FileResponse, HttpRequest, HttpResponse, StreamingHttpResponse
+from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.csrf import csrf_exempt, csrf_protect
 from django.views.decorators.http import require_POST
 
 from training import datasets, forms, pairs, registry, services
-from training.forms import PairsForm, RunForm, UploadForm, VersionUploadForm
+from training.downloads import temporary_file_response
 from training.errors import ServiceError
+from training.forms import PairsForm, RunForm, UploadForm, VersionUploadForm
 from training.hyperparameters import HyperparameterError
 from training.models import Dataset, DatasetVersion, ModelVersion, TrainingRun
 
@@ -188,6 +188,7 @@ SYSTEM_LABELS = {
     "hybrid_fine_tuned": "hybrid with fine-tuned model",
 }
 DRILLDOWN_ROWS = 30
+LOG_TAIL_LINES = 8
 
 
 @login_required
@@ -197,7 +198,12 @@ def run_detail(request: HttpRequest, pk: int) -> HttpResponse:
         "loss": run.metrics.get("loss_history", []),
         "validation": run.metrics.get("validation_history", []),
     }
-    context = {"run": run, "version": getattr(run, "model_version", None), "progress_data": progress_data}
+    context = {
+        "run": run,
+        "version": getattr(run, "model_version", None),
+        "progress_data": progress_data,
+        "log_tail": "\n".join(run.log.splitlines()[-LOG_TAIL_LINES:]),
+    }
     if request.headers.get("HX-Request"):
         return render(request, "partials/run_status.html", context)
     systems = (run.evaluation or {}).get("systems", {})
@@ -320,7 +326,7 @@ def model_download(request: HttpRequest, pk: int) -> HttpResponse:
     except ServiceError as exc:
         messages.error(request, str(exc))
         return redirect("model_detail", pk=pk)
-    return _temporary_file_response(path, "application/zip")
+    return temporary_file_response(path, "application/zip")
 
 
 @login_required
@@ -331,12 +337,4 @@ def model_export(request: HttpRequest, pk: int) -> HttpResponse:
     except ServiceError as exc:
         messages.error(request, str(exc))
         return redirect("model_detail", pk=pk)
-    return _temporary_file_response(path, "application/octet-stream")
-
-
-def _temporary_file_response(path: Path, content_type: str) -> FileResponse:
-    """Stream a temporary export and delete it (and its folder) once sent."""
-    handle = open(path, "rb")
-    response = FileResponse(handle, as_attachment=True, filename=path.name, content_type=content_type)
-    shutil.rmtree(path.parent, ignore_errors=True)  # the open handle keeps the data readable on POSIX
-    return response
+    return temporary_file_response(path, "application/octet-stream")
