@@ -11,6 +11,7 @@ search evaluation page and `python -m bench quality`.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -189,10 +190,22 @@ def fuse(*rankings: dict[int, list[int]], k: int = 60) -> dict[int, list[int]]:
 # --- scored rankings and fusion tuning (search) ---------------------------------
 
 
+# Characters of a query ticket turned into its OR-query (title first). A ticket
+# with a long log pasted in becomes a tsquery of thousands of lexemes that
+# ts_rank_cd then scores against every document: one such query ran for over
+# 5 minutes on the Hadoop set. The embedding side sees even less (MiniLM reads
+# 128-256 tokens), so both halves judge the same head of the ticket.
+QUERY_DOCUMENT_CHARS = 2000
+
+
 def keyword_scored_rankings(
     *, dataset: Dataset, eval_set: EvalSet, queries: Iterable[int] | None = None, limit: int = RANK_DEPTH
 ) -> dict[int, list[tuple[int, float]]]:
-    """keyword_rankings() with each document's ts_rank_cd, for score fusion."""
+    """keyword_rankings() with each document's ts_rank_cd, for score fusion.
+
+    Unlike keyword_rankings(), the query text is the ticket's first
+    QUERY_DOCUMENT_CHARS characters.
+    """
     sql = (
         "WITH q AS (SELECT to_tsquery(%s::regconfig, string_agg(quote_literal(lexeme), ' | ')) AS tsq "
         "FROM unnest(to_tsvector(%s::regconfig, %s))) "
@@ -204,7 +217,7 @@ def keyword_scored_rankings(
     out: dict[int, list[tuple[int, float]]] = {}
     with connection.cursor() as cursor:
         for query in queries if queries is not None else eval_set.queries:
-            text = eval_set.texts[position[query]]
+            text = eval_set.texts[position[query]][:QUERY_DOCUMENT_CHARS]
             cursor.execute(sql, [dataset.language, dataset.language, text, dataset.pk, limit + 1])
             out[query] = [(row[0], float(row[1])) for row in cursor.fetchall() if row[0] != query][:limit]
     return out
@@ -281,3 +294,60 @@ def hybrid_systems(
                 for q in queries
             }
     return systems
+
+
+# --- BM25 over the stored tsvectors ----------------------------------------------
+
+BM25_K1 = 1.2
+BM25_B = 0.75
+_LEXEME = re.compile(r"'((?:[^']|'')*)':([0-9A-D,]+)")
+
+
+def _term_counts(tsvector_text: str) -> dict[str, int]:
+    """Lexeme -> occurrences from a tsvector's text form ('word':1,5A 'other':3B)."""
+    return {m.group(1).replace("''", "'"): m.group(2).count(",") + 1 for m in _LEXEME.finditer(tsvector_text or "")}
+
+
+def bm25_rankings(
+    *, dataset: Dataset, eval_set: EvalSet, queries: Iterable[int] | None = None, limit: int = RANK_DEPTH
+) -> dict[int, list[int]]:
+    """Okapi BM25 (k1 1.2, b 0.75) with PostgreSQL's own stemming and stop words.
+
+    Term counts come from the documents' stored tsvectors (title and body), so
+    the keyword baseline tokenizes exactly like the product's full-text index;
+    the query is the query document's own lexemes. This is the BM25-class
+    system ../shared/DATA.md's keyword figure uses, which ts_rank over an OR of
+    a whole ticket's lexemes is not.
+    """
+    from scipy import sparse
+
+    position = eval_set.position
+    rows = Document.objects.filter(dataset=dataset).order_by("id").values_list("id", "search_vector")
+    vocabulary: dict[str, int] = {}
+    data, indices, indptr, lengths = [], [], [0], []
+    for _, vector in rows.iterator(chunk_size=5000):
+        counts = _term_counts(str(vector) if vector is not None else "")
+        for term, count in counts.items():
+            indices.append(vocabulary.setdefault(term, len(vocabulary)))
+            data.append(count)
+        indptr.append(len(indices))
+        lengths.append(sum(counts.values()))
+    tf = sparse.csr_matrix((np.asarray(data, dtype=np.float32), indices, indptr), shape=(len(lengths), len(vocabulary)))
+    n_docs = tf.shape[0]
+    df = np.bincount(tf.indices, minlength=tf.shape[1])
+    idf = np.log(1 + (n_docs - df + 0.5) / (df + 0.5)).astype(np.float32)
+    lengths_arr = np.asarray(lengths, dtype=np.float32)
+    norm = BM25_K1 * (1 - BM25_B + BM25_B * lengths_arr / max(lengths_arr.mean(), 1e-6))
+    weighted = tf.tocoo()
+    scores_data = weighted.data * (BM25_K1 + 1) / (weighted.data + norm[weighted.row])
+    term_weights = sparse.csr_matrix((scores_data * idf[weighted.col], (weighted.row, weighted.col)), shape=tf.shape)
+    doc_ids = np.asarray(eval_set.doc_ids)
+    out: dict[int, list[int]] = {}
+    for query in queries if queries is not None else eval_set.queries:
+        row = position[query]
+        terms = tf.indices[tf.indptr[row] : tf.indptr[row + 1]]
+        scores = np.asarray(term_weights[:, terms].sum(axis=1)).ravel()
+        top = np.argpartition(-scores, kth=min(limit + 1, n_docs - 1))[: limit + 1]
+        best = top[np.argsort(-scores[top], kind="stable")]
+        out[query] = [int(doc_ids[i]) for i in best if scores[i] > 0]
+    return out

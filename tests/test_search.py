@@ -92,3 +92,27 @@ def test_stale_running_build_is_requeued(index):
     assert index.status == SearchIndex.Status.QUEUED
     assert broker.llen(settings.GPU_QUEUE) == 1  # the build task is on the gpu queue
     broker.delete(settings.GPU_QUEUE)
+
+
+def test_bm25_ranks_the_duplicate_of_a_ticket_first(user):
+    from search import evaluation as ev
+    from training.datasets import refresh_search_vectors
+
+    ds = Dataset.objects.create(owner=user, name="bm25")
+    rows = [
+        ("A-1", "NameNode crashes on startup after upgrade", "fsimage load fails with IOException", [("B-1",)]),
+        ("B-1", "Namenode startup crash following upgrade", "IOException while loading fsimage", []),
+        ("C-1", "DataNode volume full", "disk usage reaches 100 percent", []),
+        ("D-1", "ResourceManager UI slow", "the scheduler page takes seconds", []),
+    ]
+    Document.objects.bulk_create([
+        Document(dataset=ds, external_key=k, title=t, body=b,
+                 metadata={"links": [{"type": "Duplicate", "direction": "outward", "key": o[0]} for o in links]})
+        for k, t, b, links in rows
+    ])
+    refresh_search_vectors(dataset=ds)
+    eval_set = ev.ticket_eval_set(dataset=ds, split="test" if ev.ticket_eval_set(dataset=ds).queries else "train")
+    rankings = ev.bm25_rankings(dataset=ds, eval_set=eval_set)
+    ids = {d.external_key: d.pk for d in ds.documents.all()}
+    assert rankings[ids["A-1"]][:2] == [ids["A-1"], ids["B-1"]]
+    assert ids["D-1"] not in rankings[ids["A-1"]]  # no shared lexeme, no score

@@ -72,8 +72,8 @@ class HeldOutEvaluation:
 
     def keyword(self) -> ev.EvalResult:
         if self._keyword is None:
-            self.log(f"evaluating keyword search on {len(self.eval_set.queries)} held-out queries")
-            rankings = ev.keyword_rankings(dataset=self.dataset, eval_set=self.eval_set)
+            self.log(f"evaluating keyword search (BM25) on {len(self.eval_set.queries)} held-out queries")
+            rankings = ev.bm25_rankings(dataset=self.dataset, eval_set=self.eval_set)
             self._keyword = ev.evaluate(rankings, self.eval_set)
         return self._keyword
 

@@ -181,7 +181,7 @@ def dataset_delete(request: HttpRequest, pk: int) -> HttpResponse:
 
 METRIC_NAMES = ("ndcg@10", "mrr@10", "recall@1", "recall@5", "recall@10", "map@100")
 SYSTEM_LABELS = {
-    "keyword": "keyword (full text)",
+    "keyword": "keyword (BM25 over the full-text index)",
     "base": "base model",
     "fine_tuned": "fine-tuned model",
     "hybrid_base": "hybrid with base model",
