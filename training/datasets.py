@@ -27,6 +27,7 @@ from training.models import Dataset, DatasetVersion, Document, TrainingRun
 from training.pairs import Example, Ticket
 
 STAGE_TABLE = "embedportal_import_stage"
+GIN_PENDING_LIST_LIMIT = "64MB"
 # Rows per bulk_update when a links upload touches documents.
 LINK_UPDATE_BATCH = 1000
 
@@ -118,6 +119,11 @@ def _store_version(
     """Stage the rows with COPY, check them, merge them by key; must run inside a transaction."""
     number = (dataset.versions.aggregate(n=Max("number"))["n"] or 0) + 1
     with connection.cursor() as cursor:
+        # The two GIN indexes on documents (title/body tsvector, identifiers) merge
+        # their pending lists in fewer, larger batches: the 20,859-issue import took
+        # 28.6/29.3 s instead of 33.3/51.5 s (4 MB default), A/B on the loaded 2-core
+        # machine. Autovacuum merges what is left after commit.
+        cursor.execute(f"SET LOCAL gin_pending_list_limit = '{GIN_PENDING_LIST_LIMIT}'")
         cursor.execute(f"DROP TABLE IF EXISTS pg_temp.{STAGE_TABLE}")
         cursor.execute(
             f"CREATE TEMP TABLE {STAGE_TABLE} (row integer, external_key varchar(255), title text, body text, "
