@@ -78,6 +78,13 @@ class SearchIndex(models.Model):
     def is_terminal(self) -> bool:
         return self.status in self.TERMINAL
 
+    @property
+    def is_searchable(self) -> bool:
+        """Ready, or being refreshed after a complete build (old vectors keep serving meanwhile)."""
+        return self.status == self.Status.READY or (
+            self.status in (self.Status.QUEUED, self.Status.RUNNING) and self.finished_at is not None
+        )
+
 
 class Embedding(models.Model):
     document = models.ForeignKey(Document, on_delete=models.CASCADE, related_name="embeddings")

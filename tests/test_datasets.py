@@ -8,6 +8,7 @@ import io
 import json
 
 import pytest
+from django.utils import timezone
 from django.core.files.uploadedfile import SimpleUploadedFile
 
 from tests.conftest import SHARED_DATA
@@ -186,7 +187,8 @@ def test_reupload_of_another_kind_is_refused(user):
         _add(dataset, b"question,answer\nq?,a\n", "faq.csv")
 
 
-def test_reupload_drops_stale_embeddings_of_changed_documents(user):
+def test_reupload_keeps_serving_vectors_and_queues_incremental_refresh(user, django_capture_on_commit_callbacks):
+    from search.embedding import pending_documents
     from search.models import Embedding, SearchIndex
     from training.models import ModelVersion
 
@@ -194,10 +196,19 @@ def test_reupload_drops_stale_embeddings_of_changed_documents(user):
     model = ModelVersion.objects.create(owner=user, name="m", version=1, base_model="b", artifact_path="/x",
                                         dimensions=3)
     for doc in dataset.documents.all():
-        Embedding.objects.create(document=doc, model_version=model, embedding=[0.1, 0.2, 0.3])
-    _add(dataset, issues_json(("K-1", "Disk full", "changed"), ("K-2", "Slow", "b")))
-    assert list(Embedding.objects.values_list("document__external_key", flat=True)) == ["K-2"]
-    assert SearchIndex.objects.count() == 0
+        Embedding.objects.create(document=doc, model_version=model, embedding=[0.1, 0.2, 0.3],
+                                 content_hash=doc.content_hash)
+    index = SearchIndex.objects.create(owner=user, dataset=dataset, model_version=model,
+                                       status=SearchIndex.Status.READY, finished_at=timezone.now())
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        _add(dataset, issues_json(("K-1", "Disk full", "changed"), ("K-2", "Slow", "b"), ("K-3", "New", "c")))
+    # Old vectors keep serving; only the changed and the new document are pending
+    assert sorted(Embedding.objects.values_list("document__external_key", flat=True)) == ["K-1", "K-2"]
+    assert sorted(pending_documents(dataset=dataset, model_version=model).values_list("external_key", flat=True)) == [
+        "K-1", "K-3"]
+    index.refresh_from_db()
+    assert index.status == SearchIndex.Status.QUEUED and index.is_searchable
+    assert len(callbacks) == 1
 
 
 def test_gitbugs_csv_then_its_duplicate_links_file(user):

@@ -61,7 +61,7 @@ def test_token_endpoint_returns_token(client, user):
 
 
 def test_admin_registers_models(admin_client):
-    for path in ["training/dataset", "training/document", "training/trainingrun", "training/modelversion",
+    for path in ["training/dataset", "training/datasetversion", "training/document", "training/trainingrun", "training/modelversion",
                  "search/searchindex", "search/embedding"]:
         assert admin_client.get(f"/admin/{path}/").status_code == 200
 

@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from training.models import Dataset, Document, ModelVersion, TrainingRun
+from training.models import Dataset, DatasetVersion, Document, ModelVersion, TrainingRun
 
 
 @admin.register(Dataset)
@@ -8,6 +8,14 @@ class DatasetAdmin(admin.ModelAdmin):
     list_display = ["name", "kind", "owner", "source_filename", "created_at"]
     list_filter = ["kind"]
     search_fields = ["name"]
+
+
+@admin.register(DatasetVersion)
+class DatasetVersionAdmin(admin.ModelAdmin):
+    list_display = ["dataset", "number", "source_filename", "detected_format", "added", "changed", "unchanged",
+                    "created_at"]
+    list_select_related = ["dataset"]
+    readonly_fields = ["report", "rejected_rows"]
 
 
 @admin.register(Document)

@@ -90,9 +90,10 @@ def add_version(
 
     The dataset's remembered column mapping is used when none is given; a given
     one is remembered. Documents missing from the new export are kept (exports
-    are often partial). Side effects: adds/updates Documents, drops the
-    embeddings of changed ones (they are stale), creates a DatasetVersion;
-    all in one transaction. Raises ServiceError with nothing changed.
+    are often partial). Side effects: adds/updates Documents and creates a
+    DatasetVersion in one transaction, then queues an incremental refresh of
+    the dataset's search indexes (new and changed documents only; the old
+    vectors serve until replaced). Raises ServiceError with nothing changed.
     """
     use_mapping = mapping or dataset.column_mapping or None
     report = importers.ImportReport()
@@ -110,6 +111,10 @@ def add_version(
     except importers.UploadError as exc:
         raise ServiceError(str(exc)) from exc
     dataset.refresh_from_db()
+    if version.added or version.changed:
+        from search.services import refresh_indexes
+
+        refresh_indexes(dataset=dataset)
     return version
 
 
@@ -170,14 +175,9 @@ def _store_version(
         )
         params = {"dataset": dataset.pk, "version": number, "config": dataset.language}
         if changed:
-            from search.models import Embedding  # a changed text makes its vectors stale
-
-            cursor.execute(
-                f"DELETE FROM {Embedding._meta.db_table} e USING training_document d, {STAGE_TABLE} s "
-                "WHERE e.document_id = d.id AND d.dataset_id = %(dataset)s AND d.external_key = s.external_key "
-                "AND d.content_hash <> s.content_hash",
-                params,
-            )
+            # Vectors of changed documents are kept (search keeps answering with
+            # them) until the refresh job re-embeds exactly those documents: their
+            # stored content hash no longer matches (search.embedding.pending_documents).
             # Links added by a separate links upload (extra_links) survive a newer export.
             cursor.execute(
                 f"UPDATE training_document d SET title = s.title, body = s.body, "
