@@ -47,8 +47,9 @@ def test_evaluate_search_runs_test_queries_through_three_systems(slice_index):
     assert report["queries"] == len(test.queries)
     assert list(report["systems"]) == ["keyword", "vector", "hybrid"]
     assert report["fusion"] == services.resolve_fusion(index=slice_index)
-    # The keyword row is the lead's keyword_rankings() on the same queries.
-    plain = evaluation.evaluate(evaluation.keyword_rankings(dataset=slice_index.dataset, eval_set=test), test)
+    # The keyword row is the metrics of the scored keyword rankings on the same queries.
+    scored = evaluation.keyword_scored_rankings(dataset=slice_index.dataset, eval_set=test)
+    plain = evaluation.evaluate({q: [d for d, _ in r] for q, r in scored.items()}, test)
     assert report["systems"]["keyword"] == plain.summary()
 
 
