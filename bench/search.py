@@ -1,0 +1,478 @@
+"""Hybrid search at 100,000 documents (issue: hybrid search).
+
+What it builds, in its own throwaway PostgreSQL + pgvector:
+- dataset "hadoop": the 20,859 real tickets of the Hadoop export, with their
+  real vectors (for quality on the ../shared/DATA.md protocol);
+- dataset "hadoop-100k": the same real tickets plus perturbed copies up to
+  --docs (default 100,000): each copy keeps the ticket's metadata, its title
+  with one word dropped and a shuffled ~70% of its body sentences, and the
+  real vector plus Gaussian noise, renormalised (cosine ~0.9 to the
+  original). So 79% of the 100k rows are synthetic: they exercise the
+  indexes and the planner at that size, they are not 100k distinct tickets.
+
+The real tickets are encoded once (all-MiniLM-L6-v2 by default, or --model
+PATH, at max_seq_length 128) and cached under var/bench-cache/, keyed by
+model + data file hash. Figures:
+- hybrid latency p50/p95 over ticket titles as queries, with precomputed
+  query vectors and with the query embedding on CPU (targets p95 <= 30 / <= 50 ms);
+- HNSW recall@10 against exact cosine search (numpy), unfiltered and with a
+  created-in-2015 filter that keeps ~10% of rows, and whether those filtered
+  queries return 10 results (target >= 0.95, all return 10);
+- 20 concurrent HTTP clients for --load-seconds (60) against gunicorn on a
+  free 127.0.0.1 port: errors (target 0), throughput, p95;
+- quality on "hadoop": keyword, vector and hybrid (the index's default fusion
+  tuned on the TRAIN clusters) nDCG@10 on the TEST clusters (target hybrid >=
+  the better of the two halves).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.harness import SHARED_DATA, emit
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+CACHE_DIR = BASE_DIR / "var" / "bench-cache"
+DEFAULT_DATA = SHARED_DATA / "jira" / "apache-hadoop.jira.json.gz"
+# MiniLM truncates at max_seq_length tokens; 128 instead of 256 halves the
+# one-off encoding of the real set (~6 min instead of ~11 on 2 shared cores).
+MAX_SEQ_LENGTH = 128
+
+
+def file_sha1(path: Path) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_issues(path: Path) -> list[dict]:
+    with gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path) as fh:
+        payload = json.load(fh)
+    return payload["issues"] if isinstance(payload, dict) else payload
+
+
+def issue_text(issue: dict) -> str:
+    fields = issue["fields"]
+    summary = (fields.get("summary") or "").strip()
+    description = (fields.get("description") or "").strip()
+    return f"{summary}\n{description}" if description else summary
+
+
+def cached_vectors(*, model_path: str, data: Path, texts_by_key: dict[str, str]) -> dict[str, np.ndarray]:
+    """Vectors of the real tickets, encoded once and kept under var/bench-cache/.
+
+    Keyed by model folder + data file hash + max_seq_length, so a new model or
+    file is encoded again; a cache hit costs a file read.
+    """
+    from search.evaluation import encode_corpus
+    from training import finetune
+
+    resolved = finetune.resolve_base_model(model_path)
+    model_tag = hashlib.sha1(str(Path(resolved).resolve()).encode()).hexdigest()[:12]
+    stem = f"{Path(resolved).name}-{model_tag}-{file_sha1(data)[:12]}-seq{MAX_SEQ_LENGTH}"
+    vec_file, key_file = CACHE_DIR / f"{stem}.npy", CACHE_DIR / f"{stem}.keys.json"
+    if vec_file.exists() and key_file.exists():
+        keys = json.loads(key_file.read_text())
+        vectors = np.load(vec_file)
+        emit({"step": "encode", "cached": str(vec_file), "documents": len(keys)})
+        return dict(zip(keys, vectors))
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    model = finetune.load_model(resolved, device="cpu", max_seq_length=MAX_SEQ_LENGTH)
+    keys = list(texts_by_key)
+    t0 = time.perf_counter()
+    vectors = encode_corpus(model, [texts_by_key[k] for k in keys], batch_size=64)
+    emit({"step": "encode", "documents": len(keys), "seconds": round(time.perf_counter() - t0, 1)})
+    np.save(vec_file, vectors)
+    key_file.write_text(json.dumps(keys))
+    return dict(zip(keys, vectors))
+
+
+# Noise per dimension added to a copy's vector before renormalising: at 384
+# dims, sigma 0.025 puts copies at cosine ~0.89 to their original.
+COPY_NOISE_SIGMA = 0.025
+FILTER_FROM, FILTER_TO = "2015-01-01", "2015-12-31"
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return round(float(np.percentile(np.asarray(values), q)), 2) if values else float("nan")
+
+
+def _variant(rng: np.random.Generator, title: str, body: str) -> tuple[str, str]:
+    words = title.split()
+    if len(words) > 3:
+        del words[int(rng.integers(len(words)))]
+    sentences = [s for s in body.replace("\r", "").split(". ") if s.strip()]
+    if sentences:
+        keep = max(1, int(len(sentences) * 0.7))
+        chosen = sorted(rng.choice(len(sentences), size=keep, replace=False))
+        order = list(chosen)
+        rng.shuffle(order)
+        body = ". ".join(sentences[i] for i in order)
+    return " ".join(words), body
+
+
+def _copy_vectors(conn, rows: list[tuple[int, int, np.ndarray]]) -> None:
+    """COPY (document, version, vector) rows in binary (pgvector's psycopg adapter).
+
+    search_embedding may carry a content_hash column (incremental embedding
+    jobs); the bench's vectors get an empty one, as a fresh job would not.
+    """
+    from pgvector.psycopg import register_vector
+
+    register_vector(conn)
+    with conn.cursor() as cursor:
+        cursor.execute("SELECT 1 FROM information_schema.columns WHERE table_name = 'search_embedding' "
+                       "AND column_name = 'content_hash'")
+        with_hash = cursor.fetchone() is not None
+        columns = "document_id, model_version_id, embedding" + (", content_hash" if with_hash else "")
+        with cursor.copy(f"COPY search_embedding ({columns}) FROM STDIN WITH (FORMAT BINARY)") as copy:
+            copy.set_types(["int8", "int8", "vector"] + (["text"] if with_hash else []))
+            for row in rows:
+                copy.write_row((*row, "") if with_hash else row)
+
+
+def _build(args, issues, vectors_by_key) -> dict:
+    from django.contrib.auth import get_user_model
+    from django.db import connection
+
+    from search import services
+    from search.models import SearchIndex
+    from training import datasets, finetune
+    from training.models import Dataset, Document, ModelVersion
+
+    owner, _ = get_user_model().objects.get_or_create(username="bench")
+    dims = int(next(iter(vectors_by_key.values())).shape[0])
+    artifact = finetune.resolve_base_model(args.model)
+    timings = {}
+
+    t0 = time.perf_counter()
+    real = datasets.import_dataset(owner=owner, name="hadoop", kind="tickets", path=args.data, filename=args.data.name)
+    big = datasets.import_dataset(owner=owner, name="hadoop-100k", kind="tickets", path=args.data,
+                                  filename=args.data.name)
+    timings["import_real_x2_s"] = round(time.perf_counter() - t0, 1)
+
+    # Copies: bulk insert without the two GIN indexes, then rebuild them once
+    # (an index build is several times faster than 80k incremental updates).
+    t0 = time.perf_counter()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT indexname, indexdef FROM pg_indexes WHERE indexname IN "
+                       "('document_search_vector_gin', 'document_identifier_gin')")
+        gin_indexes = cursor.fetchall()
+        for name, _ in gin_indexes:
+            cursor.execute(f'DROP INDEX "{name}"')
+    rng = np.random.default_rng(0)
+    originals = list(Document.objects.filter(dataset=big).order_by("id").values_list("external_key", "title", "body",
+                                                                                        "metadata"))
+    missing = max(0, args.docs - len(originals))
+    batch: list[Document] = []
+    for n in range(missing):
+        key, title, body, metadata = originals[n % len(originals)]
+        title, body = _variant(rng, title, body)
+        meta = {k: v for k, v in metadata.items() if k != "links"}
+        batch.append(Document(dataset=big, external_key=f"{key}~{n // len(originals) + 1}", title=title or key,
+                              body=body, metadata=meta))
+        if len(batch) == 2000:
+            Document.objects.bulk_create(batch)
+            batch = []
+    if batch:
+        Document.objects.bulk_create(batch)
+    datasets.refresh_search_vectors(dataset=big)
+    with connection.cursor() as cursor:
+        cursor.execute("SET maintenance_work_mem = '512MB'")
+        for _, definition in gin_indexes:
+            cursor.execute(definition)
+        cursor.execute("ANALYZE training_document")
+    timings["copies_and_fulltext_s"] = round(time.perf_counter() - t0, 1)
+
+    # Vectors: real ones for real keys, noisy renormalised ones for copies.
+    t0 = time.perf_counter()
+    v_real = ModelVersion.objects.create(owner=owner, name="bench-real", version=1, base_model=args.model,
+                                         artifact_path=artifact, dimensions=dims)
+    v_big = ModelVersion.objects.create(owner=owner, name="bench-100k", version=1, base_model=args.model,
+                                        artifact_path=artifact, dimensions=dims)
+    big_rows = list(Document.objects.filter(dataset=big).order_by("id").values_list("id", "external_key", "metadata"))
+    big_ids = np.asarray([r[0] for r in big_rows])
+    big_vectors = np.empty((len(big_rows), dims), dtype=np.float32)
+    noise_rng = np.random.default_rng(1)
+    for i, (_, key, _) in enumerate(big_rows):
+        base = vectors_by_key[key.split("~")[0]]
+        if "~" in key:
+            noisy = base + noise_rng.normal(0.0, COPY_NOISE_SIGMA, size=dims).astype(np.float32)
+            base = noisy / np.linalg.norm(noisy)
+        big_vectors[i] = base
+    in_filter = np.asarray([FILTER_FROM <= (m.get("created") or "")[:10] <= FILTER_TO for _, _, m in big_rows])
+    real_rows = list(Document.objects.filter(dataset=real).values_list("id", "external_key"))
+    with transaction_atomic():
+        _copy_vectors(connection.connection, [(doc_id, v_real.pk, vectors_by_key[key]) for doc_id, key in real_rows])
+        _copy_vectors(connection.connection, [(int(d), v_big.pk, big_vectors[i]) for i, d in enumerate(big_ids)])
+    timings["store_vectors_s"] = round(time.perf_counter() - t0, 1)
+
+    t0 = time.perf_counter()
+    with connection.cursor() as cursor:
+        cursor.execute("SET maintenance_work_mem = '1GB'")
+        services.ensure_hnsw_index(model_version=v_big)
+        cursor.execute("RESET maintenance_work_mem")
+        cursor.execute("ANALYZE search_embedding")
+    timings["hnsw_build_s"] = round(time.perf_counter() - t0, 1)
+
+    indexes = {}
+    for name, dataset, version in (("real", real, v_real), ("big", big, v_big)):
+        total = Document.objects.filter(dataset=dataset).count()
+        indexes[name] = SearchIndex.objects.create(
+            owner=owner, dataset=dataset, model_version=version, status=SearchIndex.Status.READY,
+            embedded_count=total, total_count=total,
+        )
+    emit({"step": "build", "documents_100k": len(big_rows), "real_documents": len(real_rows),
+          "rows_in_filter": int(in_filter.sum()), **timings})
+    return {"indexes": indexes, "big_ids": big_ids, "big_vectors": big_vectors, "in_filter": in_filter,
+            "owner": owner, "timings": timings}
+
+
+def transaction_atomic():
+    from django.db import transaction
+
+    return transaction.atomic()
+
+
+def _latency(index, queries: list[str], query_vectors: np.ndarray) -> dict:
+    from search import services
+
+    for q, v in zip(queries[:20], query_vectors[:20]):  # warm caches and the model
+        services.hybrid_search(index=index, query=q, k=10, query_vector=v.tolist())
+        services.hybrid_search(index=index, query=q, k=10)
+    without, with_embedding, keyword_ms, vector_ms, embed_ms = [], [], [], [], []
+    for q, v in zip(queries, query_vectors):
+        t0 = time.perf_counter()
+        result = services.hybrid_search(index=index, query=q, k=10, query_vector=v.tolist())
+        without.append((time.perf_counter() - t0) * 1000)
+        keyword_ms.append(result.timings_ms.get("keyword", 0.0))
+        vector_ms.append(result.timings_ms.get("vector", 0.0))
+    for q in queries:
+        t0 = time.perf_counter()
+        result = services.hybrid_search(index=index, query=q, k=10)
+        with_embedding.append((time.perf_counter() - t0) * 1000)
+        embed_ms.append(result.timings_ms.get("embed", 0.0))
+    return {
+        "hybrid_p50_ms": _percentile(without, 50), "hybrid_p95_ms": _percentile(without, 95),
+        "hybrid_with_embedding_p50_ms": _percentile(with_embedding, 50),
+        "hybrid_with_embedding_p95_ms": _percentile(with_embedding, 95),
+        "keyword_side_p95_ms": _percentile(keyword_ms, 95), "vector_side_p95_ms": _percentile(vector_ms, 95),
+        "query_embedding_p95_ms": _percentile(embed_ms, 95), "latency_queries": len(queries),
+        # The machine is shared: the 1-minute load average when the latency
+        # loop ended says how busy the 2 cores were with other work.
+        "load_avg_1m_after_latency": round(os.getloadavg()[0], 2),
+    }
+
+
+def _recall(index, built: dict, query_vectors: np.ndarray) -> dict:
+    from datetime import date
+
+    from search import services
+
+    ids, vectors, mask = built["big_ids"], built["big_vectors"], built["in_filter"]
+    flt = services.SearchFilters(created_from=date.fromisoformat(FILTER_FROM), created_to=date.fromisoformat(FILTER_TO))
+    recalls, filtered_recalls, full_pages = [], [], 0
+    for v in query_vectors:
+        scores = vectors @ v
+        exact = set(ids[np.argsort(-scores)[:10]].tolist())
+        got = [d for d, _ in services._vector_ranking(index, v.tolist(), 10, services.SearchFilters())]
+        recalls.append(len(exact & set(got)) / 10)
+        masked = np.where(mask, scores, -np.inf)
+        exact_f = set(ids[np.argsort(-masked)[:10]].tolist())
+        got_f = [d for d, _ in services._vector_ranking(index, v.tolist(), 10, flt)]
+        filtered_recalls.append(len(exact_f & set(got_f)) / 10)
+        full_pages += len(got_f) == 10
+    return {
+        "hnsw_recall_at_10": round(float(np.mean(recalls)), 4),
+        "hnsw_filtered_recall_at_10": round(float(np.mean(filtered_recalls)), 4),
+        "filtered_queries_with_10_results": round(full_pages / len(query_vectors), 4),
+        "filter_fraction": round(float(mask.mean()), 4),
+        "recall_queries": len(query_vectors),
+    }
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _load(index, owner, queries: list[str], *, seconds: int, clients: int, workers: int, threads: int) -> dict:
+    """20 threads hammering GET /api/indexes/{id}/search/ over keep-alive HTTP on loopback."""
+    import http.client
+    import os
+    import subprocess
+    import sys
+    import threading
+    import urllib.parse
+
+    from rest_framework.authtoken.models import Token
+
+    token = Token.objects.get_or_create(user=owner)[0].key
+    port = _free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", LOG_LEVEL="WARNING", DEBUG="0", ALLOWED_HOSTS="127.0.0.1")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "embedportal.wsgi", "--bind", f"127.0.0.1:{port}", "--workers",
+         str(workers), "--threads", str(threads), "--timeout", "60", "--log-level", "warning"],
+        cwd=str(BASE_DIR), env=env,
+    )
+    headers = {"Authorization": f"Token {token}"}
+    path = f"/api/indexes/{index.pk}/search/?"
+    try:
+        deadline = time.time() + 90
+        while True:  # wait for the server, then warm every worker (model load ~2-5 s each)
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+                conn.request("GET", path + urllib.parse.urlencode({"q": "namenode"}), headers=headers)
+                if conn.getresponse().read() and True:
+                    break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise RuntimeError("gunicorn did not start")
+                time.sleep(0.5)
+        for q in queries[: workers * threads * 3]:
+            conn.request("GET", path + urllib.parse.urlencode({"q": q}), headers=headers)
+            conn.getresponse().read()
+        latencies: list[float] = []
+        errors: list[str] = []
+        lock = threading.Lock()
+        stop_at = time.perf_counter() + seconds
+
+        def client(n: int) -> None:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            i = n
+            while time.perf_counter() < stop_at:
+                q = queries[i % len(queries)]
+                i += clients
+                t0 = time.perf_counter()
+                try:
+                    c.request("GET", path + urllib.parse.urlencode({"q": q, "k": 10}), headers=headers)
+                    response = c.getresponse()
+                    body = response.read()
+                    ok = response.status == 200 and b'"results"' in body
+                except (OSError, http.client.HTTPException) as exc:
+                    ok, body = False, repr(exc).encode()
+                    c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+                elapsed = (time.perf_counter() - t0) * 1000
+                with lock:
+                    latencies.append(elapsed)
+                    if not ok:
+                        errors.append(body[:200].decode(errors="replace"))
+
+        started = time.perf_counter()
+        pool = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+        wall = time.perf_counter() - started
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    if errors:
+        emit({"step": "load", "first_errors": errors[:3]})
+    return {
+        "http_clients": clients, "http_seconds": round(wall, 1), "http_requests": len(latencies),
+        "http_errors": len(errors), "http_throughput_rps": round(len(latencies) / wall, 1),
+        "http_p50_ms": _percentile(latencies, 50), "http_p95_ms": _percentile(latencies, 95),
+        "gunicorn": f"{workers} workers x {threads} threads",
+        "load_avg_1m_after_http": round(os.getloadavg()[0], 2),
+    }
+
+
+def _quality(index) -> dict:
+    from search import services
+
+    t0 = time.perf_counter()
+    fusion = services.tune_fusion(index=index)  # the product default: 300 validation queries
+    report = services.evaluate_search(index=index, max_queries=None)
+    systems = report["systems"]
+    emit({"step": "quality", "fusion": {k: fusion.get(k) for k in ("method", "rrf_k", "alpha", "queries")},
+          "validation": fusion.get("systems"), "test": systems})
+    return {
+        "quality_queries": report["queries"],
+        "keyword_ndcg_at_10": systems["keyword"]["ndcg@10"],
+        "vector_ndcg_at_10": systems["vector"]["ndcg@10"],
+        "hybrid_ndcg_at_10": systems["hybrid"]["ndcg@10"],
+        "hybrid_recall_at_10": systems["hybrid"]["recall@10"],
+        "hybrid_mrr_at_10": systems["hybrid"]["mrr@10"],
+        "hybrid_minus_best_half": round(
+            systems["hybrid"]["ndcg@10"] - max(systems["keyword"]["ndcg@10"], systems["vector"]["ndcg@10"]), 4
+        ),
+        "default_fusion": fusion["method"] + (f" k={fusion['rrf_k']}" if fusion["method"] == "rrf"
+                                              else f" alpha={fusion['alpha']}"),
+        "quality_seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def run(argv: list[str]) -> dict:
+    import argparse
+
+    from bench.harness import setup_django, summary
+
+    parser = argparse.ArgumentParser(prog="python -m bench search")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2",
+                        help="base model name or a fine-tuned model folder")
+    parser.add_argument("--docs", type=int, default=100_000)
+    parser.add_argument("--queries", type=int, default=300, help="latency queries (ticket titles)")
+    parser.add_argument("--load-seconds", type=int, default=60)
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--skip-quality", action="store_true")
+    args = parser.parse_args(argv)
+    setup_django()
+    from search import encoders
+
+    issues = load_issues(args.data)
+    texts = {}
+    for issue in issues:
+        if (issue["fields"].get("summary") or "").strip() and issue["key"] not in texts:
+            texts[issue["key"]] = issue_text(issue)
+    vectors_by_key = cached_vectors(model_path=args.model, data=args.data, texts_by_key=texts)
+    built = _build(args, issues, vectors_by_key)
+    big = built["indexes"]["big"]
+
+    rng = np.random.default_rng(7)
+    titles = [issue["fields"]["summary"].strip() for issue in issues if (issue["fields"].get("summary") or "").strip()]
+    # Ticket titles as queries; every 4th gets a word of another title added,
+    # so no document has all its words and the keyword side has to relax.
+    picked = rng.choice(len(titles), size=args.queries, replace=False)
+    queries = [
+        titles[i] if n % 4 else f"{titles[i]} {titles[(i + 7919) % len(titles)].split()[-1]}"
+        for n, i in enumerate(picked)
+    ]
+    model = encoders.get_model(big.model_version.artifact_path)
+    model.max_seq_length = MAX_SEQ_LENGTH
+    query_vectors = model.encode(queries, normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
+
+    figures: dict = {"documents": int(len(built["big_ids"])), **built["timings"]}
+    figures.update(_latency(big, queries, query_vectors))
+    emit({"step": "latency", **figures})
+    figures.update(_recall(big, built, query_vectors[:200]))
+    emit({"step": "recall", **figures})
+    figures.update(_load(big, built["owner"], queries, seconds=args.load_seconds, clients=args.clients,
+                         workers=args.workers, threads=args.threads))
+    emit({"step": "load", **figures})
+    targets = {
+        "hybrid_p95_ms": "<= 30", "hybrid_with_embedding_p95_ms": "<= 50",
+        "hnsw_recall_at_10": ">= 0.95", "hnsw_filtered_recall_at_10": ">= 0.95",
+        "filtered_queries_with_10_results": ">= 1", "http_errors": "<= 0",
+    }
+    if not args.skip_quality:
+        figures.update(_quality(built["indexes"]["real"]))
+        targets["hybrid_minus_best_half"] = ">= 0"
+    figures["model"] = args.model
+    return summary("search", figures, targets)
