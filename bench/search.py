@@ -432,6 +432,8 @@ def run(argv: list[str]) -> dict:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--quality-only", action="store_true",
+                        help="only the DATA.md quality figures (no 100k index, latency, recall or HTTP load)")
     args = parser.parse_args(argv)
     setup_django()
     from search import encoders
@@ -442,7 +444,12 @@ def run(argv: list[str]) -> dict:
         if (issue["fields"].get("summary") or "").strip() and issue["key"] not in texts:
             texts[issue["key"]] = issue_text(issue)
     vectors_by_key = cached_vectors(model_path=args.model, data=args.data, texts_by_key=texts)
+    if args.quality_only:
+        args.docs = 0
     built = _build(args, issues, vectors_by_key)
+    if args.quality_only:
+        figures = {"model": args.model, **_quality(built["indexes"]["real"])}
+        return summary("search", figures, {"hybrid_minus_best_half": ">= 0"})
     big = built["indexes"]["big"]
 
     rng = np.random.default_rng(7)
