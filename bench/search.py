@@ -147,7 +147,7 @@ def _build(args, issues, vectors_by_key) -> dict:
     from search import services
     from search.models import SearchIndex
     from training import datasets, finetune
-    from training.models import Dataset, Document, ModelVersion
+    from training.models import Document, ModelVersion
 
     owner, _ = get_user_model().objects.get_or_create(username="bench")
     dims = int(next(iter(vectors_by_key.values())).shape[0])
@@ -465,7 +465,7 @@ def run(argv: list[str]) -> dict:
     model.max_seq_length = MAX_SEQ_LENGTH
     query_vectors = model.encode(queries, normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
 
-    figures: dict = {"documents": int(len(built["big_ids"])), **built["timings"]}
+    figures: dict = {"documents": len(built["big_ids"]), **built["timings"]}
     figures.update(_latency(big, queries, query_vectors))
     emit({"step": "latency", **figures})
     figures.update(_recall(big, built, query_vectors[:200]))

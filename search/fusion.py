@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Hashable, Sequence
+from collections.abc import Hashable, Sequence
 
 # k=60 is the constant of Cormack et al. (2009) and the default of
 # Elasticsearch/OpenSearch RRF.

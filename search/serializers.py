@@ -3,7 +3,13 @@ from rest_framework import serializers
 from search.fusion import RRF_K
 from search.models import DuplicatePair, SearchIndex
 from search.services import (
-    DEFAULT_DUPLICATE_THRESHOLD, FUSION_METHODS, MAX_K, MAX_QUERY_CHARS, MODES, RRF_K_RANGE, SearchFilters,
+    DEFAULT_DUPLICATE_THRESHOLD,
+    FUSION_METHODS,
+    MAX_K,
+    MAX_QUERY_CHARS,
+    MODES,
+    RRF_K_RANGE,
+    SearchFilters,
 )
 
 

@@ -16,9 +16,9 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from itertools import combinations
 from datetime import date, timedelta
-from typing import Any
+from itertools import combinations
+from typing import Any, ClassVar
 
 from django.core.cache import cache
 from django.db import connection, transaction
@@ -27,7 +27,12 @@ from django.utils import timezone
 from django.utils.html import escape
 
 from search import embedding, encoders, evaluation
-from search.fusion import DEFAULT_ALPHA, RRF_K, reciprocal_rank_fusion, weighted_score_fusion
+from search.fusion import (
+    DEFAULT_ALPHA,
+    RRF_K,
+    reciprocal_rank_fusion,
+    weighted_score_fusion,
+)
 from search.models import DuplicatePair, Embedding, SearchIndex
 from training import registry
 from training.models import Dataset, Document, ModelVersion
@@ -236,10 +241,10 @@ class SearchFilters:
     created_to: date | None = None
 
     # Tickets keep their creation time in metadata.created, Q&A rows in metadata.date (ISO strings).
-    _DATE = "left(coalesce(d.metadata->>'created', d.metadata->>'date'), 10)"
+    _DATE: ClassVar[str] = "left(coalesce(d.metadata->>'created', d.metadata->>'date'), 10)"
     # filter name -> SQL on alias d; %s takes a text[] parameter. Q&A
     # importers store the row's class/category as metadata.label.
-    _SCALAR = {
+    _SCALAR: ClassVar[dict[str, str]] = {
         "issue_types": "d.metadata->>'issue_type' = ANY(%s)",
         "priorities": "d.metadata->>'priority' = ANY(%s)",
         "statuses": "d.metadata->>'status' = ANY(%s)",
