@@ -76,6 +76,8 @@ def _plain_loop(pairs, hyper, device) -> float:
     from sentence_transformers.base.sampler import BatchSamplers
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
+    from transformers.trainer_callback import PrinterCallback
+
     from training.finetune import load_model
 
     model = load_model("sentence-transformers/all-MiniLM-L6-v2", device=device, max_seq_length=hyper.max_seq_length)
@@ -93,6 +95,7 @@ def _plain_loop(pairs, hyper, device) -> float:
             train_dataset=Dataset.from_dict({"anchor": [a for a, _ in pairs], "positive": [p for _, p in pairs]}),
             loss=MultipleNegativesRankingLoss(model),
         )
+        trainer.remove_callback(PrinterCallback)  # keep stdout to JSON lines, as the product does
         started = time.monotonic()
         output = trainer.train()
         elapsed = time.monotonic() - started

@@ -208,6 +208,7 @@ def fine_tune(
     from sentence_transformers.base.sampler import BatchSamplers
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
     from transformers import EarlyStoppingCallback, TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
 
     log = on_log or (lambda line: logger.info(line))
     device = pick_device(device)
@@ -313,6 +314,8 @@ def fine_tune(
     trainer = SentenceTransformerTrainer(
         model=model, args=args, train_dataset=train_dataset, loss=loss, evaluator=evaluator, callbacks=callbacks
     )
+    # With tqdm off, transformers prints every log dict to stdout; progress goes to our log instead.
+    trainer.remove_callback(PrinterCallback)
     resumed_step = _checkpoint_step(resume_from) if resume_from else 0
     log(
         f"training {len(data)} {data.shape} with {LOSS_LABELS[loss_name]} on {device} "
