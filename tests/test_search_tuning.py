@@ -57,7 +57,7 @@ def test_evaluation_page_shows_metric_table(web, slice_index):
     assert "5 held-out queries" in html
     for system in ("keyword", "vector", "hybrid"):
         assert f"<tr><td>{system}</td>" in html
-    assert "Tuned on" in html
+    assert "Tuned by ndcg@10 on " in html and "queries of the validation (TRAIN duplicate clusters)" in html
 
 
 def test_evaluation_page_rejects_bad_query_count(web, slice_index):
