@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from search.models import Embedding, SearchIndex
+from search.models import DuplicatePair, Embedding, SearchIndex
 
 
 @admin.register(SearchIndex)
@@ -16,3 +16,11 @@ class EmbeddingAdmin(admin.ModelAdmin):
     list_select_related = ["document", "model_version"]
     raw_id_fields = ["document"]
     exclude = ["embedding"]
+
+
+@admin.register(DuplicatePair)
+class DuplicatePairAdmin(admin.ModelAdmin):
+    list_display = ["id", "dataset", "document_a", "document_b", "similarity", "decision"]
+    list_filter = ["decision"]
+    list_select_related = ["dataset", "document_a", "document_b"]
+    raw_id_fields = ["document_a", "document_b"]

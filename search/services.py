@@ -34,6 +34,7 @@ from search.fusion import (
     weighted_score_fusion,
 )
 from search.models import DuplicatePair, Embedding, SearchIndex
+from search.vectors import vector_cast
 from training import registry
 from training.models import Dataset, Document, ModelVersion
 
@@ -91,10 +92,11 @@ def ensure_hnsw_index(*, model_version: ModelVersion) -> None:
     from our own rows (id and dimensions), never user input.
     """
     version_id, dims = int(model_version.pk), int(model_version.dimensions)
+    cast, ops = vector_cast(dims)  # halfvec above 2,000 dimensions
     with connection.cursor() as cursor:
         cursor.execute(
             f"CREATE INDEX IF NOT EXISTS {hnsw_index_name(version_id)} ON search_embedding "
-            f"USING hnsw ((embedding::vector({dims})) vector_cosine_ops) "
+            f"USING hnsw ((embedding::{cast}) {ops}) "
             f"WHERE model_version_id = {version_id}"
         )
 
@@ -618,7 +620,7 @@ def _keyword_ranking(
     return ranking[:limit], identifier_ids, notice
 
 
-def _vector_sql(dims: int, version_id: int, filters_sql: str, *, source: str = "%s::vector({dims})") -> str:
+def _vector_sql(dims: int, version_id: int, filters_sql: str, *, source: str = "%s::{cast}") -> str:
     """kNN SQL over the version's partial HNSW index; `source` is the query vector expression.
 
     The cast `embedding::vector(dims)` and `model_version_id = N` repeat the
@@ -628,13 +630,14 @@ def _vector_sql(dims: int, version_id: int, filters_sql: str, *, source: str = "
     re-sorts the materialized candidates by distance (pgvector's documented
     pattern).
     """
-    source = source.format(dims=int(dims))
+    cast = vector_cast(dims)[0]  # vector(dims), or halfvec(dims) above 2,000 dimensions
+    source = source.format(dims=int(dims), cast=cast)
     return (
         "WITH nn AS MATERIALIZED ("
-        f"SELECT e.document_id, (e.embedding::vector({int(dims)})) <=> {source} AS distance "
+        f"SELECT e.document_id, (e.embedding::{cast}) <=> {source} AS distance "
         "FROM search_embedding e JOIN training_document d ON d.id = e.document_id "
         f"WHERE e.model_version_id = {int(version_id)} AND d.dataset_id = %s{filters_sql} "
-        f"ORDER BY (e.embedding::vector({int(dims)})) <=> {source} LIMIT %s"
+        f"ORDER BY (e.embedding::{cast}) <=> {source} LIMIT %s"
         ") SELECT document_id, 1 - distance FROM nn ORDER BY distance, document_id"
     )
 
@@ -698,7 +701,7 @@ def similar_documents(
     where, params = (filters or SearchFilters()).sql()
     dims, version_id = int(index.model_version.dimensions), int(index.model_version_id)
     source = (
-        "(SELECT s.embedding::vector({dims}) FROM search_embedding s "
+        "(SELECT s.embedding::{cast} FROM search_embedding s "
         f"WHERE s.document_id = {int(document.pk)} AND s.model_version_id = {version_id})"
     )
     if not Embedding.objects.filter(document=document, model_version_id=version_id).exists():
@@ -901,17 +904,17 @@ def scan_duplicates(*, index: SearchIndex) -> SearchIndex:
     if not claimed:
         return index
     threshold = float(index.duplicates_threshold or DEFAULT_DUPLICATE_THRESHOLD)
-    dims, version_id = int(index.model_version.dimensions), int(index.model_version_id)
+    cast, version_id = vector_cast(index.model_version.dimensions)[0], int(index.model_version_id)
     sql = (
         "INSERT INTO search_duplicatepair (dataset_id, document_a_id, document_b_id, similarity, found_with_id, "
         "decision, created_at) "
         "SELECT DISTINCT ON (a, b) %s, a, b, sim, %s, 'pending', now() FROM ("
         "  SELECT LEAST(src.document_id, nn.document_id) AS a, GREATEST(src.document_id, nn.document_id) AS b, nn.sim "
         "  FROM search_embedding src CROSS JOIN LATERAL ("
-        f"    SELECT e.document_id, 1 - ((e.embedding::vector({dims})) <=> (src.embedding::vector({dims}))) AS sim "
+        f"    SELECT e.document_id, 1 - ((e.embedding::{cast}) <=> (src.embedding::{cast})) AS sim "
         "    FROM search_embedding e JOIN training_document d ON d.id = e.document_id "
         f"    WHERE e.model_version_id = {version_id} AND d.dataset_id = %s "
-        f"    ORDER BY (e.embedding::vector({dims})) <=> (src.embedding::vector({dims})) LIMIT %s"
+        f"    ORDER BY (e.embedding::{cast}) <=> (src.embedding::{cast}) LIMIT %s"
         "  ) nn "
         f"  WHERE src.model_version_id = {version_id} AND src.document_id = ANY(%s) "
         "  AND nn.document_id <> src.document_id AND nn.sim >= %s"

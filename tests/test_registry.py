@@ -236,3 +236,26 @@ def test_models_are_owner_scoped(api, other_user, tiny_model_dir):
     assert api.post(f"/api/models/{theirs.pk}/promote/").status_code == 404
     assert api.post("/api/embed", {"texts": ["x"], "version": theirs.pk}, format="json").status_code == 400
     assert get_user_model().objects.count() == 2
+
+
+def test_models_over_2000_dimensions_are_indexed_and_queried_as_halfvec(user, dataset):
+    import numpy as np
+    from django.db import connection
+
+    from search.vectors import store_embeddings
+
+    version = ModelVersion.objects.create(owner=user, name="wide", version=1, base_model="x", artifact_path="/x",
+                                          dimensions=2050, dataset=dataset)
+    docs = list(dataset.documents.order_by("id"))
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(len(docs), 2050)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    store_embeddings(model_version=version, doc_ids=[d.pk for d in docs], vectors=vectors)
+    services.ensure_hnsw_index(model_version=version)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT indexdef FROM pg_indexes WHERE indexname = %s", [services.hnsw_index_name(version.pk)])
+        assert "halfvec(2050)) halfvec_cosine_ops" in cursor.fetchone()[0]
+    sql = services._vector_sql(2050, version.pk, "")
+    query = "[" + ",".join(f"{x:.6f}" for x in vectors[3]) + "]"
+    ranked = services._run_knn(sql, [query, dataset.pk, query, 3], 3)
+    assert ranked[0][0] == docs[3].pk and ranked[0][1] == pytest.approx(1.0, abs=1e-3)

@@ -62,7 +62,7 @@ def test_token_endpoint_returns_token(client, user):
 
 def test_admin_registers_models(admin_client):
     for path in ["training/dataset", "training/datasetversion", "training/document", "training/trainingrun", "training/modelversion",
-                 "search/searchindex", "search/embedding"]:
+                 "search/searchindex", "search/embedding", "search/duplicatepair"]:
         assert admin_client.get(f"/admin/{path}/").status_code == 200
 
 
