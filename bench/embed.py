@@ -14,15 +14,12 @@ Targets: throughput ratio >= 1.5, nDCG@10 drop <= 0.01.
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from bench.harness import SHARED_DATA, emit, setup_django, summary
+from bench.harness import SHARED_DATA, emit, setup_django, subset_file, summary
 
 
 def run(argv: list[str]) -> dict:
@@ -43,7 +40,7 @@ def run(argv: list[str]) -> dict:
     from training.models import Document, ModelVersion
 
     owner, _ = get_user_model().objects.get_or_create(username="bench")
-    path = _subset(args.data, args.limit) if args.limit else args.data
+    path = subset_file(args.data, args.limit) if args.limit else args.data
     dataset = datasets.import_dataset(owner=owner, name="embed-bench", kind="tickets", path=path, filename=path.name)
     artifact = resolve_base_model("sentence-transformers/all-MiniLM-L6-v2")
     model = encoders.get_model(artifact)
@@ -89,19 +86,3 @@ def run(argv: list[str]) -> dict:
         "ndcg_drop": round(ndcg["baseline"] - ndcg["embedportal"], 4),
     }
     return summary("embed", figures, {"throughput_ratio": ">= 1.5", "ndcg_drop": "<= 0.01"})
-
-
-def _subset(source: Path, limit: int) -> Path:
-    with gzip.open(source, "rt") if source.suffix == ".gz" else open(source) as fh:
-        issues = json.load(fh)["issues"]
-    keys = {i["key"] for i in issues}
-    linked = {
-        i["key"] for i in issues
-        for link in i["fields"].get("issuelinks") or []
-        if (link.get("type") or {}).get("name") == "Duplicate"
-        and ((link.get("outwardIssue") or link.get("inwardIssue") or {}).get("key") in keys)
-    }
-    chosen = [i for n, i in enumerate(issues) if n < limit or i["key"] in linked]
-    out = Path(tempfile.mkdtemp(prefix="embed-bench-")) / "subset.json"
-    out.write_text(json.dumps({"issues": chosen}))
-    return out

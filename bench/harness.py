@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import operator
 import os
 import resource
+import tempfile
 from pathlib import Path
 
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
@@ -43,3 +45,21 @@ def summary(name: str, figures: dict, targets: dict[str, str]) -> dict:
         value = figures[figure]
         checked[figure] = {"value": value, "target": target, "met": bool(_OPS[op](value, float(number)))}
     return {"bench": name, "figures": figures, "targets": checked, "all_met": all(t["met"] for t in checked.values())}
+
+
+def subset_file(source: Path, limit: int) -> Path:
+    """A Jira JSON file with the first `limit` issues plus every issue that has a Duplicate
+    link inside the export, so the DATA.md protocol's clusters stay complete."""
+    with gzip.open(source, "rt") if source.suffix == ".gz" else open(source) as fh:
+        issues = json.load(fh)["issues"]
+    keys = {i["key"] for i in issues}
+    linked = {
+        i["key"] for i in issues
+        for link in i["fields"].get("issuelinks") or []
+        if (link.get("type") or {}).get("name") == "Duplicate"
+        and ((link.get("outwardIssue") or link.get("inwardIssue") or {}).get("key") in keys)
+    }
+    chosen = [i for n, i in enumerate(issues) if n < limit or i["key"] in linked]
+    out = Path(tempfile.mkdtemp(prefix="embedportal-subset-")) / "subset.json"
+    out.write_text(json.dumps({"issues": chosen}))
+    return out

@@ -15,13 +15,15 @@ import sys
 import time
 from pathlib import Path
 
-from bench.harness import SHARED_DATA, emit, setup_django, summary
+from bench.harness import SHARED_DATA, emit, setup_django, subset_file, summary
 
 
 def run(argv: list[str]) -> dict:
     parser = argparse.ArgumentParser(prog="python -m bench quality")
     parser.add_argument("--data", type=Path, default=SHARED_DATA / "jira" / "apache-hadoop.jira.json.gz")
     parser.add_argument("--device", default=None, help="auto (default), cpu, cuda")
+    parser.add_argument("--limit", type=int, default=0,
+                        help="first N issues + every duplicate-linked issue instead of the whole file (0: all)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="override a default hyperparameter (not for the reported figures)")
     args = parser.parse_args(argv)
@@ -32,8 +34,9 @@ def run(argv: list[str]) -> dict:
 
     owner, _ = get_user_model().objects.get_or_create(username="bench")
     started = time.perf_counter()
-    dataset = datasets.import_dataset(owner=owner, name=args.data.name, kind="tickets", path=args.data,
-                                      filename=args.data.name)
+    path = subset_file(args.data, args.limit) if args.limit else args.data
+    dataset = datasets.import_dataset(owner=owner, name=args.data.name, kind="tickets", path=path,
+                                      filename=path.name)
     overrides = dict(item.split("=", 1) for item in args.set)
     run_row = services.start_run(owner=owner, dataset=dataset, hyperparameters=overrides, enqueue=False)
     run_row = services.execute_run(run=run_row, device=args.device, echo=lambda line: print(line, file=sys.stderr))
@@ -44,6 +47,7 @@ def run(argv: list[str]) -> dict:
         emit({"system": name, "recall@10": values["recall@10"], "mrr@10": values["mrr@10"],
               "ndcg@10": values["ndcg@10"], "queries": values["queries"]})
     figures = {
+        "documents": dataset.documents.count(),
         "queries": systems["base"]["queries"],
         "base_ndcg@10": systems["base"]["ndcg@10"],
         "fine_tuned_ndcg@10": systems["fine_tuned"]["ndcg@10"],
