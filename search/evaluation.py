@@ -18,6 +18,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from django.db import connection
 
+from search.embedding import MAX_EMBED_CHARS
 from search.fusion import reciprocal_rank_fusion
 from training.models import Dataset, Document
 from training.pairs import Ticket, duplicate_clusters, split_clusters
@@ -156,7 +157,9 @@ def encode_corpus(model, texts: Sequence[str], *, batch_size: int = 64) -> np.nd
     """Normalized float32 embeddings of texts, encoded longest first (less padding)."""
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     encoded = model.encode(
-        [texts[i][:4000] for i in order], batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True
+        # Same truncation as the embedding job: a run's evaluation vectors become the version's stored vectors.
+        [texts[i][:MAX_EMBED_CHARS] for i in order], batch_size=batch_size, normalize_embeddings=True,
+        convert_to_numpy=True,
     )
     out = np.empty_like(encoded)
     out[order] = encoded

@@ -40,13 +40,6 @@ from training.models import Dataset, Document, ModelVersion
 
 logger = logging.getLogger(__name__)
 
-# Documents encoded and written per chunk. 256 MiniLM texts at 256 tokens take
-# ~8 s on 2 CPU cores; progress is saved after each chunk, so a crash loses at
-# most one chunk.
-EMBED_CHUNK_SIZE = 256
-# Characters of a document sent to the tokenizer: MiniLM truncates at 256
-# tokens (~1,000-1,500 characters), so longer text only costs tokenizing time.
-MAX_EMBED_CHARS = 4000
 # Candidates taken from each side before fusion.
 CANDIDATES_PER_SIDE = 100
 MAX_QUERY_CHARS = 1000
