@@ -513,3 +513,20 @@ def test_upload_page_over_the_size_limit_is_refused_with_csrf_enforced(user, set
     refused = client.post("/datasets/", {"name": "x", "file": SimpleUploadedFile("a.csv", b"question,answer\nq,a\n")})
     assert refused.status_code == 403  # the CSRF check still runs
     assert Dataset.objects.count() == 0
+
+
+def test_dataset_language_sets_the_text_search_configuration(api):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    german = json.dumps([{"key": "G-1", "fields": {"summary": "Die Festplatten laufen voll",
+                                                   "description": "Speicher"}}]).encode()
+    response = api.post("/api/datasets/", {"name": "de", "language": "german",
+                                           "file": SimpleUploadedFile("de.json", german)}, format="multipart")
+    assert response.status_code == 201, response.content
+    assert response.json()["language"] == "german"
+    doc = Document.objects.get(external_key="G-1")
+    assert "festplatt" in str(doc.search_vector)  # German stemming, not English
+    bad = api.post("/api/datasets/", {"name": "xx", "language": "klingon",
+                                      "file": SimpleUploadedFile("x.json", german)}, format="multipart")
+    assert bad.status_code == 400
+    assert bad.json()["fields"]["language"].startswith("'klingon' is not a text-search configuration here")

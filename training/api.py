@@ -74,7 +74,7 @@ class DatasetViewSet(
         try:
             dataset = datasets.import_upload(
                 owner=request.user, name=data["name"], kind=data["kind"], upload=data["file"],
-                strict=data["strict"], mapping=data["mapping"],
+                strict=data["strict"], mapping=data["mapping"], language=data["language"],
             )
         except ServiceError as exc:
             return service_error_response(exc)

@@ -44,8 +44,12 @@ def import_dataset(
     filename: str,
     strict: bool = False,
     mapping: dict[str, Any] | None = None,
+    language: str = "english",
 ) -> Dataset:
     """Create a dataset from an uploaded export (version 1), all or nothing.
+
+    `language` is the PostgreSQL text-search configuration (stemming, stop
+    words) of the dataset's keyword index; an unknown one is refused.
 
     kind "" takes the kind the file's format implies. Side effects: creates the
     Dataset, its Documents (with their full-text vectors) and DatasetVersion 1
@@ -55,6 +59,10 @@ def import_dataset(
     name = name.strip()
     if not name:
         raise ServiceError("name: give the dataset a name.")
+    languages = text_search_configs()
+    if language not in languages:
+        raise ServiceError(f"language: {language!r} is not a text-search configuration here; one of "
+                           f"{', '.join(languages)}.")
     if Dataset.objects.filter(owner=owner, name=name).exists():
         raise ServiceError(f"name: you already have a dataset called {name!r}; pick another name.")
     if kind and kind not in Dataset.Kind.values:
@@ -72,6 +80,7 @@ def import_dataset(
                 owner=owner,
                 name=name,
                 kind=upload.kind,
+                language=language,
                 source_filename=filename[:255],
                 column_mapping=upload.mapping if upload.format == "mapped" else {},
             )
@@ -389,12 +398,22 @@ def upload_on_disk(upload) -> Iterator[Path]:
 
 
 def import_upload(
-    *, owner, name: str, kind: str = "", upload, strict: bool = False, mapping: dict[str, Any] | None = None
+    *, owner, name: str, kind: str = "", upload, strict: bool = False, mapping: dict[str, Any] | None = None,
+    language: str = "english",
 ) -> Dataset:
     """import_dataset() for a Django UploadedFile (on disk or in memory)."""
     with upload_on_disk(upload) as path:
         return import_dataset(owner=owner, name=name, kind=kind, path=path, filename=upload.name, strict=strict,
-                              mapping=mapping)
+                              mapping=mapping, language=language)
+
+
+def text_search_configs() -> list[str]:
+    """The text-search configurations this PostgreSQL has (english, german, simple, ...)."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT cfgname FROM pg_ts_config ORDER BY cfgname")
+        return [row[0] for row in cursor.fetchall()]
 
 
 def refresh_search_vectors(*, dataset: Dataset) -> None:

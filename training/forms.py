@@ -100,8 +100,10 @@ class UploadForm(MappingFields):
         "text + label, or any CSV/JSONL/Parquet with a column mapping"
     )
     strict = forms.BooleanField(required=False, help_text="Refuse the whole file if any row is bad.")
+    language = forms.CharField(max_length=32, required=False, initial="english",
+                               help_text="Text-search configuration: english, german, french, simple, ...")
 
-    field_order = ["name", "kind", "file", "strict"]
+    field_order = ["name", "kind", "file", "strict", "language"]
 
     def clean_file(self):
         return _check_size(self.cleaned_data["file"])

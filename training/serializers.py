@@ -60,6 +60,8 @@ class DatasetUploadSerializer(serializers.Serializer):
     file = serializers.FileField()
     strict = serializers.BooleanField(default=False)
     mapping = MappingField(required=False, allow_null=True, default=None)
+    language = serializers.CharField(max_length=32, default="english",
+                                     help_text="PostgreSQL text-search configuration (english, german, simple, ...)")
 
     def validate_file(self, upload):
         return _check_upload_size(upload)

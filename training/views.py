@@ -39,7 +39,8 @@ def _dataset_list(request: HttpRequest, limiter) -> HttpResponse:
                                                     mapping=form.mapping())
             else:
                 dataset = datasets.import_upload(owner=request.user, name=data["name"], kind=data["kind"],
-                                                 upload=data["file"], strict=data["strict"], mapping=form.mapping())
+                                                 upload=data["file"], strict=data["strict"], mapping=form.mapping(),
+                                                 language=data.get("language") or "english")
         except ServiceError as exc:
             form.add_error(None, str(exc))
         else:
