@@ -311,20 +311,10 @@ def _term_counts(tsvector_text: str) -> dict[str, int]:
     return {m.group(1).replace("''", "'"): m.group(2).count(",") + 1 for m in _LEXEME.finditer(tsvector_text or "")}
 
 
-def bm25_rankings(
-    *, dataset: Dataset, eval_set: EvalSet, queries: Iterable[int] | None = None, limit: int = RANK_DEPTH
-) -> dict[int, list[int]]:
-    """Okapi BM25 (k1 1.2, b 0.75) with PostgreSQL's own stemming and stop words.
-
-    Term counts come from the documents' stored tsvectors (title and body), so
-    the keyword baseline tokenizes exactly like the product's full-text index;
-    the query is the query document's own lexemes. This is the BM25-class
-    system ../shared/DATA.md's keyword figure uses, which ts_rank over an OR of
-    a whole ticket's lexemes is not.
-    """
+def _bm25_matrices(dataset: Dataset):
+    """(term counts per document as CSR, BM25 term weights per document as CSC), rows in id order."""
     from scipy import sparse
 
-    position = eval_set.position
     rows = Document.objects.filter(dataset=dataset).order_by("id").values_list("id", "search_vector")
     vocabulary: dict[str, int] = {}
     data, indices, indptr, lengths = [], [], [0], []
@@ -344,6 +334,23 @@ def bm25_rankings(
     weighted = tf.tocoo()
     scores_data = weighted.data * (BM25_K1 + 1) / (weighted.data + norm[weighted.row])
     term_weights = sparse.csr_matrix((scores_data * idf[weighted.col], (weighted.row, weighted.col)), shape=tf.shape)
+    return tf, term_weights.tocsc()
+
+
+def bm25_rankings(
+    *, dataset: Dataset, eval_set: EvalSet, queries: Iterable[int] | None = None, limit: int = RANK_DEPTH
+) -> dict[int, list[int]]:
+    """Okapi BM25 (k1 1.2, b 0.75) with PostgreSQL's own stemming and stop words.
+
+    Term counts come from the documents' stored tsvectors (title and body), so
+    the keyword baseline tokenizes exactly like the product's full-text index;
+    the query is the query document's own lexemes. This is the BM25-class
+    system ../shared/DATA.md's keyword figure uses, which ts_rank over an OR of
+    a whole ticket's lexemes is not.
+    """
+    position = eval_set.position
+    tf, term_weights = _bm25_matrices(dataset)
+    n_docs = tf.shape[0]
     doc_ids = np.asarray(eval_set.doc_ids)
     out: dict[int, list[int]] = {}
     for query in queries if queries is not None else eval_set.queries:
@@ -361,35 +368,14 @@ def bm25_scored_rankings(
 ) -> dict[int, list[tuple[int, float]]]:
     """bm25_rankings() with the BM25 scores (query removed), for score fusion in search tuning.
 
-    The same Okapi BM25 over the stored tsvectors; the matrix build repeats
-    bm25_rankings()'s so that function keeps its signature and return type.
+    The same Okapi BM25 over the stored tsvectors (shared _bm25_matrices).
     ts_rank_cd over an OR of a whole ticket's lexemes (keyword_scored_rankings)
     scored nDCG@10 0.008 on the Hadoop validation queries at 2.6 s a query;
     this takes seconds for all of them.
     """
-    from scipy import sparse
-
     position = eval_set.position
-    rows = Document.objects.filter(dataset=dataset).order_by("id").values_list("id", "search_vector")
-    vocabulary: dict[str, int] = {}
-    data, indices, indptr, lengths = [], [], [0], []
-    for _, vector in rows.iterator(chunk_size=5000):
-        counts = _term_counts(str(vector) if vector is not None else "")
-        for term, count in counts.items():
-            indices.append(vocabulary.setdefault(term, len(vocabulary)))
-            data.append(count)
-        indptr.append(len(indices))
-        lengths.append(sum(counts.values()))
-    tf = sparse.csr_matrix((np.asarray(data, dtype=np.float32), indices, indptr), shape=(len(lengths), len(vocabulary)))
+    tf, term_weights = _bm25_matrices(dataset)
     n_docs = tf.shape[0]
-    df = np.bincount(tf.indices, minlength=tf.shape[1])
-    idf = np.log(1 + (n_docs - df + 0.5) / (df + 0.5)).astype(np.float32)
-    lengths_arr = np.asarray(lengths, dtype=np.float32)
-    norm = BM25_K1 * (1 - BM25_B + BM25_B * lengths_arr / max(lengths_arr.mean(), 1e-6))
-    weighted = tf.tocoo()
-    scores_data = weighted.data * (BM25_K1 + 1) / (weighted.data + norm[weighted.row])
-    term_weights = sparse.csr_matrix((scores_data * idf[weighted.col], (weighted.row, weighted.col)), shape=tf.shape)
-    term_weights = term_weights.tocsc()
     doc_ids = np.asarray(eval_set.doc_ids)
     out: dict[int, list[tuple[int, float]]] = {}
     for query in queries if queries is not None else eval_set.queries:
