@@ -145,6 +145,9 @@ ARTIFACT_STORE = env_str("EMBEDPORTAL_ARTIFACT_STORE", "")
 S3_ENDPOINT_URL = env_str("EMBEDPORTAL_S3_ENDPOINT_URL", "")
 # A served model unused for this long is dropped from a process's memory.
 MODEL_IDLE_UNLOAD_S = env_int("EMBEDPORTAL_MODEL_IDLE_UNLOAD_S", 1800)
+# Encoder of the embedding job: auto (ONNX Runtime int8 on CPU, PyTorch on a
+# GPU), torch, onnx (fp32) or onnx-int8. See search/onnx_encoder.py.
+EMBED_BACKEND = env_str("EMBEDPORTAL_EMBED_BACKEND", "auto")
 # A running run whose heartbeat is older than this is marked failed by the reaper.
 RUN_HEARTBEAT_TIMEOUT_S = env_int("EMBEDPORTAL_RUN_HEARTBEAT_TIMEOUT_S", 300)
 

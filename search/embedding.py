@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+from django.conf import settings
 from django.db.models import Exists, OuterRef
 
 from search import encoders
@@ -48,13 +49,19 @@ class EmbedProgress:
     done: int
     total: int
     docs_per_s: float
+    backend: str = "torch"
 
 
 def embed_documents(
-    *, dataset: Dataset, model_version: ModelVersion, on_chunk: Callable[[EmbedProgress], None] | None = None
+    *, dataset: Dataset, model_version: ModelVersion, on_chunk: Callable[[EmbedProgress], None] | None = None,
+    backend: str | None = None,
 ) -> EmbedProgress:
-    """Encode and store every pending document; returns counts and throughput."""
-    model = encoders.get_model(model_version.artifact_path)
+    """Encode and store every pending document; returns counts, throughput and the backend used.
+
+    backend: "auto" (default: EMBEDPORTAL_EMBED_BACKEND), "torch", "onnx" or
+    "onnx-int8" (search.encoders.get_job_encoder).
+    """
+    model, used = encoders.get_job_encoder(model_version.artifact_path, backend or settings.EMBED_BACKEND)
     total = Document.objects.filter(dataset=dataset).count()
     ids = list(pending_documents(dataset=dataset, model_version=model_version).order_by("id").values_list("id", flat=True))
     done = total - len(ids)
@@ -82,6 +89,8 @@ def embed_documents(
         done += len(rows)
         written += len(rows)
         if on_chunk:
-            on_chunk(EmbedProgress(done=done, total=total, docs_per_s=written / (time.perf_counter() - started)))
+            on_chunk(EmbedProgress(done=done, total=total, docs_per_s=written / (time.perf_counter() - started),
+                                   backend=used))
     elapsed = time.perf_counter() - started
-    return EmbedProgress(done=done, total=total, docs_per_s=round(written / elapsed, 2) if written else 0.0)
+    return EmbedProgress(done=done, total=total, docs_per_s=round(written / elapsed, 2) if written else 0.0,
+                         backend=used)

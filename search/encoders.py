@@ -9,6 +9,7 @@ next access; at most MAX_CACHED_MODELS stay in memory.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -18,6 +19,8 @@ from django.conf import settings
 
 from training import finetune
 from training.errors import ServiceError
+
+logger = logging.getLogger(__name__)
 
 # Two models in memory cover "production + the one being compared".
 MAX_CACHED_MODELS = 2
@@ -50,6 +53,43 @@ def get_model(artifact_path: str):
         while len(_cache) > MAX_CACHED_MODELS:
             _cache.popitem(last=False)
     return model
+
+
+def get_job_encoder(artifact_path: str, backend: str = "auto") -> tuple[object, str]:
+    """The encoder of the embedding job and the backend it runs on.
+
+    backend "auto" (EMBEDPORTAL_EMBED_BACKEND's default) is ONNX Runtime int8
+    on CPU and PyTorch on a GPU; "onnx" / "onnx-int8" force ONNX Runtime,
+    "torch" the PyTorch model. A model the ONNX encoder cannot run (another
+    module pipeline, a failed export) is encoded with PyTorch and the log says
+    why. Cached per process like the serving models.
+    """
+    from search import onnx_encoder
+
+    model = get_model(artifact_path)
+    chosen = onnx_encoder.resolve_backend(backend, str(model.device.type))
+    if chosen == "torch":
+        return model, "torch"
+    key = f"{chosen}:{artifact_path}"
+    now = time.monotonic()
+    with _lock:
+        entry = _cache.get(key)
+        if entry is not None:
+            _cache[key] = (entry[0], now)
+            return entry[0], chosen
+    from training.artifacts import ensure_local
+
+    try:
+        encoder = onnx_encoder.OnnxEncoder(model, model_dir=finetune.resolve_base_model(ensure_local(artifact_path)),
+                                           quantized=chosen == "onnx-int8")
+    except onnx_encoder.UnsupportedModel as exc:
+        logger.warning("embedding with PyTorch instead of %s: %s", chosen, exc)
+        return model, "torch"
+    with _lock:
+        _cache[key] = (encoder, time.monotonic())
+        while len(_cache) > MAX_CACHED_MODELS + 1:
+            _cache.popitem(last=False)
+    return encoder, chosen
 
 
 def loaded_models() -> list[str]:

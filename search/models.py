@@ -48,6 +48,8 @@ class SearchIndex(models.Model):
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     # Throughput of the last embedding job, end to end into pgvector.
     docs_per_s = models.FloatField(null=True, blank=True)
+    # Encoder of the last embedding job: torch, onnx or onnx-int8 (search.onnx_encoder).
+    backend = models.CharField(max_length=16, blank=True)
     error = models.TextField(blank=True)
     # Default fusion of hybrid search, tuned on the validation split (TRAIN
     # duplicate clusters) by services.tune_fusion: {"method": "rrf"|"weighted",

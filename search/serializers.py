@@ -17,7 +17,7 @@ class SearchIndexSerializer(serializers.ModelSerializer):
     class Meta:
         model = SearchIndex
         fields = [
-            "id", "dataset", "model_version", "status", "embedded_count", "total_count", "created_at",
+            "id", "dataset", "model_version", "status", "embedded_count", "total_count", "docs_per_s", "backend", "created_at",
             "started_at", "finished_at", "error", "fusion", "duplicates_status", "duplicates_threshold",
             "duplicates_found", "duplicates_finished_at", "duplicates_error",
         ]

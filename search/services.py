@@ -113,12 +113,12 @@ def build_index(*, index: SearchIndex) -> SearchIndex:
         def progress(p) -> None:
             SearchIndex.objects.filter(pk=index.pk).update(
                 embedded_count=p.done, total_count=p.total, docs_per_s=round(p.docs_per_s, 2),
-                heartbeat_at=timezone.now(),
+                backend=p.backend, heartbeat_at=timezone.now(),
             )
 
         result = embedding.embed_documents(dataset=index.dataset, model_version=version, on_chunk=progress)
         SearchIndex.objects.filter(pk=index.pk).update(
-            embedded_count=result.done, total_count=result.total,
+            embedded_count=result.done, total_count=result.total, backend=result.backend,
             docs_per_s=result.docs_per_s if result.docs_per_s else None,
         )
         ensure_hnsw_index(model_version=version)
