@@ -13,6 +13,7 @@ from training import views as training_views
 
 router = DefaultRouter()
 router.register("datasets", training_api.DatasetViewSet, basename="api-dataset")
+router.register("imports", training_api.ImportJobViewSet, basename="api-import")
 router.register("runs", training_api.TrainingRunViewSet, basename="api-run")
 router.register("models", training_api.ModelVersionViewSet, basename="api-model")
 router.register("indexes", search_api.SearchIndexViewSet, basename="api-index")
@@ -29,6 +30,7 @@ urlpatterns = [
     path("datasets/<int:pk>/upload", training_views.dataset_upload, name="dataset_upload"),
     path("datasets/<int:pk>/versions/<int:number>/rejected.csv", training_views.dataset_report_csv, name="dataset_report_csv"),
     path("datasets/<int:pk>/pairs", training_views.dataset_pairs, name="dataset_pairs"),
+    path("imports/<int:pk>/", training_views.import_detail, name="import_detail"),
     path("runs/compare/", training_views.run_compare, name="run_compare"),
     path("runs/<int:pk>/", training_views.run_detail, name="run_detail"),
     path("runs/<int:pk>/cancel", training_views.run_cancel, name="run_cancel"),

@@ -89,3 +89,22 @@ def api(user) -> APIClient:
 def web(client, user):
     client.force_login(user)
     return client
+
+
+@pytest.fixture
+def celery_worker(transactional_db):
+    """A real Celery worker (solo pool, in a thread) on both queues, over the test Redis."""
+    import redis
+    from celery.contrib.testing.worker import start_worker
+    from django.conf import settings
+
+    from embedportal.celery import app as celery_app
+
+    client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    for queue in ("default", settings.GPU_QUEUE):
+        client.delete(queue)
+    with start_worker(
+        celery_app, pool="solo", perform_ping_check=False, queues=["default", settings.GPU_QUEUE],
+        shutdown_timeout=60, loglevel="WARNING",
+    ) as worker:
+        yield worker

@@ -3,40 +3,11 @@ upload -> train -> register + promote -> embed -> hybrid search."""
 
 from __future__ import annotations
 
-import json
-import time
-
 import pytest
-import redis
-from celery.contrib.testing.worker import start_worker
-from django.conf import settings
 
-from embedportal.celery import app as celery_app
 from search.models import Embedding, SearchIndex
+from tests.waiting import wait_for
 from training.models import Document, ModelVersion, TrainingRun
-
-
-@pytest.fixture
-def celery_worker(transactional_db):
-    client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
-    for queue in ("default", settings.GPU_QUEUE):
-        client.delete(queue)
-    with start_worker(
-        celery_app, pool="solo", perform_ping_check=False, queues=["default", settings.GPU_QUEUE],
-        shutdown_timeout=60, loglevel="WARNING",
-    ) as worker:
-        yield worker
-
-
-def wait_for(fetch, done, timeout=180):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fetch()
-        if done(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out; last value: {json.dumps(value, default=str)[:2000]}")
-        time.sleep(0.5)
 
 
 @pytest.mark.django_db(transaction=True)

@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from training.models import Dataset, DatasetVersion, Document, ModelVersion, TrainingRun
+from training.models import Dataset, DatasetVersion, Document, ImportJob, ModelVersion, TrainingRun
 
 
 @admin.register(Dataset)
@@ -16,6 +16,18 @@ class DatasetVersionAdmin(admin.ModelAdmin):
                     "created_at"]
     list_select_related = ["dataset"]
     readonly_fields = ["report", "rejected_rows"]
+
+
+@admin.register(ImportJob)
+class ImportJobAdmin(admin.ModelAdmin):
+    list_display = ["id", "filename", "name", "action", "owner", "status", "phase", "rows_read", "attempts",
+                    "created_at", "finished_at"]
+    list_filter = ["status", "action"]
+    search_fields = ["filename", "name"]
+    readonly_fields = [f.name for f in ImportJob._meta.fields]
+
+    def has_add_permission(self, request):  # jobs come from uploads (page or API), not from admin
+        return False
 
 
 @admin.register(Document)

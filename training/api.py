@@ -11,11 +11,11 @@ from rest_framework.exceptions import NotFound, ValidationError
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.response import Response
 
-from training import datasets, forms, importers, pairs, registry, serializers, services
+from training import datasets, forms, importers, imports, pairs, registry, serializers, services
 from training.downloads import temporary_file_response
 from training.errors import ServiceError
 from training.hyperparameters import HyperparameterError
-from training.models import Dataset, DatasetVersion, ModelVersion, TrainingRun
+from training.models import Dataset, DatasetVersion, ImportJob, ModelVersion, TrainingRun
 
 
 def service_error_response(exc: Exception) -> Response:
@@ -64,13 +64,22 @@ class DatasetViewSet(
                             status=status.HTTP_400_BAD_REQUEST)
         return None
 
-    @extend_schema(request=serializers.DatasetUploadSerializer, responses={201: serializers.DatasetSerializer})
+    @extend_schema(request=serializers.DatasetUploadSerializer,
+                   responses={201: serializers.DatasetSerializer, 202: serializers.ImportJobSerializer})
     def create(self, request):
+        """Upload a new dataset: 201 with it, or 202 with an import job for a big (or background=true) upload."""
         if (refused := self._limited(request)) is not None:
             return refused
         upload = serializers.DatasetUploadSerializer(data=request.data)
         upload.is_valid(raise_exception=True)
         data = upload.validated_data
+        if imports.wants_background(data["file"], data["background"]):
+            try:
+                job = imports.submit(owner=request.user, upload=data["file"], name=data["name"], kind=data["kind"],
+                                     strict=data["strict"], mapping=data["mapping"], language=data["language"])
+            except ServiceError as exc:
+                return service_error_response(exc)
+            return Response(serializers.ImportJobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
         try:
             dataset = datasets.import_upload(
                 owner=request.user, name=data["name"], kind=data["kind"], upload=data["file"],
@@ -107,16 +116,20 @@ class DatasetViewSet(
         return Response(result)
 
     @extend_schema(request=serializers.DatasetVersionUploadSerializer,
-                   responses={201: serializers.DatasetVersionSerializer})
+                   responses={201: serializers.DatasetVersionSerializer, 202: serializers.ImportJobSerializer})
     @action(detail=True, methods=["post"])
     def upload(self, request, pk=None):
-        """Upsert a newer export (or add a duplicate links CSV) as a new version."""
+        """Upsert a newer export (or add a duplicate links CSV) as a new version; 202 + job when imported later."""
         dataset = self.get_object()
         if (refused := self._limited(request)) is not None:
             return refused
         payload = serializers.DatasetVersionUploadSerializer(data=request.data)
         payload.is_valid(raise_exception=True)
         data = payload.validated_data
+        if imports.wants_background(data["file"], data["background"]):
+            job = imports.submit(owner=request.user, upload=data["file"], dataset=dataset, strict=data["strict"],
+                                 mapping=data["mapping"])
+            return Response(serializers.ImportJobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
         try:
             with datasets.upload_on_disk(data["file"]) as path:
                 version = datasets.add_version(dataset=dataset, path=path, filename=data["file"].name,
@@ -195,6 +208,15 @@ def _csv_response(lines, filename: str) -> StreamingHttpResponse:
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in filename)
     response["Content-Disposition"] = f'attachment; filename="{safe}"'
     return response
+
+
+class ImportJobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """Background import jobs of big uploads: status, phase, rows read, outcome (the dataset and version)."""
+
+    serializer_class = serializers.ImportJobSerializer
+
+    def get_queryset(self):
+        return ImportJob.objects.filter(owner=self.request.user)
 
 
 class TrainingRunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from django.contrib.postgres.search import SearchVector
 from django.db import IntegrityError, connection, transaction
@@ -28,6 +28,9 @@ from training.pairs import Example, Ticket
 
 STAGE_TABLE = "embedportal_import_stage"
 GIN_PENDING_LIST_LIMIT = "64MB"
+# Rows between two progress callbacks of an import.
+PROGRESS_EVERY = 5000
+Progress = Callable[[str, int], None]
 # Rows per bulk_update when a links upload touches documents.
 LINK_UPDATE_BATCH = 1000
 
@@ -45,6 +48,7 @@ def import_dataset(
     strict: bool = False,
     mapping: dict[str, Any] | None = None,
     language: str = "english",
+    progress: Progress | None = None,
 ) -> Dataset:
     """Create a dataset from an uploaded export (version 1), all or nothing.
 
@@ -84,7 +88,8 @@ def import_dataset(
                 source_filename=filename[:255],
                 column_mapping=upload.mapping if upload.format == "mapped" else {},
             )
-            _store_version(dataset=dataset, upload=upload, report=report, filename=filename, strict=strict)
+            _store_version(dataset=dataset, upload=upload, report=report, filename=filename, strict=strict,
+                           progress=progress)
     except importers.UploadError as exc:
         raise ServiceError(str(exc)) from exc
     except IntegrityError as exc:  # a concurrent upload took the same name
@@ -93,7 +98,8 @@ def import_dataset(
 
 
 def add_version(
-    *, dataset: Dataset, path: Path, filename: str, strict: bool = False, mapping: dict[str, Any] | None = None
+    *, dataset: Dataset, path: Path, filename: str, strict: bool = False, mapping: dict[str, Any] | None = None,
+    progress: Progress | None = None,
 ) -> DatasetVersion:
     """Upsert a newer export into an existing dataset and record it as a new version.
 
@@ -112,7 +118,8 @@ def add_version(
             return import_links(dataset=dataset, path=path, filename=filename, strict=strict)
         with transaction.atomic():
             locked = Dataset.objects.select_for_update().get(pk=dataset.pk)
-            version = _store_version(dataset=locked, upload=upload, report=report, filename=filename, strict=strict)
+            version = _store_version(dataset=locked, upload=upload, report=report, filename=filename, strict=strict,
+                                     progress=progress)
             if mapping:
                 locked.column_mapping = upload.mapping
             locked.source_filename = filename[:255]
@@ -128,9 +135,14 @@ def add_version(
 
 
 def _store_version(
-    *, dataset: Dataset, upload: importers.Upload, report: importers.ImportReport, filename: str, strict: bool
+    *, dataset: Dataset, upload: importers.Upload, report: importers.ImportReport, filename: str, strict: bool,
+    progress: Progress | None = None,
 ) -> DatasetVersion:
-    """Stage the rows with COPY, check them, merge them by key; must run inside a transaction."""
+    """Stage the rows with COPY, check them, merge them by key; must run inside a transaction.
+
+    progress(phase, rows_read) is called every PROGRESS_EVERY rows while reading
+    and once when merging starts (background import jobs show it).
+    """
     number = (dataset.versions.aggregate(n=Max("number"))["n"] or 0) + 1
     with connection.cursor() as cursor:
         # The two GIN indexes on documents (title/body tsvector, identifiers) merge
@@ -150,6 +162,10 @@ def _store_version(
         ) as copy:
             for row in importers.validate_rows(upload.documents, report):
                 copy.write_row((row.row, row.external_key, row.title, row.body, row.metadata_json, row.content_hash))
+                if progress is not None and report.rows_read % PROGRESS_EVERY == 0:
+                    progress("reading", report.rows_read)
+        if progress is not None:
+            progress("merging", report.rows_read)
         if report.rows_accepted == 0:
             first = report.errors[0] if report.errors else {}
             raise ServiceError(

@@ -97,7 +97,8 @@ class UploadForm(MappingFields):
     kind = forms.ChoiceField(choices=KIND_CHOICES, required=False, initial="")
     file = forms.FileField(
         help_text="Jira JSON (.json/.gz/.zip), Jira CSV, Q&A CSV/JSONL, StackFAQ JSON, pairs, triplets, "
-        "text + label, or any CSV/JSONL/Parquet with a column mapping"
+        "text + label, or any CSV/JSONL/Parquet with a column mapping. Big files are imported in the "
+        "background and you follow the import on its own page."
     )
     strict = forms.BooleanField(required=False, help_text="Refuse the whole file if any row is bad.")
     language = forms.CharField(max_length=32, required=False, initial="english",

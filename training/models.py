@@ -107,6 +107,65 @@ class DatasetVersion(models.Model):
         return f"{self.dataset_id} v{self.number}"
 
 
+class ImportJob(models.Model):
+    """A big upload imported in the background: the staged file, the job's state and its result.
+
+    Uploads above EMBEDPORTAL_BACKGROUND_IMPORT_MB (or sent with
+    background=true) are streamed to disk, recorded here and imported by the
+    `training.run_import` task through the same service as a small upload
+    (training.imports), so the request returns at once. The import itself is
+    all-or-nothing: a failed or interrupted job leaves the dataset as it was.
+    """
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+
+    class Action(models.TextChoices):
+        CREATE = "create", "New dataset"
+        VERSION = "version", "New version of a dataset"
+
+    TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED})
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="import_jobs")
+    action = models.CharField(max_length=16, choices=Action.choices, default=Action.CREATE)
+    # The target for a new version; the created dataset once a CREATE job succeeds.
+    dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, null=True, blank=True, related_name="import_jobs")
+    version = models.ForeignKey("DatasetVersion", on_delete=models.SET_NULL, null=True, blank=True,
+                                related_name="+")
+    name = models.CharField(max_length=200, blank=True)
+    kind = models.CharField(max_length=16, blank=True)
+    language = models.CharField(max_length=64, default="english")
+    strict = models.BooleanField(default=False)
+    mapping = models.JSONField(null=True, blank=True)
+    filename = models.CharField(max_length=255)
+    # The staged upload under UPLOADS_DIR; removed when the job ends.
+    file_path = models.CharField(max_length=1024)
+    size_bytes = models.BigIntegerField(default=0)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    # What the job is doing: reading (validating + staging rows), merging (into the dataset), done.
+    phase = models.CharField(max_length=32, blank=True)
+    rows_read = models.BigIntegerField(default=0)
+    error = models.TextField(blank=True)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"import #{self.pk} {self.filename}"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in self.TERMINAL
+
+
 class TrainingRun(models.Model):
     class Status(models.TextChoices):
         QUEUED = "queued", "Queued"

@@ -1,7 +1,7 @@
 from django.conf import settings
 from rest_framework import serializers
 
-from training.models import Dataset, DatasetVersion, ModelVersion, TrainingRun
+from training.models import Dataset, DatasetVersion, ImportJob, ModelVersion, TrainingRun
 from training.pairs import STRATEGIES
 
 
@@ -62,6 +62,10 @@ class DatasetUploadSerializer(serializers.Serializer):
     mapping = MappingField(required=False, allow_null=True, default=None)
     language = serializers.CharField(max_length=32, default="english",
                                      help_text="PostgreSQL text-search configuration (english, german, simple, ...)")
+    background = serializers.BooleanField(
+        required=False, allow_null=True, default=None,
+        help_text="Import in a background job and answer 202 with it (default: only uploads above "
+                  "EMBEDPORTAL_BACKGROUND_IMPORT_MB)")
 
     def validate_file(self, upload):
         return _check_upload_size(upload)
@@ -71,6 +75,10 @@ class DatasetVersionUploadSerializer(serializers.Serializer):
     file = serializers.FileField()
     strict = serializers.BooleanField(default=False)
     mapping = MappingField(required=False, allow_null=True, default=None)
+    background = serializers.BooleanField(
+        required=False, allow_null=True, default=None,
+        help_text="Import in a background job and answer 202 with it (default: only uploads above "
+                  "EMBEDPORTAL_BACKGROUND_IMPORT_MB)")
 
     def validate_file(self, upload):
         return _check_upload_size(upload)
@@ -136,3 +144,17 @@ class ModelVersionSerializer(serializers.ModelSerializer):
             "promoted_at", "promoted_by", "storage_uri",
         ]
         read_only_fields = fields
+
+
+class ImportJobSerializer(serializers.ModelSerializer):
+    url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = ImportJob
+        fields = ["id", "url", "action", "dataset", "version", "name", "filename", "size_bytes", "strict", "status",
+                  "phase", "rows_read", "error", "attempts", "created_at", "started_at", "heartbeat_at",
+                  "finished_at"]
+        read_only_fields = fields
+
+    def get_url(self, job) -> str:
+        return f"/api/imports/{job.pk}/"

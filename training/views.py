@@ -8,12 +8,12 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.csrf import csrf_exempt, csrf_protect
 from django.views.decorators.http import require_POST
 
-from training import datasets, forms, pairs, registry, services
+from training import datasets, forms, imports, pairs, registry, services
 from training.downloads import temporary_file_response
 from training.errors import ServiceError
 from training.forms import PairsForm, RunForm, UploadForm, VersionUploadForm
 from training.hyperparameters import HyperparameterError
-from training.models import Dataset, DatasetVersion, ModelVersion, TrainingRun
+from training.models import Dataset, DatasetVersion, ImportJob, ModelVersion, TrainingRun
 
 
 @csrf_exempt  # the upload size limit must be in place before the CSRF check reads the body;
@@ -37,6 +37,12 @@ def _dataset_list(request: HttpRequest, limiter) -> HttpResponse:
                 with datasets.upload_on_disk(data["file"]) as path:
                     preview = datasets.preview_file(path=path, filename=data["file"].name, kind=data["kind"],
                                                     mapping=form.mapping())
+            elif imports.wants_background(data["file"]):
+                job = imports.submit(owner=request.user, upload=data["file"], name=data["name"], kind=data["kind"],
+                                     strict=data["strict"], mapping=form.mapping(),
+                                     language=data.get("language") or "english")
+                messages.info(request, f"{job.filename} is being imported in the background; this page follows it.")
+                return redirect("import_detail", pk=job.pk)
             else:
                 dataset = datasets.import_upload(owner=request.user, name=data["name"], kind=data["kind"],
                                                  upload=data["file"], strict=data["strict"], mapping=form.mapping(),
@@ -54,7 +60,8 @@ def _dataset_list(request: HttpRequest, limiter) -> HttpResponse:
                 return redirect("dataset_detail", pk=dataset.pk)
     rows = Dataset.objects.filter(owner=request.user).annotate(document_count=Count("documents"))
     status = 400 if form.errors else 200
-    context = {"datasets": rows, "form": form, "preview": preview}
+    jobs = ImportJob.objects.filter(owner=request.user)[:10]
+    context = {"datasets": rows, "form": form, "preview": preview, "import_jobs": jobs}
     return render(request, "training/dataset_list.html", context, status=status)
 
 
@@ -125,6 +132,11 @@ def _dataset_upload(request: HttpRequest, pk: int, limiter) -> HttpResponse:
         upload_form.add_error("file", limiter.message)
     elif upload_form.is_valid():
         upload = upload_form.cleaned_data["file"]
+        if imports.wants_background(upload):
+            job = imports.submit(owner=request.user, upload=upload, dataset=dataset,
+                                 strict=upload_form.cleaned_data["strict"], mapping=upload_form.mapping())
+            messages.info(request, f"{job.filename} is being imported in the background; this page follows it.")
+            return redirect("import_detail", pk=job.pk)
         try:
             with datasets.upload_on_disk(upload) as path:
                 version = datasets.add_version(dataset=dataset, path=path, filename=upload.name,
@@ -141,6 +153,14 @@ def _dataset_upload(request: HttpRequest, pk: int, limiter) -> HttpResponse:
             return redirect("dataset_detail", pk=pk)
     return render(request, "training/dataset_detail.html", _detail_context(dataset, upload_form=upload_form),
                   status=400)
+
+
+@login_required
+def import_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    """A background import: phase, rows read, heartbeat, outcome; polls itself while it runs."""
+    job = get_object_or_404(ImportJob.objects.select_related("dataset", "version"), pk=pk, owner=request.user)
+    template = "partials/import_status.html" if request.headers.get("HX-Request") else "training/import_detail.html"
+    return render(request, template, {"job": job})
 
 
 @login_required

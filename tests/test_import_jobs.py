@@ -1,0 +1,174 @@
+"""Background import jobs for big uploads: page, API, a real worker, failures, the reaper."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
+from django.utils import timezone
+from rest_framework.test import APIClient
+
+from tests.waiting import wait_for
+from training import imports
+from training.models import Dataset, ImportJob
+
+
+@pytest.fixture(autouse=True)
+def uploads_dir(settings, tmp_path):
+    settings.UPLOADS_DIR = tmp_path / "uploads"
+    return settings.UPLOADS_DIR
+
+
+def _staged(uploads_dir: Path) -> list[Path]:
+    return sorted(uploads_dir.glob("*.upload")) if uploads_dir.exists() else []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_api_background_upload_is_imported_by_a_real_worker(celery_worker, api, small_jira_file, uploads_dir):
+    with open(small_jira_file, "rb") as fh:
+        answer = api.post("/api/datasets/", {"name": "hadoop-bg", "kind": "tickets", "file": fh, "background": "true"},
+                          format="multipart")
+    assert answer.status_code == 202, answer.content
+    job = answer.json()
+    assert job["status"] in ("queued", "running", "succeeded") and job["url"] == f"/api/imports/{job['id']}/"
+    done = wait_for(lambda: api.get(job["url"]).json(), lambda j: j["status"] in ("succeeded", "failed"), timeout=120)
+    assert done["status"] == "succeeded", done
+    assert done["rows_read"] == 200 and done["phase"] == "done" and done["attempts"] == 1
+    dataset = Dataset.objects.get(pk=done["dataset"])
+    assert dataset.name == "hadoop-bg" and dataset.documents.count() == 200
+    assert done["version"] == dataset.versions.get().pk
+    assert _staged(uploads_dir) == []  # the staged file is removed when the job ends
+    assert [j["id"] for j in api.get("/api/imports/").json()["results"]] == [job["id"]]
+
+
+@pytest.mark.django_db
+def test_page_upload_above_the_threshold_goes_to_the_job_page(settings, web, small_jira_file, uploads_dir):
+    settings.BACKGROUND_IMPORT_MB = 0  # every upload is "big"
+    with open(small_jira_file, "rb") as fh:
+        answer = web.post("/datasets/", {"name": "big-one", "kind": "tickets", "file": fh})
+    job = ImportJob.objects.get()
+    assert answer.status_code == 302 and answer["Location"] == f"/imports/{job.pk}/"
+    assert (job.status, job.action, job.name, job.size_bytes) == ("queued", "create", "big-one",
+                                                                  small_jira_file.stat().st_size)
+    assert len(_staged(uploads_dir)) == 1
+    page = web.get(answer["Location"])
+    assert page.status_code == 200 and b"waiting for a worker" in page.content
+    assert b"big-one" in web.get("/datasets/").content  # listed under recent imports
+    # The page polls itself (HTMX) while the job is not finished; the partial alone comes back.
+    partial = web.get(answer["Location"], HTTP_HX_REQUEST="true")
+    assert partial.status_code == 200 and b'id="import-status"' in partial.content and b"<html" not in partial.content
+    # The job runs through the same service as a small upload.
+    finished = imports.execute(job=job)
+    assert finished.status == "succeeded" and finished.dataset.documents.count() == 200
+    assert b"200 of 200 rows accepted" in web.get(answer["Location"]).content
+    assert _staged(uploads_dir) == []
+
+
+@pytest.mark.django_db
+def test_a_new_version_in_the_background_upserts_by_key(api, small_jira_file, hadoop_issues, tmp_path):
+    import json
+
+    with open(small_jira_file, "rb") as fh:
+        dataset_id = api.post("/api/datasets/", {"name": "v", "kind": "tickets", "file": fh},
+                              format="multipart").json()["id"]
+    known = json.loads(small_jira_file.read_text())["issues"]
+    newer = known[:150]
+    newer[0] = {**newer[0], "fields": {**newer[0]["fields"], "summary": "Changed summary"}}
+    keys = {i["key"] for i in known}
+    added = [i for i in hadoop_issues if i["key"] not in keys][-10:]
+    path = tmp_path / "newer.json"
+    path.write_text(json.dumps({"issues": newer + added}))
+    with open(path, "rb") as fh:
+        answer = api.post(f"/api/datasets/{dataset_id}/upload/", {"file": fh, "background": "true"},
+                          format="multipart")
+    assert answer.status_code == 202, answer.content
+    job = imports.execute(job=ImportJob.objects.get(pk=answer.json()["id"]))
+    assert job.status == "succeeded", job.error
+    assert (job.version.number, job.version.added, job.version.changed, job.version.unchanged) == (2, 10, 1, 149)
+
+
+@pytest.mark.django_db
+def test_a_bad_file_fails_the_job_with_the_reason_and_stores_nothing(api, uploads_dir):
+    junk = SimpleUploadedFile("tickets.json", b"\x00\x01\x02 not json at all" * 100)
+    answer = api.post("/api/datasets/", {"name": "junk", "kind": "tickets", "file": junk, "background": "true"},
+                      format="multipart")
+    assert answer.status_code == 202
+    job = imports.execute(job=ImportJob.objects.get(pk=answer.json()["id"]))
+    assert job.status == "failed" and "tickets.json" in job.error
+    assert not Dataset.objects.filter(name="junk").exists()
+    assert _staged(uploads_dir) == []
+    shown = api.get(f"/api/imports/{job.pk}/").json()
+    assert shown["status"] == "failed" and shown["error"] == job.error
+
+
+@pytest.mark.django_db
+def test_what_is_known_up_front_is_refused_before_a_job_is_queued(api, user, small_jira_file, uploads_dir):
+    Dataset.objects.create(owner=user, name="taken")
+    with open(small_jira_file, "rb") as fh:
+        answer = api.post("/api/datasets/", {"name": "taken", "file": fh, "background": "true"}, format="multipart")
+    assert answer.status_code == 400 and answer.json()["fields"]["name"].startswith("you already have a dataset")
+    with open(small_jira_file, "rb") as fh:
+        answer = api.post("/api/datasets/", {"name": "x", "file": fh, "background": "true", "language": "klingon"},
+                          format="multipart")
+    assert answer.status_code == 400 and "language" in answer.json()["fields"]
+    assert ImportJob.objects.count() == 0 and _staged(uploads_dir) == []
+    # A name being imported right now is taken too.
+    with open(small_jira_file, "rb") as fh:
+        assert api.post("/api/datasets/", {"name": "pending", "file": fh, "background": "true"},
+                        format="multipart").status_code == 202
+    with open(small_jira_file, "rb") as fh:
+        again = api.post("/api/datasets/", {"name": "pending", "file": fh, "background": "true"}, format="multipart")
+    assert again.status_code == 400 and "being imported" in again.json()["error"]
+
+
+@pytest.mark.django_db
+def test_jobs_are_owner_scoped(api, other_user, small_jira_file):
+    with open(small_jira_file, "rb") as fh:
+        job_id = api.post("/api/datasets/", {"name": "mine", "file": fh, "background": "true"},
+                          format="multipart").json()["id"]
+    other = APIClient()
+    other.force_authenticate(other_user)
+    assert other.get(f"/api/imports/{job_id}/").status_code == 404
+    assert other.get("/api/imports/").json()["results"] == []
+
+
+@pytest.mark.django_db
+def test_reaper_requeues_a_job_whose_worker_vanished_then_fails_it(user, uploads_dir):
+    uploads_dir.mkdir(parents=True)
+    staged = uploads_dir / "x.upload"
+    staged.write_text("{}")
+    stale = timezone.now() - timedelta(minutes=30)
+    job = ImportJob.objects.create(owner=user, name="n", filename="f.json", file_path=str(staged),
+                                   status=ImportJob.Status.RUNNING, heartbeat_at=stale, attempts=1)
+    fresh = ImportJob.objects.create(owner=user, name="m", filename="g.json", file_path=str(staged),
+                                     status=ImportJob.Status.RUNNING, heartbeat_at=timezone.now(), attempts=1)
+    assert imports.reap_stale(timeout_s=300) == [job.pk]
+    job.refresh_from_db()
+    fresh.refresh_from_db()
+    assert job.status == "queued" and fresh.status == "running"
+    ImportJob.objects.filter(pk=job.pk).update(status=ImportJob.Status.RUNNING, heartbeat_at=stale,
+                                               attempts=imports.MAX_ATTEMPTS)
+    assert imports.reap_stale(timeout_s=300) == []
+    job.refresh_from_db()
+    assert job.status == "failed" and "stopped answering 3 times" in job.error and not staged.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_heartbeat_thread_writes_progress_on_its_own_connection(user):
+    job = ImportJob.objects.create(owner=user, name="n", filename="f.json", file_path="/nonexistent",
+                                   status=ImportJob.Status.RUNNING)
+    beat = imports._Heartbeat(job.pk)
+    beat.start()
+    beat.update("merging", 123_456)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        job.refresh_from_db()
+        if job.rows_read == 123_456:
+            break
+        time.sleep(0.2)
+    beat.stop()
+    assert (job.phase, job.rows_read) == ("merging", 123_456) and job.heartbeat_at is not None
+    assert not beat.is_alive()

@@ -1,0 +1,218 @@
+"""Background import jobs: big uploads imported by a worker, not inside the request.
+
+A million-row export takes many minutes to validate and merge, far beyond
+any HTTP timeout. Such an upload (bigger than BACKGROUND_IMPORT_MB, or sent
+with background=true) is moved from Django's streaming temp file into
+UPLOADS_DIR, recorded as an ImportJob and queued; the request returns at once
+with the job, whose page and API show the phase, rows read and the outcome.
+
+The job runs the same services as a small upload (datasets.import_dataset /
+add_version), so validation, strict mode, upsert by key, versions and the
+all-or-nothing guarantee are identical. While it runs, a thread on its own
+database connection writes the heartbeat and progress (the import's own
+transaction is not committed until the end, so its writes are invisible).
+A job whose worker died (no heartbeat for RUN_HEARTBEAT_TIMEOUT_S) is
+re-queued by the beat reaper, up to MAX_ATTEMPTS, then failed with the reason;
+nothing of an interrupted attempt was stored. The staged file is removed when
+the job ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+from django.conf import settings
+from django.db import connections, transaction
+from django.utils import timezone
+
+from training import datasets
+from training.errors import ServiceError
+from training.models import Dataset, ImportJob
+
+logger = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3
+HEARTBEAT_EVERY_S = 5.0
+
+
+def wants_background(upload, requested: bool | None = None) -> bool:
+    """True when the upload should be imported by a job: asked for, or above the size threshold."""
+    if requested is not None:
+        return requested
+    return (getattr(upload, "size", 0) or 0) > settings.BACKGROUND_IMPORT_MB * 1024 * 1024
+
+
+def _stage(upload) -> tuple[Path, int]:
+    """Move (or copy) an uploaded file into UPLOADS_DIR; returns its path and size."""
+    directory = Path(settings.UPLOADS_DIR)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"{uuid.uuid4().hex}.upload"
+    if hasattr(upload, "temporary_file_path"):
+        # A hard link on the same filesystem (no second copy of a 1 GB file), else a copy.
+        # Django deletes its temp name after the request; the link keeps the data.
+        try:
+            os.link(upload.temporary_file_path(), target)
+        except OSError:
+            shutil.copyfile(upload.temporary_file_path(), target)
+    else:
+        with open(target, "wb") as out:
+            for chunk in upload.chunks():
+                out.write(chunk)
+    return target, target.stat().st_size
+
+
+def submit(
+    *, owner, upload, dataset: Dataset | None = None, name: str = "", kind: str = "", strict: bool = False,
+    mapping: dict | None = None, language: str = "english",
+) -> ImportJob:
+    """Stage the upload and queue its import: a new dataset (no `dataset`) or a new version of `dataset`.
+
+    What can be checked without reading the file is checked now (name free,
+    kind, language), so a job is not queued only to fail on those.
+    """
+    if dataset is None:
+        name = name.strip()
+        if not name:
+            raise ServiceError("name: give the dataset a name.")
+        if Dataset.objects.filter(owner=owner, name=name).exists() or ImportJob.objects.filter(
+            owner=owner, name=name, action=ImportJob.Action.CREATE,
+            status__in=[ImportJob.Status.QUEUED, ImportJob.Status.RUNNING],
+        ).exists():
+            raise ServiceError(f"name: you already have a dataset called {name!r} (or one being imported); "
+                               "pick another name.")
+        if kind and kind not in Dataset.Kind.values:
+            raise ServiceError(f"kind: {kind!r} is not one of {', '.join(Dataset.Kind.values)}.")
+        languages = datasets.text_search_configs()
+        if language not in languages:
+            raise ServiceError(f"language: {language!r} is not a text-search configuration here; one of "
+                               f"{', '.join(languages)}.")
+    path, size = _stage(upload)
+    from training import tasks
+
+    with transaction.atomic():
+        job = ImportJob.objects.create(
+            owner=owner, action=ImportJob.Action.VERSION if dataset else ImportJob.Action.CREATE, dataset=dataset,
+            name=dataset.name if dataset else name, kind=kind, language=language, strict=strict, mapping=mapping,
+            filename=(upload.name or "upload")[:255], file_path=str(path), size_bytes=size,
+        )
+        transaction.on_commit(lambda: tasks.run_import.delay(job_id=job.pk))
+    return job
+
+
+class _Heartbeat(threading.Thread):
+    """Writes heartbeat_at, phase and rows_read on its own connection until stopped."""
+
+    def __init__(self, job_id: int):
+        super().__init__(daemon=True, name=f"import-{job_id}-heartbeat")
+        self.job_id = job_id
+        self.phase = "reading"
+        self.rows = 0
+        self._halt = threading.Event()
+
+    def update(self, phase: str, rows: int) -> None:
+        self.phase, self.rows = phase, rows
+
+    def run(self) -> None:
+        try:
+            while True:
+                ImportJob.objects.filter(pk=self.job_id, status=ImportJob.Status.RUNNING).update(
+                    heartbeat_at=timezone.now(), phase=self.phase, rows_read=self.rows
+                )
+                if self._halt.wait(HEARTBEAT_EVERY_S):
+                    return
+        except Exception:  # the import goes on; the reaper may requeue it, which the claim tolerates
+            logger.exception("import job %s: heartbeat failed", self.job_id)
+        finally:
+            connections.close_all()  # this thread's connection
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=30)
+
+
+def execute(*, job: ImportJob) -> ImportJob:
+    """Run a queued job (the task calls this). A job already claimed or ended is left alone."""
+    now = timezone.now()
+    claimed = ImportJob.objects.filter(pk=job.pk, status=ImportJob.Status.QUEUED).update(
+        status=ImportJob.Status.RUNNING, started_at=now, heartbeat_at=now, phase="reading", rows_read=0,
+        attempts=job.attempts + 1, error="",
+    )
+    job.refresh_from_db()
+    if not claimed:
+        return job
+    path = Path(job.file_path)
+    heartbeat = _Heartbeat(job.pk)
+    heartbeat.start()
+    result: dict = {}
+    try:
+        if not path.exists():
+            raise ServiceError(f"file: the staged upload {job.filename} is gone from {path.parent}; upload it again.")
+        if job.action == ImportJob.Action.CREATE:
+            dataset = datasets.import_dataset(
+                owner=job.owner, name=job.name, kind=job.kind, path=path, filename=job.filename, strict=job.strict,
+                mapping=job.mapping, language=job.language, progress=heartbeat.update,
+            )
+            result = {"dataset": dataset, "version": dataset.versions.first()}
+        else:
+            if job.dataset is None:
+                raise ServiceError("dataset: the dataset of this upload was deleted; nothing was imported.")
+            version = datasets.add_version(dataset=job.dataset, path=path, filename=job.filename, strict=job.strict,
+                                           mapping=job.mapping, progress=heartbeat.update)
+            result = {"dataset": job.dataset, "version": version}
+    except ServiceError as exc:
+        _finish(job, heartbeat, status=ImportJob.Status.FAILED, error=str(exc))
+    except Exception as exc:  # unexpected: the reason is shown, nothing was stored (one transaction)
+        logger.exception("import job %s failed", job.pk)
+        _finish(job, heartbeat, status=ImportJob.Status.FAILED,
+                error=f"{type(exc).__name__}: {exc}. Nothing was imported; try again or report this.")
+    else:
+        version = result["version"]
+        _finish(job, heartbeat, status=ImportJob.Status.SUCCEEDED, dataset=result["dataset"], version=version,
+                rows=(version.report or {}).get("rows_read", heartbeat.rows) if version else heartbeat.rows)
+    job.refresh_from_db()
+    return job
+
+
+def _finish(job: ImportJob, heartbeat: _Heartbeat, *, status: str, error: str = "", dataset=None, version=None,
+            rows: int | None = None) -> None:
+    heartbeat.stop()
+    fields = {"status": status, "error": error, "finished_at": timezone.now(), "phase": "done"}
+    if dataset is not None:
+        fields["dataset"] = dataset
+    if version is not None:
+        fields["version"] = version
+    if rows is not None:
+        fields["rows_read"] = rows
+    ImportJob.objects.filter(pk=job.pk).update(**fields)
+    Path(job.file_path).unlink(missing_ok=True)
+
+
+def reap_stale(*, timeout_s: int | None = None) -> list[int]:
+    """Re-queue running jobs whose heartbeat stopped (worker gone); fail them after MAX_ATTEMPTS.
+
+    Returns the ids re-queued. Safe to run from several beats: each change is a
+    conditional UPDATE on the old heartbeat.
+    """
+    from training import tasks
+
+    timeout = timeout_s if timeout_s is not None else settings.RUN_HEARTBEAT_TIMEOUT_S
+    cutoff = timezone.now() - timedelta(seconds=timeout)
+    requeued = []
+    for job in ImportJob.objects.filter(status=ImportJob.Status.RUNNING, heartbeat_at__lt=cutoff):
+        stale = ImportJob.objects.filter(pk=job.pk, status=ImportJob.Status.RUNNING, heartbeat_at=job.heartbeat_at)
+        if job.attempts >= MAX_ATTEMPTS or not Path(job.file_path).exists():
+            reason = (f"the worker stopped answering {job.attempts} times (killed or out of memory); nothing was "
+                      "imported. Try a smaller file or give the worker more memory.")
+            if stale.update(status=ImportJob.Status.FAILED, finished_at=timezone.now(), phase="done", error=reason):
+                Path(job.file_path).unlink(missing_ok=True)
+        elif stale.update(status=ImportJob.Status.QUEUED, phase="", error=""):
+            logger.warning("import job %s: worker vanished; re-queued (attempt %s)", job.pk, job.attempts + 1)
+            transaction.on_commit(lambda pk=job.pk: tasks.run_import.delay(job_id=pk))
+            requeued.append(job.pk)
+    return requeued
