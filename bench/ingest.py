@@ -11,8 +11,14 @@ own throwaway database:
   quoted descriptions, repeated Component/s columns, Jira dates) imported the
   same way. Target: peak RSS <= 1 GB. The file is written to a temporary
   folder and deleted afterwards.
+- http: the same generated CSV uploaded over HTTP (curl, multipart) to the
+  product's web app under gunicorn (one worker), as a user would: the upload
+  streams to disk, is staged and answered 202 with a background import job
+  (the import itself is what the csv part measures). Target: the web
+  worker's peak RSS <= 1 GB (it should stay near its idle size); the
+  baseline is that worker's RSS before the upload.
 
-`python -m bench ingest [--part all|json|csv] [--rows N] [--data PATH]`
+`python -m bench ingest [--part all|json|csv|http] [--rows N] [--data PATH]`
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from pathlib import Path
 
 from bench.harness import SHARED_DATA, emit, peak_rss_mb, setup_django, summary
 
-PARTS = ("json", "csv")
+PARTS = ("json", "csv", "http")
 _WORDS = (
     "namenode datanode block replica lease heartbeat safemode quota snapshot checkpoint journal yarn "
     "container scheduler queue memory vcore shuffle reducer mapper split codec compression timeout "
@@ -51,6 +57,8 @@ def run(argv: list[str]) -> dict:
         return _json_part(args.data)
     if args.part == "csv":
         return _csv_part(args.rows)
+    if args.part == "http":
+        return _http_part(args.rows)
     figures: dict = {}
     targets: dict = {}
     for part in PARTS:
@@ -162,3 +170,90 @@ def _csv_part(rows: int) -> dict:
     }
     emit({"part": "csv", "system": "embedportal import", **figures})
     return summary("ingest-csv", figures, {"peak_rss_mb": "<= 1024", "documents": f">= {rows}"})
+
+
+def _rss_mb(pid: int, field: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of a process, in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024.0
+    raise RuntimeError(f"no {field} for process {pid}")
+
+
+def _http_part(rows: int) -> dict:
+    import os
+    import socket
+    import urllib.request
+
+    setup_django()
+    from rest_framework.authtoken.models import Token
+
+    from training.models import ImportJob
+
+    folder = Path(tempfile.mkdtemp(prefix="embedportal-bench-http-"))
+    server = None
+    try:
+        path = folder / "generated-jira-export.csv"
+        size = generate_jira_csv(path, rows)
+        emit({"part": "http", "system": "generate", "rows": rows, "megabytes": round(size / 1e6, 1)})
+        token = Token.objects.get_or_create(user=_owner())[0].key
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        (folder / "tmp").mkdir()
+        env = {**os.environ, "DEBUG": "0", "LOG_LEVEL": "WARNING", "FILE_UPLOAD_TEMP_DIR": str(folder / "tmp"),
+               "EMBEDPORTAL_UPLOADS_DIR": str(folder / "uploads"),
+               # The job message goes to a broker database no worker of a running product reads.
+               "REDIS_URL": os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")}
+        server = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "embedportal.wsgi", "--bind", f"127.0.0.1:{port}", "--workers", "1",
+             "--timeout", "600"], env=env, cwd=Path(__file__).resolve().parent.parent,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/login/", timeout=5).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise SystemExit(f"gunicorn did not start: {server.stderr.read()[-2000:] if server.stderr else ''}")
+                time.sleep(0.5)
+        worker = int(Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()[0])
+        rss_idle = _rss_mb(worker, "VmRSS")
+        t0 = time.perf_counter()
+        answer = subprocess.run(
+            ["curl", "-sS", "-o", str(folder / "answer.json"), "-w", "%{http_code}", "-H",
+             f"Authorization: Token {token}", "-F", "name=bench-http", "-F", "kind=tickets", "-F", "background=true",
+             "-F", f"file=@{path};type=text/csv", f"http://127.0.0.1:{port}/api/datasets/"],
+            capture_output=True, text=True, check=True,
+        )
+        upload_s = time.perf_counter() - t0
+        worker_peak = _rss_mb(worker, "VmHWM")
+        body = json.loads((folder / "answer.json").read_text())
+        job = ImportJob.objects.get(pk=body["id"]) if answer.stdout == "202" else None
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=30)
+        shutil.rmtree(folder, ignore_errors=True)
+    import redis
+    from django.conf import settings
+
+    redis.Redis.from_url(os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")).delete(
+        settings.CELERY_TASK_DEFAULT_QUEUE)
+    figures = {
+        "rows": rows,
+        "file_mb": round(size / 1e6, 1),
+        "http_status": int(answer.stdout),
+        "accepted_202": answer.stdout == "202",
+        "upload_seconds": round(upload_s, 1),
+        "upload_mb_per_s": round(size / 1e6 / upload_s, 1),
+        "staged_bytes_match": bool(job and job.size_bytes == size),
+        "web_worker_idle_rss_mb": round(rss_idle, 1),
+        "web_worker_peak_rss_mb": round(worker_peak, 1),
+        "peak_vs_idle_ratio": round(worker_peak / rss_idle, 2),
+    }
+    emit({"part": "http", "system": "upload to gunicorn, 202 + background job", **figures})
+    return summary("ingest-http", figures, {"web_worker_peak_rss_mb": "<= 1024", "accepted_202": ">= 1",
+                                            "staged_bytes_match": ">= 1"})
