@@ -172,3 +172,51 @@ def test_heartbeat_thread_writes_progress_on_its_own_connection(user):
     beat.stop()
     assert (job.phase, job.rows_read) == ("merging", 123_456) and job.heartbeat_at is not None
     assert not beat.is_alive()
+
+
+@pytest.mark.django_db
+def test_preview_keeps_the_file_and_import_needs_no_second_upload(web, uploads_dir):
+    csv_text = "Summary,Issue key,Description\nNameNode crash,HDFS-1,It crashes\nDisk full,HDFS-2,Volume fills\n"
+    upload = SimpleUploadedFile("export.csv", csv_text.encode(), content_type="text/csv")
+    page = web.post("/datasets/", {"name": "kept", "kind": "tickets", "file": upload, "action": "preview"})
+    assert page.status_code == 200 and b"Import this file" in page.content
+    job = ImportJob.objects.get()
+    assert job.status == "staged" and len(_staged(uploads_dir)) == 1 and not Dataset.objects.exists()
+    assert b"kept" not in web.get("/datasets/").content.split(b"Upload an export")[0]  # previews are not listed
+    # Import it under another name, with no file in the request: small, so it is imported right away.
+    done = web.post("/datasets/", {"action": "import_staged", "staged": job.pk, "name": "kept-renamed"})
+    dataset = Dataset.objects.get(name="kept-renamed")
+    assert done.status_code == 302 and done["Location"] == f"/datasets/{dataset.pk}/"
+    assert dataset.documents.count() == 2 and _staged(uploads_dir) == []
+    job.refresh_from_db()
+    assert job.status == "succeeded" and job.version == dataset.versions.get()
+    # A second click cannot import it twice.
+    again = web.post("/datasets/", {"action": "import_staged", "staged": job.pk})
+    assert again.status_code == 404 and Dataset.objects.count() == 1
+
+
+@pytest.mark.django_db
+def test_api_preview_keep_then_start(api, small_jira_file, uploads_dir):
+    with open(small_jira_file, "rb") as fh:
+        preview = api.post("/api/datasets/preview/", {"file": fh, "keep": "true", "name": "via-api"},
+                           format="multipart")
+    assert preview.status_code == 200, preview.content
+    staged = preview.json()["staged_import"]
+    assert staged["status"] == "staged" and preview.json()["report"]["rows_accepted"] == 200
+    # Refused start (the name is taken by then) leaves it staged, with the reason.
+    Dataset.objects.create(owner=ImportJob.objects.get().owner, name="via-api")
+    refused = api.post(f"{staged['url']}start/", {}, format="json")
+    assert refused.status_code == 400 and "already have a dataset" in refused.json()["error"]
+    assert ImportJob.objects.get().status == "staged"
+    started = api.post(f"{staged['url']}start/", {"name": "via-api-2"}, format="json")
+    assert started.status_code == 200 and started.json()["status"] == "succeeded"
+    assert Dataset.objects.get(name="via-api-2").documents.count() == 200
+    assert api.post(f"{staged['url']}start/", {}, format="json").status_code == 400  # already started
+
+
+@pytest.mark.django_db
+def test_stale_previews_are_discarded_by_the_reaper(user, uploads_dir):
+    job = imports.stage(owner=user, upload=SimpleUploadedFile("a.csv", b"Summary\nx\n"), name="n")
+    ImportJob.objects.filter(pk=job.pk).update(created_at=timezone.now() - timedelta(days=2))
+    imports.reap_stale(timeout_s=300)
+    assert not ImportJob.objects.exists() and _staged(uploads_dir) == []

@@ -38,6 +38,7 @@ from training.models import Dataset, ImportJob
 logger = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
+STAGED_TTL = timedelta(days=1)
 HEARTBEAT_EVERY_S = 5.0
 
 
@@ -67,42 +68,88 @@ def _stage(upload) -> tuple[Path, int]:
     return target, target.stat().st_size
 
 
+def stage(
+    *, owner, upload, dataset: Dataset | None = None, name: str = "", kind: str = "", strict: bool = False,
+    mapping: dict | None = None, language: str = "english",
+) -> ImportJob:
+    """Keep an upload on disk as a STAGED job (a preview the user may import next, without uploading again)."""
+    path, size = _stage(upload)
+    return ImportJob.objects.create(
+        owner=owner, action=ImportJob.Action.VERSION if dataset else ImportJob.Action.CREATE, dataset=dataset,
+        name=dataset.name if dataset else name.strip(), kind=kind, language=language, strict=strict,
+        mapping=mapping, filename=(upload.name or "upload")[:255], file_path=str(path), size_bytes=size,
+        status=ImportJob.Status.STAGED,
+    )
+
+
+def start(*, job: ImportJob, background: bool | None = None) -> ImportJob:
+    """Import a staged job: queued for a worker when big (or `background`), else run now in this process.
+
+    What can be checked without reading the file (name free, kind, language)
+    is checked first, so a job is not queued only to fail on those; a refused
+    start leaves the job staged. Returns the job as it stands afterwards.
+    """
+    if job.status != ImportJob.Status.STAGED:
+        raise ServiceError(f"import #{job.pk} was already started ({job.get_status_display().lower()}).")
+    if job.action == ImportJob.Action.CREATE:
+        _check_new_dataset(job)
+    elif job.dataset_id is None:
+        raise ServiceError("dataset: the dataset of this upload was deleted; nothing was imported.")
+    if background is None:
+        background = job.size_bytes > settings.BACKGROUND_IMPORT_MB * 1024 * 1024
+    from training import tasks
+
+    with transaction.atomic():
+        if not ImportJob.objects.filter(pk=job.pk, status=ImportJob.Status.STAGED).update(
+            status=ImportJob.Status.QUEUED
+        ):
+            raise ServiceError(f"import #{job.pk} was already started.")
+        if background:
+            transaction.on_commit(lambda: tasks.run_import.delay(job_id=job.pk))
+    job.refresh_from_db()
+    return job if background else execute(job=job)
+
+
+def _check_new_dataset(job: ImportJob) -> None:
+    if not job.name:
+        raise ServiceError("name: give the dataset a name.")
+    pending = ImportJob.objects.filter(
+        owner=job.owner, name=job.name, action=ImportJob.Action.CREATE,
+        status__in=[ImportJob.Status.QUEUED, ImportJob.Status.RUNNING],
+    ).exclude(pk=job.pk)
+    if Dataset.objects.filter(owner=job.owner, name=job.name).exists() or pending.exists():
+        raise ServiceError(f"name: you already have a dataset called {job.name!r} (or one being imported); "
+                           "pick another name.")
+    if job.kind and job.kind not in Dataset.Kind.values:
+        raise ServiceError(f"kind: {job.kind!r} is not one of {', '.join(Dataset.Kind.values)}.")
+    languages = datasets.text_search_configs()
+    if job.language not in languages:
+        raise ServiceError(f"language: {job.language!r} is not a text-search configuration here; one of "
+                           f"{', '.join(languages)}.")
+
+
 def submit(
     *, owner, upload, dataset: Dataset | None = None, name: str = "", kind: str = "", strict: bool = False,
     mapping: dict | None = None, language: str = "english",
 ) -> ImportJob:
-    """Stage the upload and queue its import: a new dataset (no `dataset`) or a new version of `dataset`.
+    """Stage the upload and queue its import at once: a new dataset (no `dataset`) or a new version of `dataset`.
 
-    What can be checked without reading the file is checked now (name free,
-    kind, language), so a job is not queued only to fail on those.
+    Refused up front (ServiceError, nothing kept) when the name is taken or the
+    kind or language is unknown.
     """
-    if dataset is None:
-        name = name.strip()
-        if not name:
-            raise ServiceError("name: give the dataset a name.")
-        if Dataset.objects.filter(owner=owner, name=name).exists() or ImportJob.objects.filter(
-            owner=owner, name=name, action=ImportJob.Action.CREATE,
-            status__in=[ImportJob.Status.QUEUED, ImportJob.Status.RUNNING],
-        ).exists():
-            raise ServiceError(f"name: you already have a dataset called {name!r} (or one being imported); "
-                               "pick another name.")
-        if kind and kind not in Dataset.Kind.values:
-            raise ServiceError(f"kind: {kind!r} is not one of {', '.join(Dataset.Kind.values)}.")
-        languages = datasets.text_search_configs()
-        if language not in languages:
-            raise ServiceError(f"language: {language!r} is not a text-search configuration here; one of "
-                               f"{', '.join(languages)}.")
-    path, size = _stage(upload)
-    from training import tasks
+    job = stage(owner=owner, upload=upload, dataset=dataset, name=name, kind=kind, strict=strict, mapping=mapping,
+                language=language)
+    try:
+        return start(job=job, background=True)
+    except ServiceError:
+        discard(job=job)
+        raise
 
-    with transaction.atomic():
-        job = ImportJob.objects.create(
-            owner=owner, action=ImportJob.Action.VERSION if dataset else ImportJob.Action.CREATE, dataset=dataset,
-            name=dataset.name if dataset else name, kind=kind, language=language, strict=strict, mapping=mapping,
-            filename=(upload.name or "upload")[:255], file_path=str(path), size_bytes=size,
-        )
-        transaction.on_commit(lambda: tasks.run_import.delay(job_id=job.pk))
-    return job
+
+def discard(*, job: ImportJob) -> None:
+    """Forget a staged job and its file."""
+    Path(job.file_path).unlink(missing_ok=True)
+    ImportJob.objects.filter(pk=job.pk, status=ImportJob.Status.STAGED).delete()
 
 
 class _Heartbeat(threading.Thread):
@@ -196,13 +243,16 @@ def _finish(job: ImportJob, heartbeat: _Heartbeat, *, status: str, error: str = 
 def reap_stale(*, timeout_s: int | None = None) -> list[int]:
     """Re-queue running jobs whose heartbeat stopped (worker gone); fail them after MAX_ATTEMPTS.
 
-    Returns the ids re-queued. Safe to run from several beats: each change is a
+    Previews staged more than STAGED_TTL ago are discarded. Returns the ids re-queued. Safe to run from several beats: each change is a
     conditional UPDATE on the old heartbeat.
     """
     from training import tasks
 
     timeout = timeout_s if timeout_s is not None else settings.RUN_HEARTBEAT_TIMEOUT_S
     cutoff = timezone.now() - timedelta(seconds=timeout)
+    for staged in ImportJob.objects.filter(status=ImportJob.Status.STAGED,
+                                           created_at__lt=timezone.now() - STAGED_TTL):
+        discard(job=staged)  # a preview nobody imported within a day
     requeued = []
     for job in ImportJob.objects.filter(status=ImportJob.Status.RUNNING, heartbeat_at__lt=cutoff):
         stale = ImportJob.objects.filter(pk=job.pk, status=ImportJob.Status.RUNNING, heartbeat_at=job.heartbeat_at)

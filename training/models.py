@@ -118,6 +118,8 @@ class ImportJob(models.Model):
     """
 
     class Status(models.TextChoices):
+        # Previewed and kept on disk so that "Import" needs no second upload; not queued yet.
+        STAGED = "staged", "Previewed, not imported yet"
         QUEUED = "queued", "Queued"
         RUNNING = "running", "Running"
         SUCCEEDED = "succeeded", "Succeeded"

@@ -90,9 +90,23 @@ class DatasetPreviewSerializer(serializers.Serializer):
                                    allow_blank=True)
     mapping = MappingField(required=False, allow_null=True, default=None)
     dataset = serializers.IntegerField(required=False, allow_null=True, default=None)
+    keep = serializers.BooleanField(
+        default=False, help_text="Keep the file for a day as a staged import (`staged_import` in the answer); "
+                                 "POST /api/imports/{id}/start/ imports it without a second upload")
+    name = serializers.CharField(max_length=200, required=False, default="", allow_blank=True,
+                                 help_text="Name of the new dataset (with keep, when no dataset is given)")
+    strict = serializers.BooleanField(default=False)
+    language = serializers.CharField(max_length=32, default="english")
 
     def validate_file(self, upload):
         return _check_upload_size(upload)
+
+
+class ImportStartSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=200, required=False, default="", allow_blank=True,
+                                 help_text="Rename the new dataset before importing")
+    background = serializers.BooleanField(required=False, allow_null=True, default=None,
+                                          help_text="Default: only files above EMBEDPORTAL_BACKGROUND_IMPORT_MB")
 
 
 class DatasetMappingSerializer(serializers.Serializer):

@@ -26,27 +26,36 @@ def dataset_list(request: HttpRequest) -> HttpResponse:
 
 @csrf_protect
 def _dataset_list(request: HttpRequest, limiter) -> HttpResponse:
+    if request.method == "POST" and request.POST.get("action") == "import_staged":
+        return _import_staged(request)
     form = UploadForm(request.POST or None, request.FILES or None)
     preview = None
     if limiter is not None and limiter.exceeded:
         form.add_error("file", limiter.message)
     elif request.method == "POST" and form.is_valid():
         data = form.cleaned_data
+        options = {"name": data["name"], "kind": data["kind"], "strict": data["strict"], "mapping": form.mapping(),
+                   "language": data.get("language") or "english"}
         try:
             if request.POST.get("action") == "preview":
-                with datasets.upload_on_disk(data["file"]) as path:
-                    preview = datasets.preview_file(path=path, filename=data["file"].name, kind=data["kind"],
-                                                    mapping=form.mapping())
+                # Kept on disk (a staged import), so "Import" after the preview needs no second upload.
+                job = imports.stage(owner=request.user, upload=data["file"], **options)
+                try:
+                    preview = datasets.preview_file(path=Path(job.file_path), filename=job.filename,
+                                                    kind=data["kind"], mapping=form.mapping())
+                except ServiceError:
+                    imports.discard(job=job)
+                    raise
+                if preview["needs_mapping"]:
+                    imports.discard(job=job)
+                else:
+                    preview["staged"] = job
             elif imports.wants_background(data["file"]):
-                job = imports.submit(owner=request.user, upload=data["file"], name=data["name"], kind=data["kind"],
-                                     strict=data["strict"], mapping=form.mapping(),
-                                     language=data.get("language") or "english")
+                job = imports.submit(owner=request.user, upload=data["file"], **options)
                 messages.info(request, f"{job.filename} is being imported in the background; this page follows it.")
                 return redirect("import_detail", pk=job.pk)
             else:
-                dataset = datasets.import_upload(owner=request.user, name=data["name"], kind=data["kind"],
-                                                 upload=data["file"], strict=data["strict"], mapping=form.mapping(),
-                                                 language=data.get("language") or "english")
+                dataset = datasets.import_upload(owner=request.user, upload=data["file"], **options)
         except ServiceError as exc:
             form.add_error(None, str(exc))
         else:
@@ -60,9 +69,34 @@ def _dataset_list(request: HttpRequest, limiter) -> HttpResponse:
                 return redirect("dataset_detail", pk=dataset.pk)
     rows = Dataset.objects.filter(owner=request.user).annotate(document_count=Count("documents"))
     status = 400 if form.errors else 200
-    jobs = ImportJob.objects.filter(owner=request.user)[:10]
+    jobs = ImportJob.objects.filter(owner=request.user).exclude(status=ImportJob.Status.STAGED)[:10]
     context = {"datasets": rows, "form": form, "preview": preview, "import_jobs": jobs}
     return render(request, "training/dataset_list.html", context, status=status)
+
+
+def _import_staged(request: HttpRequest) -> HttpResponse:
+    """Import the file kept by a preview: now when small, by a background job when big."""
+    job = get_object_or_404(ImportJob, pk=request.POST.get("staged") or 0, owner=request.user,
+                            status=ImportJob.Status.STAGED)
+    name = (request.POST.get("name") or "").strip()
+    if name and job.action == ImportJob.Action.CREATE:
+        job.name = name[:200]
+        job.save(update_fields=["name"])
+    try:
+        job = imports.start(job=job)
+    except ServiceError as exc:
+        messages.error(request, f"{exc} The previewed file is still kept: preview it again or upload it anew.")
+        return redirect("dataset_list")
+    if job.status == ImportJob.Status.SUCCEEDED:
+        report = job.version.report if job.version else {}
+        messages.success(request, f"Imported {report.get('rows_accepted')} of {report.get('rows_read')} rows into "
+                                  f"{job.dataset.name} ({report.get('rows_rejected')} rejected).")
+        return redirect("dataset_detail", pk=job.dataset_id)
+    if job.status == ImportJob.Status.FAILED:
+        messages.error(request, job.error)
+        return redirect("dataset_list")
+    messages.info(request, f"{job.filename} is being imported in the background; this page follows it.")
+    return redirect("import_detail", pk=job.pk)
 
 
 @login_required
