@@ -76,7 +76,8 @@ def embed_documents(
         texts = [document_text(title, body) for _, title, body, _ in rows]
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         encoded = model.encode(
-            [texts[i] for i in order], batch_size=ENCODE_BATCH_SIZE, normalize_embeddings=True, convert_to_numpy=True
+            [texts[i] for i in order], batch_size=getattr(model, "preferred_batch_size", ENCODE_BATCH_SIZE),
+            normalize_embeddings=True, convert_to_numpy=True
         )
         vectors = np.empty_like(encoded)
         vectors[order] = encoded

@@ -167,16 +167,22 @@ def encode_corpus(model, texts: Sequence[str], *, batch_size: int = 64) -> np.nd
 
 
 def vector_rankings(
-    *, embeddings: np.ndarray, eval_set: EvalSet, queries: Iterable[int] | None = None, limit: int = RANK_DEPTH
+    *, embeddings: np.ndarray, eval_set: EvalSet, queries: Iterable[int] | None = None, limit: int = RANK_DEPTH,
+    query_embeddings: np.ndarray | None = None,
 ) -> dict[int, list[int]]:
-    """Exact cosine kNN; a query's vector is its own document's embedding."""
+    """Exact cosine kNN; a query's vector is its own document's embedding.
+
+    query_embeddings (same rows as `embeddings`) takes the queries' vectors from
+    another encoder, e.g. fp32 queries against int8 document vectors, as search does.
+    """
     position = eval_set.position
+    query_matrix = embeddings if query_embeddings is None else query_embeddings
     query_ids = list(queries if queries is not None else eval_set.queries)
     out: dict[int, list[int]] = {}
     doc_ids = np.asarray(eval_set.doc_ids)
     for start in range(0, len(query_ids), 256):
         chunk = query_ids[start : start + 256]
-        scores = embeddings[[position[q] for q in chunk]] @ embeddings.T
+        scores = query_matrix[[position[q] for q in chunk]] @ embeddings.T
         top = np.argpartition(-scores, kth=min(limit + 1, scores.shape[1] - 1), axis=1)[:, : limit + 1]
         for row, query in enumerate(chunk):
             best = top[row][np.argsort(-scores[row, top[row]])]
@@ -236,7 +242,7 @@ def vector_scored_rankings(
     out: dict[int, list[tuple[int, float]]] = {}
     for start in range(0, len(query_ids), 256):
         chunk = query_ids[start : start + 256]
-        scores = embeddings[[position[q] for q in chunk]] @ embeddings.T
+        scores = query_matrix[[position[q] for q in chunk]] @ embeddings.T
         kth = min(limit + 1, scores.shape[1] - 1)
         top = np.argpartition(-scores, kth=kth, axis=1)[:, : kth + 1]
         for row, query in enumerate(chunk):
