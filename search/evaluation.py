@@ -242,7 +242,7 @@ def vector_scored_rankings(
     out: dict[int, list[tuple[int, float]]] = {}
     for start in range(0, len(query_ids), 256):
         chunk = query_ids[start : start + 256]
-        scores = query_matrix[[position[q] for q in chunk]] @ embeddings.T
+        scores = embeddings[[position[q] for q in chunk]] @ embeddings.T
         kth = min(limit + 1, scores.shape[1] - 1)
         top = np.argpartition(-scores, kth=kth, axis=1)[:, : kth + 1]
         for row, query in enumerate(chunk):
