@@ -220,3 +220,39 @@ def test_stale_previews_are_discarded_by_the_reaper(user, uploads_dir):
     ImportJob.objects.filter(pk=job.pk).update(created_at=timezone.now() - timedelta(days=2))
     imports.reap_stale(timeout_s=300)
     assert not ImportJob.objects.exists() and _staged(uploads_dir) == []
+
+
+@pytest.mark.django_db
+def test_a_file_needing_a_mapping_is_mapped_from_its_own_columns_without_a_second_upload(web, uploads_dir):
+    csv_text = ("ticket_no,headline,details,team\n"
+                "T-1,Login page times out,After 30 s the login page shows a gateway error,web\n"
+                "T-2,Invoice PDF is blank,The exported invoice has no lines,billing\n")
+    upload = SimpleUploadedFile("helpdesk.csv", csv_text.encode(), content_type="text/csv")
+    page = web.post("/datasets/", {"name": "helpdesk", "file": upload, "action": "preview"})
+    body = page.content.decode()
+    job = ImportJob.objects.get()
+    assert job.status == "staged" and len(_staged(uploads_dir)) == 1
+    assert 'name="action" value="remap_staged"' in body and "Import this file" not in body
+    assert '<select id="remap-title" name="map_title">' in body and '<option value="headline"' in body
+    # Choose the roles from the file's own columns; no file in this request.
+    mapped = web.post("/datasets/", {"action": "remap_staged", "staged": job.pk, "kind": "tickets",
+                                     "map_key": "ticket_no", "map_title": "headline", "map_body": "details",
+                                     "map_attributes": ["team"]})
+    assert mapped.status_code == 200 and "Import this file" in mapped.content.decode()
+    assert "Login page times out" in mapped.content.decode()
+    done = web.post("/datasets/", {"action": "import_staged", "staged": job.pk})
+    dataset = Dataset.objects.get(name="helpdesk")
+    assert done.status_code == 302 and dataset.documents.count() == 2
+    assert dataset.column_mapping["title"] == "headline" and dataset.column_mapping["attributes"] == ["team"]
+    assert dataset.documents.get(external_key="T-2").metadata["attributes"]["team"] == "billing"
+
+
+@pytest.mark.django_db
+def test_a_mapping_naming_no_usable_column_shows_the_columns_again(web, uploads_dir):
+    upload = SimpleUploadedFile("odd.csv", b"colA,colB\nx,y\n", content_type="text/csv")
+    web.post("/datasets/", {"name": "odd", "file": upload, "action": "preview"})
+    job = ImportJob.objects.get()
+    again = web.post("/datasets/", {"action": "remap_staged", "staged": job.pk, "map_title": "nope"})
+    body = again.content.decode()
+    assert again.status_code == 400 and 'name="map_title"' in body and '<option value="colA"' in body
+    assert ImportJob.objects.get().status == "staged"

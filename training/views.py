@@ -28,6 +28,8 @@ def dataset_list(request: HttpRequest) -> HttpResponse:
 def _dataset_list(request: HttpRequest, limiter) -> HttpResponse:
     if request.method == "POST" and request.POST.get("action") == "import_staged":
         return _import_staged(request)
+    if request.method == "POST" and request.POST.get("action") == "remap_staged":
+        return _remap_staged(request)
     form = UploadForm(request.POST or None, request.FILES or None)
     preview = None
     if limiter is not None and limiter.exceeded:
@@ -46,10 +48,8 @@ def _dataset_list(request: HttpRequest, limiter) -> HttpResponse:
                 except ServiceError:
                     imports.discard(job=job)
                     raise
-                if preview["needs_mapping"]:
-                    imports.discard(job=job)
-                else:
-                    preview["staged"] = job
+                # Kept either way: a file that needs a column mapping is mapped on the page next.
+                preview["staged"] = job
             elif imports.wants_background(data["file"]):
                 job = imports.submit(owner=request.user, upload=data["file"], **options)
                 messages.info(request, f"{job.filename} is being imported in the background; this page follows it.")
@@ -70,8 +70,51 @@ def _dataset_list(request: HttpRequest, limiter) -> HttpResponse:
     rows = Dataset.objects.filter(owner=request.user).annotate(document_count=Count("documents"))
     status = 400 if form.errors else 200
     jobs = ImportJob.objects.filter(owner=request.user).exclude(status=ImportJob.Status.STAGED)[:10]
+    _mapping_choices(preview)
     context = {"datasets": rows, "form": form, "preview": preview, "import_jobs": jobs}
     return render(request, "training/dataset_list.html", context, status=status)
+
+
+def _mapping_choices(preview: dict) -> None:
+    """Role -> column selects for a kept file that needs a mapping, preselected with the guess or last choice."""
+    if not (preview and preview.get("needs_mapping") and preview.get("staged")):
+        return
+    mapping = preview.get("mapping") or {}
+    roles = [(name[4:], field.label) for name, field in forms.MappingFields.base_fields.items()
+             if name != "map_attributes"]
+    preview["role_choices"] = [{"role": role, "label": label, "selected": mapping.get(role) or ""}
+                               for role, label in roles]
+    chosen = mapping.get("attributes") or []
+    preview["attribute_choices"] = [{"column": c, "checked": c in chosen} for c in preview.get("columns") or []]
+
+
+def _remap_staged(request: HttpRequest) -> HttpResponse:
+    """Preview a kept file again with the column mapping chosen from its own columns (no second upload)."""
+    job = get_object_or_404(ImportJob, pk=request.POST.get("staged") or 0, owner=request.user,
+                            status=ImportJob.Status.STAGED)
+    data = request.POST.copy()
+    data.setlist("map_attributes", [", ".join(request.POST.getlist("map_attributes"))])
+    chosen = forms.MappingFields(data)
+    chosen.is_valid()  # every field is optional text
+    mapping = chosen.mapping()
+    kind = request.POST.get("kind", "")
+    job.kind = kind if kind in Dataset.Kind.values else ""
+    job.mapping = mapping
+    job.save(update_fields=["kind", "mapping"])
+    path = Path(job.file_path)
+    try:
+        preview = datasets.preview_file(path=path, filename=job.filename, kind=job.kind, mapping=mapping)
+    except ServiceError as exc:  # e.g. the mapping makes no usable row: show the columns again with the reason
+        preview = datasets.preview_file(path=path, filename=job.filename, kind=job.kind, mapping=None)
+        preview.update(needs_mapping=True, error=str(exc), mapping=mapping or preview.get("mapping") or {})
+        preview.setdefault("columns", [])
+    preview["staged"] = job
+    _mapping_choices(preview)
+    form = UploadForm(initial={"name": job.name, "kind": job.kind, "language": job.language, "strict": job.strict})
+    rows = Dataset.objects.filter(owner=request.user).annotate(document_count=Count("documents"))
+    jobs = ImportJob.objects.filter(owner=request.user).exclude(status=ImportJob.Status.STAGED)[:10]
+    context = {"datasets": rows, "form": form, "preview": preview, "import_jobs": jobs}
+    return render(request, "training/dataset_list.html", context, status=400 if preview["needs_mapping"] else 200)
 
 
 def _import_staged(request: HttpRequest) -> HttpResponse:
