@@ -2,7 +2,7 @@
 
 Batch inference path of the registry: documents without a vector for the
 version, or whose content hash changed since theirs was made, are encoded
-longest-first (less padding per batch) in chunks and COPY-ed into
+in chunks (each encoder batches longest-first: less padding) and COPY-ed into
 search_embedding. Each chunk commits on its own, so a crash loses at most one
 chunk and the next job resumes (it only sees what is still pending).
 """
@@ -73,14 +73,12 @@ def embed_documents(
                 "id", "title", "body", "content_hash"
             )
         )
-        texts = [document_text(title, body) for _, title, body, _ in rows]
-        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        encoded = model.encode(
-            [texts[i] for i in order], batch_size=getattr(model, "preferred_batch_size", ENCODE_BATCH_SIZE),
-            normalize_embeddings=True, convert_to_numpy=True
+        # Both encoders batch longest-first themselves (less padding) and return vectors in input order.
+        vectors = model.encode(
+            [document_text(title, body) for _, title, body, _ in rows],
+            batch_size=getattr(model, "preferred_batch_size", ENCODE_BATCH_SIZE),
+            normalize_embeddings=True, convert_to_numpy=True,
         )
-        vectors = np.empty_like(encoded)
-        vectors[order] = encoded
         store_embeddings(
             model_version=model_version,
             doc_ids=[r[0] for r in rows],

@@ -36,23 +36,29 @@ def _evict_idle(now: float) -> None:
         del _cache[path]
 
 
-def get_model(artifact_path: str):
+def _cached(key: str, load, *, limit: int):
+    """The process-wide cache: the entry for `key` (marked used now), else load() it, keeping at most `limit`."""
     now = time.monotonic()
     with _lock:
         _evict_idle(now)
-        entry = _cache.get(artifact_path)
+        entry = _cache.get(key)
         if entry is not None:
-            _cache[artifact_path] = (entry[0], now)
-            _cache.move_to_end(artifact_path)
+            _cache[key] = (entry[0], now)
+            _cache.move_to_end(key)
             return entry[0]
+    value = load()
+    with _lock:
+        _cache[key] = (value, time.monotonic())
+        while len(_cache) > limit:
+            _cache.popitem(last=False)
+    return value
+
+
+def get_model(artifact_path: str):
     from training.artifacts import ensure_local
 
-    model = finetune.load_model(ensure_local(artifact_path), device="auto")
-    with _lock:
-        _cache[artifact_path] = (model, time.monotonic())
-        while len(_cache) > MAX_CACHED_MODELS:
-            _cache.popitem(last=False)
-    return model
+    return _cached(artifact_path, lambda: finetune.load_model(ensure_local(artifact_path), device="auto"),
+                   limit=MAX_CACHED_MODELS)
 
 
 def get_job_encoder(artifact_path: str, backend: str = "auto") -> tuple[object, str]:
@@ -70,26 +76,17 @@ def get_job_encoder(artifact_path: str, backend: str = "auto") -> tuple[object, 
     chosen = onnx_encoder.resolve_backend(backend, str(model.device.type))
     if chosen == "torch":
         return model, "torch"
-    key = f"{chosen}:{artifact_path}"
-    now = time.monotonic()
-    with _lock:
-        entry = _cache.get(key)
-        if entry is not None:
-            _cache[key] = (entry[0], now)
-            return entry[0], chosen
     from training.artifacts import ensure_local
 
+    def export():
+        return onnx_encoder.OnnxEncoder(model, model_dir=finetune.resolve_base_model(ensure_local(artifact_path)),
+                                        quantized=chosen == "onnx-int8")
+
     try:
-        encoder = onnx_encoder.OnnxEncoder(model, model_dir=finetune.resolve_base_model(ensure_local(artifact_path)),
-                                           quantized=chosen == "onnx-int8")
+        return _cached(f"{chosen}:{artifact_path}", export, limit=MAX_CACHED_MODELS + 1), chosen
     except onnx_encoder.UnsupportedModel as exc:
         logger.warning("embedding with PyTorch instead of %s: %s", chosen, exc)
         return model, "torch"
-    with _lock:
-        _cache[key] = (encoder, time.monotonic())
-        while len(_cache) > MAX_CACHED_MODELS + 1:
-            _cache.popitem(last=False)
-    return encoder, chosen
 
 
 def loaded_models() -> list[str]:

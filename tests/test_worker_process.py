@@ -15,6 +15,7 @@ import redis
 from django.conf import settings
 from django.db import connection
 
+from tests.waiting import wait_for
 from training import services
 from training.models import Dataset, ModelVersion, TrainingRun
 
@@ -65,17 +66,6 @@ def start_worker(tmp_path):
             proc.wait()
 
 
-def wait_for(fetch, done, timeout=120, every=0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fetch()
-        if done(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting; last value: {value!r}")
-        time.sleep(every)
-
-
 @pytest.fixture
 def dataset(api, small_jira_file):
     with open(small_jira_file, "rb") as fh:
@@ -107,7 +97,7 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(start_worker, user, datas
     # Then the heartbeat reaper re-queues it and a new worker continues from the checkpoint
     assert services.reap_stale_runs(timeout_s=0) == {"requeued": 1, "failed": 0}
     start_worker("second")
-    done = wait_for(lambda: TrainingRun.objects.get(pk=run.pk), lambda r: r.is_terminal, timeout=240)
+    done = wait_for(lambda: TrainingRun.objects.get(pk=run.pk), lambda r: r.is_terminal, timeout=240, every=0.2)
     assert done.status == TrainingRun.Status.SUCCEEDED, done.error
     assert done.attempts == 2
     assert done.metrics["resumed_from_step"] >= saved_step >= 5
@@ -119,10 +109,10 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(start_worker, user, datas
 def test_cancel_stops_running_run_within_seconds_and_keeps_checkpoints(start_worker, user, dataset, tiny_model_dir):
     start_worker("canceller")
     run = _run(user, dataset, tiny_model_dir, max_steps=100000, checkpoint_steps=5)
-    wait_for(lambda: TrainingRun.objects.get(pk=run.pk), lambda r: r.checkpoint_path != "", timeout=120)
+    wait_for(lambda: TrainingRun.objects.get(pk=run.pk), lambda r: r.checkpoint_path != "", timeout=120, every=0.2)
     asked = time.monotonic()
     services.cancel_run(run=TrainingRun.objects.get(pk=run.pk))
-    done = wait_for(lambda: TrainingRun.objects.get(pk=run.pk), lambda r: r.is_terminal, timeout=30)
+    done = wait_for(lambda: TrainingRun.objects.get(pk=run.pk), lambda r: r.is_terminal, timeout=30, every=0.2)
     assert done.status == TrainingRun.Status.CANCELLED
     assert time.monotonic() - asked < 10
     assert Path(done.checkpoint_path).is_dir()

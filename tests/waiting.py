@@ -6,8 +6,8 @@ import json
 import time
 
 
-def wait_for(fetch, done, timeout=180):
-    """Call fetch() until done(value) holds; fail with the last value after `timeout` seconds."""
+def wait_for(fetch, done, timeout=180, every=0.5):
+    """Call fetch() every `every` seconds until done(value) holds; fail with the last value after `timeout`."""
     deadline = time.monotonic() + timeout
     while True:
         value = fetch()
@@ -15,4 +15,4 @@ def wait_for(fetch, done, timeout=180):
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out; last value: {json.dumps(value, default=str)[:2000]}")
-        time.sleep(0.5)
+        time.sleep(every)

@@ -1,7 +1,5 @@
 """REST API for datasets, training runs and model versions (owner-scoped)."""
 
-from pathlib import Path
-
 from django.db.models import Count, OuterRef, Subquery
 from django.http import StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
@@ -108,7 +106,13 @@ class DatasetViewSet(
                 raise ValidationError({"dataset": [f"No dataset {data['dataset']} of yours."]})
         try:
             if data["keep"]:
-                result = self._preview_kept(request.user, data, dataset)
+                job, result = imports.stage_and_preview(
+                    owner=request.user, upload=data["file"], dataset=dataset, name=data["name"], kind=data["kind"],
+                    strict=data["strict"], mapping=data["mapping"], language=data["language"])
+                if result["needs_mapping"]:  # nothing to start: the API caller sends a mapping with the next file
+                    imports.discard(job=job)
+                else:
+                    result["staged_import"] = serializers.ImportJobSerializer(job).data
             else:
                 with datasets.upload_on_disk(data["file"]) as path:
                     result = datasets.preview_file(path=path, filename=data["file"].name, kind=data["kind"],
@@ -119,22 +123,6 @@ class DatasetViewSet(
         if request.query_params.get("errors") == "csv":
             return _csv_response(importers.write_csv(importers.error_csv_rows(all_errors)), "preview-errors.csv")
         return Response(result)
-
-    @staticmethod
-    def _preview_kept(owner, data, dataset: Dataset | None) -> dict:
-        job = imports.stage(owner=owner, upload=data["file"], dataset=dataset, name=data["name"], kind=data["kind"],
-                            strict=data["strict"], mapping=data["mapping"], language=data["language"])
-        try:
-            result = datasets.preview_file(path=Path(job.file_path), filename=job.filename, kind=data["kind"],
-                                           mapping=data["mapping"], dataset=dataset)
-        except ServiceError:
-            imports.discard(job=job)
-            raise
-        if result["needs_mapping"]:
-            imports.discard(job=job)
-        else:
-            result["staged_import"] = serializers.ImportJobSerializer(job).data
-        return result
 
     @extend_schema(request=serializers.DatasetVersionUploadSerializer,
                    responses={201: serializers.DatasetVersionSerializer, 202: serializers.ImportJobSerializer})
@@ -247,11 +235,9 @@ class ImportJobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewset
         job = self.get_object()
         payload = serializers.ImportStartSerializer(data=request.data)
         payload.is_valid(raise_exception=True)
-        if payload.validated_data["name"] and job.status == ImportJob.Status.STAGED:
-            job.name = payload.validated_data["name"].strip()
-            job.save(update_fields=["name"])
         try:
-            job = imports.start(job=job, background=payload.validated_data["background"])
+            job = imports.start(job=job, background=payload.validated_data["background"],
+                                name=payload.validated_data["name"])
         except ServiceError as exc:
             return service_error_response(exc)
         done = job.status in (ImportJob.Status.SUCCEEDED, ImportJob.Status.FAILED)

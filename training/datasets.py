@@ -61,16 +61,7 @@ def import_dataset(
     cannot be imported, no row is usable, or strict is set and a row is bad.
     """
     name = name.strip()
-    if not name:
-        raise ServiceError("name: give the dataset a name.")
-    languages = text_search_configs()
-    if language not in languages:
-        raise ServiceError(f"language: {language!r} is not a text-search configuration here; one of "
-                           f"{', '.join(languages)}.")
-    if Dataset.objects.filter(owner=owner, name=name).exists():
-        raise ServiceError(f"name: you already have a dataset called {name!r}; pick another name.")
-    if kind and kind not in Dataset.Kind.values:
-        raise ServiceError(f"kind: {kind!r} is not one of {', '.join(Dataset.Kind.values)}.")
+    check_new_dataset(owner=owner, name=name, kind=kind, language=language)
     report = importers.ImportReport()
     try:
         upload = importers.read_upload(path, filename, report, kind=kind, mapping=mapping)
@@ -95,6 +86,24 @@ def import_dataset(
     except IntegrityError as exc:  # a concurrent upload took the same name
         raise ServiceError(f"name: you already have a dataset called {name!r}; pick another name.") from exc
     return dataset
+
+
+def check_new_dataset(*, owner, name: str, kind: str, language: str) -> None:
+    """What a new dataset needs before its file is read: a free name, a known kind and language.
+
+    Raises ServiceError naming the field. Background imports check this when
+    they are queued, so a job does not wait in line only to fail on it.
+    """
+    if not name:
+        raise ServiceError("name: give the dataset a name.")
+    languages = text_search_configs()
+    if language not in languages:
+        raise ServiceError(f"language: {language!r} is not a text-search configuration here; one of "
+                           f"{', '.join(languages)}.")
+    if Dataset.objects.filter(owner=owner, name=name).exists():
+        raise ServiceError(f"name: you already have a dataset called {name!r}; pick another name.")
+    if kind and kind not in Dataset.Kind.values:
+        raise ServiceError(f"kind: {kind!r} is not one of {', '.join(Dataset.Kind.values)}.")
 
 
 def add_version(

@@ -42,11 +42,15 @@ STAGED_TTL = timedelta(days=1)
 HEARTBEAT_EVERY_S = 5.0
 
 
+def _is_big(size_bytes: int) -> bool:
+    return size_bytes > settings.BACKGROUND_IMPORT_MB * 1024 * 1024
+
+
 def wants_background(upload, requested: bool | None = None) -> bool:
     """True when the upload should be imported by a job: asked for, or above the size threshold."""
     if requested is not None:
         return requested
-    return (getattr(upload, "size", 0) or 0) > settings.BACKGROUND_IMPORT_MB * 1024 * 1024
+    return _is_big(getattr(upload, "size", 0) or 0)
 
 
 def _stage(upload) -> tuple[Path, int]:
@@ -82,21 +86,39 @@ def stage(
     )
 
 
-def start(*, job: ImportJob, background: bool | None = None) -> ImportJob:
+def stage_and_preview(*, owner, upload, dataset: Dataset | None = None, name: str = "", kind: str = "",
+                      strict: bool = False, mapping: dict | None = None,
+                      language: str = "english") -> tuple[ImportJob, dict]:
+    """Stage the upload and preview it from disk (datasets.preview_file); a file that cannot be read is not kept."""
+    job = stage(owner=owner, upload=upload, dataset=dataset, name=name, kind=kind, strict=strict, mapping=mapping,
+                language=language)
+    try:
+        preview = datasets.preview_file(path=Path(job.file_path), filename=job.filename, kind=kind, mapping=mapping,
+                                        dataset=dataset)
+    except ServiceError:
+        discard(job=job)
+        raise
+    return job, preview
+
+
+def start(*, job: ImportJob, background: bool | None = None, name: str = "") -> ImportJob:
     """Import a staged job: queued for a worker when big (or `background`), else run now in this process.
 
-    What can be checked without reading the file (name free, kind, language)
+    `name` renames the new dataset first. What can be checked without reading the file (name free, kind, language)
     is checked first, so a job is not queued only to fail on those; a refused
     start leaves the job staged. Returns the job as it stands afterwards.
     """
     if job.status != ImportJob.Status.STAGED:
         raise ServiceError(f"import #{job.pk} was already started ({job.get_status_display().lower()}).")
+    if name.strip() and job.action == ImportJob.Action.CREATE:
+        job.name = name.strip()[:200]
+        job.save(update_fields=["name"])
     if job.action == ImportJob.Action.CREATE:
         _check_new_dataset(job)
     elif job.dataset_id is None:
         raise ServiceError("dataset: the dataset of this upload was deleted; nothing was imported.")
     if background is None:
-        background = job.size_bytes > settings.BACKGROUND_IMPORT_MB * 1024 * 1024
+        background = _is_big(job.size_bytes)
     from training import tasks
 
     with transaction.atomic():
@@ -111,21 +133,12 @@ def start(*, job: ImportJob, background: bool | None = None) -> ImportJob:
 
 
 def _check_new_dataset(job: ImportJob) -> None:
-    if not job.name:
-        raise ServiceError("name: give the dataset a name.")
-    pending = ImportJob.objects.filter(
+    datasets.check_new_dataset(owner=job.owner, name=job.name, kind=job.kind, language=job.language)
+    if ImportJob.objects.filter(
         owner=job.owner, name=job.name, action=ImportJob.Action.CREATE,
         status__in=[ImportJob.Status.QUEUED, ImportJob.Status.RUNNING],
-    ).exclude(pk=job.pk)
-    if Dataset.objects.filter(owner=job.owner, name=job.name).exists() or pending.exists():
-        raise ServiceError(f"name: you already have a dataset called {job.name!r} (or one being imported); "
-                           "pick another name.")
-    if job.kind and job.kind not in Dataset.Kind.values:
-        raise ServiceError(f"kind: {job.kind!r} is not one of {', '.join(Dataset.Kind.values)}.")
-    languages = datasets.text_search_configs()
-    if job.language not in languages:
-        raise ServiceError(f"language: {job.language!r} is not a text-search configuration here; one of "
-                           f"{', '.join(languages)}.")
+    ).exclude(pk=job.pk).exists():
+        raise ServiceError(f"name: a dataset called {job.name!r} is being imported already; pick another name.")
 
 
 def submit(

@@ -40,20 +40,12 @@ def _dataset_list(request: HttpRequest, limiter) -> HttpResponse:
                    "language": data.get("language") or "english"}
         try:
             if request.POST.get("action") == "preview":
-                # Kept on disk (a staged import), so "Import" after the preview needs no second upload.
-                job = imports.stage(owner=request.user, upload=data["file"], **options)
-                try:
-                    preview = datasets.preview_file(path=Path(job.file_path), filename=job.filename,
-                                                    kind=data["kind"], mapping=form.mapping())
-                except ServiceError:
-                    imports.discard(job=job)
-                    raise
-                # Kept either way: a file that needs a column mapping is mapped on the page next.
+                # Kept on disk (a staged import), so "Import" after the preview needs no second upload;
+                # kept too when the file needs a column mapping, which is chosen on this page next.
+                job, preview = imports.stage_and_preview(owner=request.user, upload=data["file"], **options)
                 preview["staged"] = job
             elif imports.wants_background(data["file"]):
-                job = imports.submit(owner=request.user, upload=data["file"], **options)
-                messages.info(request, f"{job.filename} is being imported in the background; this page follows it.")
-                return redirect("import_detail", pk=job.pk)
+                return _follow_job(request, imports.submit(owner=request.user, upload=data["file"], **options))
             else:
                 dataset = datasets.import_upload(owner=request.user, upload=data["file"], **options)
         except ServiceError as exc:
@@ -67,12 +59,21 @@ def _dataset_list(request: HttpRequest, limiter) -> HttpResponse:
                     f"({report['rows_rejected']} rejected).",
                 )
                 return redirect("dataset_detail", pk=dataset.pk)
+    return _render_list(request, form, preview, status=400 if form.errors else 200)
+
+
+def _render_list(request: HttpRequest, form: UploadForm, preview: dict | None, *, status: int) -> HttpResponse:
+    """The datasets page: datasets, recent background imports, the upload form and a preview, if any."""
     rows = Dataset.objects.filter(owner=request.user).annotate(document_count=Count("documents"))
-    status = 400 if form.errors else 200
     jobs = ImportJob.objects.filter(owner=request.user).exclude(status=ImportJob.Status.STAGED)[:10]
     _mapping_choices(preview)
     context = {"datasets": rows, "form": form, "preview": preview, "import_jobs": jobs}
     return render(request, "training/dataset_list.html", context, status=status)
+
+
+def _follow_job(request: HttpRequest, job: ImportJob) -> HttpResponse:
+    messages.info(request, f"{job.filename} is being imported in the background; this page follows it.")
+    return redirect("import_detail", pk=job.pk)
 
 
 def _mapping_choices(preview: dict) -> None:
@@ -109,24 +110,16 @@ def _remap_staged(request: HttpRequest) -> HttpResponse:
         preview.update(needs_mapping=True, error=str(exc), mapping=mapping or preview.get("mapping") or {})
         preview.setdefault("columns", [])
     preview["staged"] = job
-    _mapping_choices(preview)
     form = UploadForm(initial={"name": job.name, "kind": job.kind, "language": job.language, "strict": job.strict})
-    rows = Dataset.objects.filter(owner=request.user).annotate(document_count=Count("documents"))
-    jobs = ImportJob.objects.filter(owner=request.user).exclude(status=ImportJob.Status.STAGED)[:10]
-    context = {"datasets": rows, "form": form, "preview": preview, "import_jobs": jobs}
-    return render(request, "training/dataset_list.html", context, status=400 if preview["needs_mapping"] else 200)
+    return _render_list(request, form, preview, status=400 if preview["needs_mapping"] else 200)
 
 
 def _import_staged(request: HttpRequest) -> HttpResponse:
     """Import the file kept by a preview: now when small, by a background job when big."""
     job = get_object_or_404(ImportJob, pk=request.POST.get("staged") or 0, owner=request.user,
                             status=ImportJob.Status.STAGED)
-    name = (request.POST.get("name") or "").strip()
-    if name and job.action == ImportJob.Action.CREATE:
-        job.name = name[:200]
-        job.save(update_fields=["name"])
     try:
-        job = imports.start(job=job)
+        job = imports.start(job=job, name=request.POST.get("name") or "")
     except ServiceError as exc:
         messages.error(request, f"{exc} The previewed file is still kept: preview it again or upload it anew.")
         return redirect("dataset_list")
@@ -138,8 +131,7 @@ def _import_staged(request: HttpRequest) -> HttpResponse:
     if job.status == ImportJob.Status.FAILED:
         messages.error(request, job.error)
         return redirect("dataset_list")
-    messages.info(request, f"{job.filename} is being imported in the background; this page follows it.")
-    return redirect("import_detail", pk=job.pk)
+    return _follow_job(request, job)
 
 
 @login_required
@@ -210,10 +202,9 @@ def _dataset_upload(request: HttpRequest, pk: int, limiter) -> HttpResponse:
     elif upload_form.is_valid():
         upload = upload_form.cleaned_data["file"]
         if imports.wants_background(upload):
-            job = imports.submit(owner=request.user, upload=upload, dataset=dataset,
-                                 strict=upload_form.cleaned_data["strict"], mapping=upload_form.mapping())
-            messages.info(request, f"{job.filename} is being imported in the background; this page follows it.")
-            return redirect("import_detail", pk=job.pk)
+            return _follow_job(request, imports.submit(owner=request.user, upload=upload, dataset=dataset,
+                                                       strict=upload_form.cleaned_data["strict"],
+                                                       mapping=upload_form.mapping()))
         try:
             with datasets.upload_on_disk(upload) as path:
                 version = datasets.add_version(dataset=dataset, path=path, filename=upload.name,
