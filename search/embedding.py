@@ -20,6 +20,7 @@ from django.db.models import Exists, OuterRef
 from search import encoders
 from search.models import Embedding
 from search.vectors import store_embeddings
+from training.corpus import ticket_text
 from training.models import Dataset, Document, ModelVersion
 
 # Documents per chunk: encoded together (sorted by length) and written in one
@@ -33,7 +34,7 @@ MAX_EMBED_CHARS = 4000
 
 
 def document_text(title: str, body: str) -> str:
-    return (f"{title}\n{body}" if body else title)[:MAX_EMBED_CHARS]
+    return ticket_text(title, body)[:MAX_EMBED_CHARS]
 
 
 def pending_documents(*, dataset: Dataset, model_version: ModelVersion):

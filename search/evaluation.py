@@ -20,6 +20,7 @@ from django.db import connection
 
 from search.embedding import MAX_EMBED_CHARS
 from search.fusion import reciprocal_rank_fusion
+from training.corpus import ticket_links, ticket_text
 from training.models import Dataset, Document
 from training.pairs import Ticket, duplicate_clusters, split_clusters
 
@@ -52,10 +53,7 @@ def ticket_eval_set(*, dataset: Dataset, split: str = "test") -> EvalSet:
             key=key,
             title=title,
             body=body,
-            links=tuple(
-                (str(link.get("type", "")).lower(), str(link.get("key", "")))
-                for link in (metadata or {}).get("links", [])
-            ),
+            links=ticket_links(metadata),
         )
         for _, key, title, body, metadata in rows
     ]
@@ -69,7 +67,7 @@ def ticket_eval_set(*, dataset: Dataset, split: str = "test") -> EvalSet:
             relevant[doc_id] = ids - {doc_id}
     return EvalSet(
         doc_ids=[r[0] for r in rows],
-        texts=[f"{title}\n{body}" if body else title for _, _, title, body, _ in rows],
+        texts=[ticket_text(title, body) for _, _, title, body, _ in rows],
         queries=sorted(relevant),
         relevant=relevant,
         keys={doc_id: key for doc_id, key, *_ in rows},

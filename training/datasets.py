@@ -23,6 +23,7 @@ from django.db.models import Max
 
 from training import importers
 from training.errors import ServiceError
+from training.corpus import ticket_links
 from training.models import Dataset, DatasetVersion, Document, TrainingRun
 from training.pairs import Example, Ticket
 
@@ -463,15 +464,6 @@ def delete_dataset(*, dataset: Dataset) -> None:
 # --- Reading documents for training -------------------------------------------------------
 
 
-def _links(metadata: dict | None) -> tuple[tuple[str, str], ...]:
-    metadata = metadata or {}
-    return tuple(
-        (str(link.get("type", "")).lower(), str(link.get("key", "")))
-        for link in [*(metadata.get("links") or []), *(metadata.get("extra_links") or [])]
-        if isinstance(link, dict)
-    )
-
-
 def dataset_tickets(dataset: Dataset) -> list[Ticket]:
     """Every document of a tickets dataset as a Ticket (links from the export and from links uploads)."""
     rows = Document.objects.filter(dataset=dataset).values_list("external_key", "title", "body", "metadata")
@@ -480,7 +472,7 @@ def dataset_tickets(dataset: Dataset) -> list[Ticket]:
             key=key,
             title=title,
             body=body,
-            links=_links(metadata),
+            links=ticket_links(metadata),
             issue_type=str((metadata or {}).get("issue_type") or ""),
             components=tuple(str(c) for c in (metadata or {}).get("components") or []),
         )

@@ -11,6 +11,8 @@ from django.contrib.postgres.indexes import GinIndex
 from django.contrib.postgres.search import SearchVectorField
 from django.db import models
 
+from training.corpus import ticket_text
+
 
 class Dataset(models.Model):
     class Kind(models.TextChoices):
@@ -76,7 +78,7 @@ class Document(models.Model):
     @property
     def text(self) -> str:
         """The text that is embedded: title, newline, body (as in shared/DATA.md)."""
-        return f"{self.title}\n{self.body}" if self.body else self.title
+        return ticket_text(self.title, self.body)
 
 
 class DatasetVersion(models.Model):

@@ -19,6 +19,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
+from training.corpus import ticket_text
+
 DUPLICATE_LINK = "duplicate"
 # Descriptions shorter than this carry too little to be a useful positive.
 MIN_SELF_PAIR_BODY_CHARS = 30
@@ -54,7 +56,7 @@ class Ticket:
 
     @property
     def text(self) -> str:
-        return f"{self.title}\n{self.body}" if self.body else self.title
+        return ticket_text(self.title, self.body)
 
 
 @dataclass(frozen=True)
