@@ -6,11 +6,16 @@ starts a local redis-server under var/redis, migrates, makes sure an admin
 account exists, then runs the web server, a worker for the gpu (training)
 queue, a worker for the default queue and Celery beat under honcho. Ctrl-C
 stops them all, then the servers this launcher started.
+
+Settings are production-safe (DEBUG off, SECRET_KEY required, HTTPS only), so
+the launcher fills in what serving on this machine over plain http needs:
+see local_http_env().
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -33,6 +38,7 @@ def main() -> int:
     env["EMBEDPORTAL_VAR_DIR"] = str(VAR_DIR)
     host = env.get("HOST", "127.0.0.1")
     port = env.get("PORT", "8000")
+    env = local_http_env(env=env, var_dir=VAR_DIR, host=host)
     python = sys.executable
 
     started_pg = False
@@ -69,6 +75,39 @@ def main() -> int:
 
             embedded_pg.stop(VAR_DIR / "pgdata")
             print("[embedportal] embedded PostgreSQL stopped", flush=True)
+
+
+def local_http_env(*, env: dict[str, str], var_dir: Path, host: str) -> dict[str, str]:
+    """`env` plus what serving http://HOST:PORT/ on this machine needs; what `env` sets wins.
+
+    SECRET_KEY: read from var/secret_key, which is created (mode 0600, random)
+    on first use, so sessions and tokens survive restarts. ALLOWED_HOSTS:
+    localhost, 127.0.0.1 and HOST. EMBEDPORTAL_LOCAL_HTTP=1: no redirect to
+    https and no secure-only cookies, which plain http could never send back.
+    """
+    out = dict(env)
+    if not out.get("SECRET_KEY"):
+        out["SECRET_KEY"] = _persistent_secret_key(var_dir / "secret_key")
+    if not out.get("ALLOWED_HOSTS"):
+        hosts = ["localhost", "127.0.0.1"]
+        # 0.0.0.0 / :: are bind addresses, not names a browser sends: set ALLOWED_HOSTS then.
+        if host not in hosts and host not in ("0.0.0.0", "::", ""):
+            hosts.append(host)
+        out["ALLOWED_HOSTS"] = ",".join(hosts)
+    out.setdefault("EMBEDPORTAL_LOCAL_HTTP", "1")
+    return out
+
+
+def _persistent_secret_key(path: Path) -> str:
+    try:
+        # O_EXCL: two launchers starting at once cannot both write a key.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    key = secrets.token_urlsafe(50)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key + "\n")
+    return key
 
 
 def _supervise(env: dict, python: str, host: str, port: str) -> int:

@@ -1,17 +1,22 @@
 """EmbedPortal settings: one file, driven by environment variables.
 
-Development defaults are safe and need nothing set: the embedded PostgreSQL 18
-+ pgvector under var/, Redis on 127.0.0.1:6379, DEBUG on. Production sets
-DATABASE_URL, REDIS_URL, SECRET_KEY, DEBUG=0 and ALLOWED_HOSTS (see
-docker-compose.yml).
+Defaults are production-safe: DEBUG is off, a SECRET_KEY must be given, and
+with DEBUG off every request is HTTPS-only (redirect, secure cookies, HSTS).
+Two opt-outs, both documented in docs/deployment.md: EMBEDPORTAL_LOCAL_HTTP=1
+(plain http://127.0.0.1, set by bin/run, which also generates the SECRET_KEY)
+and EMBEDPORTAL_BEHIND_TLS_PROXY=1 (TLS ends at a proxy that sets
+X-Forwarded-Proto). The database is the embedded PostgreSQL 18 + pgvector under
+var/ unless DATABASE_URL is set; Redis is 127.0.0.1:6379 unless REDIS_URL is.
 """
 
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
 
 
 def env_str(name: str, default: str) -> str:
@@ -37,10 +42,39 @@ def env_list(name: str, default: str) -> list[str]:
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("EMBEDPORTAL_VAR_DIR", str(BASE_DIR / "var"))).resolve()
 
-DEBUG = env_bool("DEBUG", True)
-SECRET_KEY = env_str("SECRET_KEY", "dev-only-insecure-key-set-SECRET_KEY-in-production")
-ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "*" if DEBUG else "localhost,127.0.0.1")
+DEBUG = env_bool("DEBUG", False)
+SECRET_KEY = env_str("SECRET_KEY", "")
+if not SECRET_KEY:
+    if not DEBUG:
+        # A made-up default key would let anyone forge sessions and tokens on a
+        # server whose operator forgot to set one: refuse to start instead.
+        raise ImproperlyConfigured(
+            "SECRET_KEY is not set. Set it to a long random value (python -c 'import secrets; "
+            "print(secrets.token_urlsafe(50))'); bin/run generates one in var/secret_key."
+        )
+    SECRET_KEY = "dev-only-insecure-key-DEBUG-is-on"
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "localhost,127.0.0.1")
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", "")
+
+# --- HTTPS ----------------------------------------------------------------------
+# With DEBUG off the site is HTTPS-only unless EMBEDPORTAL_LOCAL_HTTP=1 says it is
+# served over plain http on this machine (bin/run sets it: http://127.0.0.1
+# would otherwise redirect to an https:// nobody serves, and secure cookies
+# would never come back, so no one could log in).
+LOCAL_HTTP = env_bool("EMBEDPORTAL_LOCAL_HTTP", False)
+HTTPS_ONLY = not DEBUG and not LOCAL_HTTP
+SECURE_SSL_REDIRECT = HTTPS_ONLY
+SESSION_COOKIE_SECURE = HTTPS_ONLY
+CSRF_COOKIE_SECURE = HTTPS_ONLY
+SECURE_HSTS_SECONDS = env_int("EMBEDPORTAL_HSTS_SECONDS", 31_536_000) if HTTPS_ONLY else 0
+SECURE_HSTS_INCLUDE_SUBDOMAINS = HTTPS_ONLY
+# "preload" only states consent to the browsers' preload list; nothing is listed
+# until the owner of the parent domain submits it there.
+SECURE_HSTS_PRELOAD = HTTPS_ONLY
+# TLS ends at a proxy in front of gunicorn: trust its X-Forwarded-Proto, which
+# it must always set (or overwrite), never pass through from the client.
+if env_bool("EMBEDPORTAL_BEHIND_TLS_PROXY", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -53,7 +87,9 @@ INSTALLED_APPS = [
     "rest_framework",
     "rest_framework.authtoken",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
     "django_celery_beat",
+    "axes",
     "embedportal",
     "training",
     "search",
@@ -68,6 +104,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: it turns a locked-out login into the 429 page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "embedportal.urls"
@@ -110,8 +148,28 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Auth, i18n, static ---------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
+# django-axes counts failed logins (login page, admin, /api/auth/token/) per
+# username + client IP in its tables, so every web process sees the same count,
+# and refuses that pair for a cool-off period once the limit is reached. Keyed
+# on the pair, not the username alone, so a stranger cannot lock a colleague
+# out. The client IP is REMOTE_ADDR: behind a proxy that is the proxy's address.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+LOGIN_COOLOFF_MINUTES = env_int("EMBEDPORTAL_LOGIN_COOLOFF_MINUTES", 15)
+AXES_FAILURE_LIMIT = env_int("EMBEDPORTAL_LOGIN_FAILURE_LIMIT", 10)
+AXES_COOLOFF_TIME = timedelta(minutes=LOGIN_COOLOFF_MINUTES)
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+# The page (login, admin); the JSON 429 of /api/auth/token/ says AXES_COOLOFF_MESSAGE.
+AXES_LOCKOUT_TEMPLATE = "registration/lockout.html"
+AXES_COOLOFF_MESSAGE = f"Too many failed logins; try again in {LOGIN_COOLOFF_MINUTES} minutes."
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "dashboard"
 LOGOUT_REDIRECT_URL = "login"
@@ -196,12 +254,27 @@ REST_FRAMEWORK = {
 SPECTACULAR_SETTINGS = {
     "TITLE": "EmbedPortal API",
     "DESCRIPTION": "Datasets, training runs, model versions and hybrid search.",
+    # Scope of the ScopedRateThrottle on /api/auth/token/ (embedportal/urls.py), per
+    # client IP. Counted in the default (per-process) cache; django-axes is the
+    # lockout shared by all processes.
+    "DEFAULT_THROTTLE_RATES": {"auth-token": env_str("EMBEDPORTAL_TOKEN_RATE", "20/min")},
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
 }
 
 LOGGING = {
     "version": 1,
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
+    # Swagger UI and Redoc from the drf-spectacular-sidecar package, served by
+    # whitenoise from our origin: no CDN script, and the docs work offline.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    # `check --deploy` would generate the schema without a request, where our
+    # viewsets' get_queryset (filtered by request.user) cannot run: a warning for
+    # every viewset that says nothing about deployment. The served schema is
+    # tested in tests/test_web.py instead.
+    "ENABLE_DJANGO_DEPLOY_CHECK": False,
     "disable_existing_loggers": False,
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},

@@ -1,15 +1,43 @@
+from axes.helpers import get_lockout_message
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
+from django.contrib.auth.decorators import login_required
 from django.urls import include, path
-from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
-from rest_framework.authtoken.views import obtain_auth_token
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
+from rest_framework import status
+from rest_framework.authtoken.views import ObtainAuthToken
+from rest_framework.exceptions import ValidationError
+from rest_framework.response import Response
 from rest_framework.routers import DefaultRouter
+from rest_framework.throttling import ScopedRateThrottle
 
 from embedportal import views
 from search import api as search_api
 from search import views as search_views
 from training import api as training_api
 from training import views as training_views
+
+
+
+class ObtainTokenView(ObtainAuthToken):
+    """`POST /api/auth/token/`: DRF's token view, throttled, with django-axes' lockout as a JSON 429.
+
+    axes sees these logins (DRF passes the request to authenticate()), but it
+    flags the lockout on DRF's Request, which its middleware never sees, and
+    authenticate() turns the refusal into "wrong credentials": say 429 here.
+    """
+
+    throttle_classes = [ScopedRateThrottle]
+    throttle_scope = "auth-token"
+
+    def post(self, request, *args, **kwargs):
+        try:
+            return super().post(request, *args, **kwargs)
+        except ValidationError:
+            if getattr(request, "axes_locked_out", False):
+                return Response({"error": str(get_lockout_message())}, status=status.HTTP_429_TOO_MANY_REQUESTS)
+            raise
+
 
 router = DefaultRouter()
 router.register("datasets", training_api.DatasetViewSet, basename="api-dataset")
@@ -57,7 +85,9 @@ urlpatterns = [
     path("api/health/", views.api_health, name="api_health"),
     path("api/embed", training_api.embed, name="api_embed"),
     path("api/similarity", training_api.similarity, name="api_similarity"),
-    path("api/auth/token/", obtain_auth_token, name="api_token"),
+    path("api/auth/token/", ObtainTokenView.as_view(), name="api_token"),
+    # Both need a logged-in user (SPECTACULAR_SETTINGS["SERVE_PERMISSIONS"]); a
+    # browser without a session is sent to the login page instead of a bare 403.
     path("api/schema/", SpectacularAPIView.as_view(), name="api_schema"),
-    path("api/docs/", SpectacularSwaggerView.as_view(url_name="api_schema"), name="api_docs"),
+    path("api/docs/", login_required(SpectacularSwaggerSplitView.as_view(url_name="api_schema")), name="api_docs"),
 ]
