@@ -250,20 +250,16 @@ REST_FRAMEWORK = {
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
     "PAGE_SIZE": 50,
     "EXCEPTION_HANDLER": "embedportal.api_errors.exception_handler",
-}
-SPECTACULAR_SETTINGS = {
-    "TITLE": "EmbedPortal API",
-    "DESCRIPTION": "Datasets, training runs, model versions and hybrid search.",
     # Scope of the ScopedRateThrottle on /api/auth/token/ (embedportal/urls.py), per
     # client IP. Counted in the default (per-process) cache; django-axes is the
     # lockout shared by all processes.
     "DEFAULT_THROTTLE_RATES": {"auth-token": env_str("EMBEDPORTAL_TOKEN_RATE", "20/min")},
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "EmbedPortal API",
+    "DESCRIPTION": "Datasets, training runs, model versions and hybrid search.",
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
-}
-
-LOGGING = {
-    "version": 1,
     "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
     # Swagger UI and Redoc from the drf-spectacular-sidecar package, served by
     # whitenoise from our origin: no CDN script, and the docs work offline.
@@ -275,6 +271,10 @@ LOGGING = {
     # every viewset that says nothing about deployment. The served schema is
     # tested in tests/test_web.py instead.
     "ENABLE_DJANGO_DEPLOY_CHECK": False,
+}
+
+LOGGING = {
+    "version": 1,
     "disable_existing_loggers": False,
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
