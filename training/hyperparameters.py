@@ -2,7 +2,8 @@
 
 The form, the API serializer and the `train` command all go through `parse()`
 so a bad value is refused with the same message everywhere, before anything is
-queued.
+queued. Apart from worker_caps() (Django settings, read at call time) this
+module knows nothing of Django.
 """
 
 from __future__ import annotations
@@ -92,6 +93,16 @@ RANGES: dict[str, tuple[type, float, float]] = {
     "keep_checkpoints": (int, 1, 100),
     "triplet_margin": (float, 0.0, 10.0),
 }
+# What one request may ask of a worker, below the sanity ranges above; an administrator
+# raises them with the environment variable (settings name, default, variable). Memory grows
+# with batch_size x max_seq_length (attention: with its square), time with epochs, steps and pairs.
+WORKER_CAPS: dict[str, tuple[str, int, str]] = {
+    "epochs": ("MAX_EPOCHS", 100, "EMBEDPORTAL_MAX_EPOCHS"),
+    "batch_size": ("MAX_BATCH_SIZE", 512, "EMBEDPORTAL_MAX_BATCH_SIZE"),
+    "max_seq_length": ("MAX_SEQ_LENGTH", 512, "EMBEDPORTAL_MAX_SEQ_LENGTH"),
+    "max_steps": ("MAX_STEPS", 200_000, "EMBEDPORTAL_MAX_STEPS"),
+    "max_pairs": ("MAX_PAIRS", 1_000_000, "EMBEDPORTAL_MAX_PAIRS"),
+}
 BOOLEANS = ("no_duplicates", "evaluate", "hard_negatives")
 STRATEGY_NAMES = ("", "tickets", "qa", "labels", "pairs", "triplets")
 WEAK_POSITIVES = ("", "component", "issue_type")
@@ -99,13 +110,22 @@ TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off"}
 
 
+def worker_caps() -> dict[str, int]:
+    """The current WORKER_CAPS values, read from Django settings at call time."""
+    from django.conf import settings
+
+    return {name: int(getattr(settings, setting, default)) for name, (setting, default, _) in WORKER_CAPS.items()}
+
+
 def parse(raw: dict | None) -> Hyperparameters:
     """Validate a mapping of hyperparameters (strings allowed) into Hyperparameters.
 
-    Unknown names and out-of-range values raise HyperparameterError naming each
-    field and what is allowed. Empty values mean "use the default".
+    Unknown names, out-of-range values and values above the server's worker
+    caps raise HyperparameterError naming each field and what is allowed.
+    Empty values mean "use the default".
     """
     raw = dict(raw or {})
+    caps = worker_caps()
     known = {f.name for f in fields(Hyperparameters)}
     errors: dict[str, str] = {}
     for name in sorted(set(raw) - known):
@@ -126,6 +146,10 @@ def parse(raw: dict | None) -> Hyperparameters:
             continue
         if not low <= number <= high:
             errors[name] = f"must be between {low:g} and {high:g}, got {number:g}"
+            continue
+        if name in caps and number > caps[name]:
+            errors[name] = (f"must be at most {caps[name]} on this server, got {number}; "
+                            f"an administrator can raise {WORKER_CAPS[name][2]}")
             continue
         values[name] = number
     for name in BOOLEANS:
