@@ -154,7 +154,14 @@ class RunForm(forms.Form):
     the API and the train command); this form only collects them as text.
     """
 
-    base_model = forms.CharField(max_length=500, required=False, initial=settings.DEFAULT_BASE_MODEL)
+    base_model = forms.CharField(
+        max_length=500, required=False, initial=settings.DEFAULT_BASE_MODEL,
+        help_text="A Hugging Face id, or a folder under a directory your administrator allows.",
+    )
+    base_version = forms.IntegerField(
+        required=False, min_value=1, label="Continue from version",
+        help_text="Id of one of your model versions: train it further instead of the base model.",
+    )
     loss = forms.ChoiceField(choices=[(k, v) for k, v in LOSS_LABELS.items()], required=False, initial="auto")
     strategy = forms.ChoiceField(
         choices=[("", "Dataset default")] + [(k, v.split(":")[0]) for k, v in STRATEGIES.items()], required=False
@@ -178,8 +185,20 @@ class RunForm(forms.Form):
     seed = forms.CharField(required=False, initial=42)
     evaluate = forms.BooleanField(required=False, initial=True, help_text="Held-out before/after evaluation.")
 
+    def clean(self):
+        """Fold base_version into base_model as `version:<id>` (the service checks it is yours)."""
+        data = super().clean()
+        version = data.get("base_version")
+        if version is not None:
+            if data.get("base_model") not in ("", None, settings.DEFAULT_BASE_MODEL):
+                self.add_error("base_version", "Give a base model or a version to continue from, not both.")
+            else:
+                data["base_model"] = f"version:{version}"
+        return data
+
     def hyperparameters(self) -> dict:
-        values = {name: self.cleaned_data.get(name) for name in self.fields if name != "base_model"}
+        values = {name: self.cleaned_data.get(name) for name in self.fields
+                  if name not in ("base_model", "base_version")}
         values["hard_negatives"] = bool(values.get("hard_negatives"))
         values["evaluate"] = bool(values.get("evaluate"))
         return {k: v for k, v in values.items() if v not in (None, "")}

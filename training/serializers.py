@@ -145,8 +145,23 @@ class TrainingRunSerializer(serializers.ModelSerializer):
 
 class TrainingRunCreateSerializer(serializers.Serializer):
     dataset = serializers.IntegerField()
-    base_model = serializers.CharField(max_length=500, required=False, allow_blank=True, default="")
+    base_model = serializers.CharField(
+        max_length=500, required=False, allow_blank=True, default="",
+        help_text="A Hugging Face id, `version:<id>` of one of your model versions, or a folder under "
+                  "EMBEDPORTAL_BASE_MODEL_DIRS (default: the server's base model)")
+    base_version = serializers.IntegerField(
+        required=False, allow_null=True, default=None, min_value=1,
+        help_text="Continue training from one of your model versions (its id); the run records it as "
+                  "base_model `version:<id>`")
     hyperparameters = serializers.DictField(required=False, default=dict)
+
+    def validate(self, data):
+        version = data.pop("base_version", None)
+        if version is not None:
+            if data.get("base_model"):
+                raise serializers.ValidationError({"base_version": "Give base_model or base_version, not both."})
+            data["base_model"] = f"version:{version}"
+        return data
 
 
 class ModelVersionSerializer(serializers.ModelSerializer):

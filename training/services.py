@@ -8,21 +8,22 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connections, transaction
 from django.db.models import F, Value
 from django.db.models.functions import Coalesce, Concat
 from django.utils import timezone
 
-from training import finetune, pairs, registry
+from training import artifacts, finetune, pairs, registry
 from training.errors import ServiceError
 from training.hyperparameters import Hyperparameters, parse
-from training.models import Dataset, TrainingRun
+from training.models import Dataset, ModelVersion, TrainingRun
 
 logger = logging.getLogger(__name__)
 
@@ -33,28 +34,84 @@ MIN_TRAINING_PAIRS = 2
 
 # --- Training runs --------------------------------------------------------------
 
-HF_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+# A Hugging Face id: "name" or "org/name", each part starting with a letter or digit (so no
+# leading "/" or "." and no ".." part).
+HF_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
+# "Continue from one of my versions": the run stores this and trains from the version's folder.
+VERSION_REF = re.compile(r"^version:(\d+)$")
+# One answer for a folder or version that does not exist and for one that is not the user's, so
+# the message reveals nothing about other users' models or the worker's disk.
+BASE_MODEL_UNAVAILABLE = (
+    "base_model: not found or not available to you. Give a Hugging Face id like "
+    "'sentence-transformers/all-MiniLM-L6-v2', one of your model versions as 'version:<id>' (or base_version), "
+    "or a folder under a directory your administrator allows (EMBEDPORTAL_BASE_MODEL_DIRS)."
+)
 
 
-def check_base_model(name: str) -> str:
-    """Refuse a base model that cannot possibly load, before a run is queued."""
+def check_base_model(*, owner, name: str) -> str:
+    """The base model to store on a new run, or ServiceError(BASE_MODEL_UNAVAILABLE).
+
+    Allowed: the configured default (and the shipped offline copy of
+    all-MiniLM-L6-v2), a Hugging Face id, `version:<id>` of one of the
+    owner's model versions, or a model folder inside settings.BASE_MODEL_DIRS
+    (resolved, so `..` and symlinks cannot leave it; never MODELS_DIR, where
+    every user's fine-tuned models live: those are reached by version only).
+    A folder is returned resolved, so the worker loads what was checked.
+    """
     name = (name or "").strip() or settings.DEFAULT_BASE_MODEL
-    resolved = finetune.resolve_base_model(name)
-    if Path(resolved).is_absolute() or resolved.startswith("."):
-        folder = Path(resolved)
-        if not folder.is_dir():
-            raise ServiceError(f"base_model: the folder {resolved} does not exist on the worker.")
-        if not (folder / "modules.json").exists() and not (folder / "config.json").exists():
-            raise ServiceError(
-                f"base_model: {resolved} holds no sentence-transformers or Hugging Face model "
-                "(no modules.json or config.json)."
-            )
-    elif not HF_ID.match(name):
-        raise ServiceError(
-            f"base_model: {name!r} is neither a local folder nor a Hugging Face id like "
-            "'sentence-transformers/all-MiniLM-L6-v2'."
-        )
-    return name
+    if name == settings.DEFAULT_BASE_MODEL or name.lower() in finetune.DEFAULT_MODEL_ALIASES:
+        return name  # the administrator's choice, or the copy shipped in a package
+    match = VERSION_REF.match(name)
+    if match:
+        if not ModelVersion.objects.filter(pk=int(match[1]), owner=owner).exists():
+            raise ServiceError(BASE_MODEL_UNAVAILABLE)
+        return f"version:{int(match[1])}"
+    # SentenceTransformer loads an existing local path before asking the hub, so an id that is
+    # also a folder relative to the working directory is checked as a folder.
+    if HF_ID.match(name) and ".." not in name and not _exists(Path(name)):
+        return name
+    folder = _allowed_folder(name)
+    if folder is None:
+        raise ServiceError(BASE_MODEL_UNAVAILABLE)
+    return str(folder)
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
+def _allowed_folder(name: str) -> Path | None:
+    """The resolved model folder when it lies inside an allowed root; None otherwise."""
+    try:
+        folder = Path(name).resolve(strict=True)
+    except (OSError, RuntimeError, ValueError):
+        return None
+    roots = [Path(root).resolve() for root in getattr(settings, "BASE_MODEL_DIRS", []) if str(root).strip()]
+    models_dir = Path(settings.MODELS_DIR).resolve()
+    if folder == models_dir or models_dir in folder.parents:
+        return None
+    if not any(folder == root or root in folder.parents for root in roots):
+        return None
+    if not folder.is_dir() or not ((folder / "modules.json").is_file() or (folder / "config.json").is_file()):
+        return None
+    return folder
+
+
+def base_model_path(*, run: TrainingRun) -> str:
+    """What the worker loads for the run's base model: the parent version's folder for
+    `version:<id>` (downloaded from the artifact store if this machine lacks it), else the
+    name as finetune resolves it. Ownership is checked again: the version may be gone."""
+    match = VERSION_REF.match(run.base_model)
+    if match is None:
+        return finetune.resolve_base_model(run.base_model)
+    parent = ModelVersion.objects.filter(pk=int(match[1]), owner_id=run.owner_id).first()
+    if parent is None:
+        raise ServiceError(f"base_model: model version {match[1]} was deleted after the run was queued; "
+                           "start a new run from another version.")
+    return artifacts.ensure_local(parent.artifact_path)
 
 
 def start_run(
@@ -71,7 +128,7 @@ def start_run(
     if dataset.owner_id != owner.pk:
         raise ServiceError("dataset: not found.")
     hyper = parse(hyperparameters)
-    base_model = check_base_model(base_model)
+    base_model = check_base_model(owner=owner, name=base_model)
     doc_count = dataset.documents.count()
     if doc_count < MIN_TRAINING_PAIRS:
         raise ServiceError(f"dataset: {dataset.name} has {doc_count} document(s); training needs at least 2.")
@@ -99,10 +156,56 @@ def _claim(run: TrainingRun) -> bool:
     return claimed == 1
 
 
-def _finish(run: TrainingRun, status: str, **fields: Any) -> None:
-    TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.RUNNING).update(
+def _finish(run: TrainingRun, status: str, **fields: Any) -> int:
+    """running -> status; 0 when the run is no longer running (reaped meanwhile)."""
+    return TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.RUNNING).update(
         status=status, finished_at=timezone.now(), **fields
     )
+
+
+# The reaper requeues a run whose heartbeat is older than RUN_HEARTBEAT_TIMEOUT_S (300 s by
+# default). Beating every quarter of that, and at least every 15 s, survives a missed beat or
+# two; one UPDATE of one row every 15 s costs the database nothing worth measuring.
+HEARTBEAT_MAX_INTERVAL_S = 15.0
+
+
+def heartbeat_interval_s() -> float:
+    return min(HEARTBEAT_MAX_INTERVAL_S, settings.RUN_HEARTBEAT_TIMEOUT_S / 4)
+
+
+class RunHeartbeat(threading.Thread):
+    """Writes the run's heartbeat_at every heartbeat_interval_s() on its own connection.
+
+    Started when the worker claims the run and stopped in a finally, so every phase
+    (pairs, hard negatives, evaluation, training, model card, registration, upload)
+    beats, even those that call into libraries for minutes without a callback. Only a
+    running row is touched: a finished or reaped run is never revived. A failed write
+    is logged and retried at the next beat (the connection is reopened).
+    """
+
+    def __init__(self, *, run_id: int, interval_s: float | None = None):
+        super().__init__(daemon=True, name=f"run-{run_id}-heartbeat")
+        self.run_id = run_id
+        self.interval_s = interval_s if interval_s is not None else heartbeat_interval_s()
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        try:
+            while not self._halt.is_set():
+                try:
+                    TrainingRun.objects.filter(pk=self.run_id, status=TrainingRun.Status.RUNNING).update(
+                        heartbeat_at=timezone.now()
+                    )
+                except Exception:  # a database blip: the next beat reconnects
+                    logger.exception("training run %s: heartbeat failed", self.run_id)
+                    connections.close_all()
+                self._halt.wait(self.interval_s)
+        finally:
+            connections.close_all()  # this thread's connection
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=30)
 
 
 STRATEGY_SHAPES = {"tickets": finetune.PAIRS, "qa": finetune.PAIRS, "pairs": finetune.PAIRS,
@@ -133,7 +236,7 @@ def build_training_data(*, run: TrainingRun, hyper: Hyperparameters, log: Callab
         counts = pairs.build_pairs(**options).counts
         strong = sum(v for k, v in counts.items() if k == "duplicate" or k.startswith("link:"))
         cap = max(1000, 2 * strong)
-    hard = pairs.HardNegatives(model=finetune.resolve_base_model(run.base_model)) if hyper.hard_negatives else None
+    hard = pairs.HardNegatives(model=base_model_path(run=run)) if hyper.hard_negatives else None
     pair_set = pairs.build_pairs(**options, max_pairs=cap, hard_negatives=hard)
     if len(pair_set.train) < MIN_TRAINING_PAIRS:
         raise ServiceError(
@@ -153,19 +256,31 @@ def execute_run(*, run: TrainingRun, device: str | None = None, echo: Callable[[
     """Train a queued run to the end, evaluate it, and register its model version.
 
     Side effects: queued -> running -> succeeded/failed/cancelled (attempts + 1);
-    writes progress, validation history and the log into the row in batches;
-    keeps checkpoints under MODELS_DIR/run-N (a resumed run continues from
-    checkpoint_path); evaluates base and fine-tuned models on the held-out TEST
-    split into run.evaluation; saves the model with a model card; creates a
-    ModelVersion (production when the dataset has none) whose embeddings are
-    the evaluation's corpus vectors. A run that is not queued is left alone.
+    a RunHeartbeat thread writes heartbeat_at through every phase; writes the
+    phase (metrics["phase"]), progress, validation history and the log into the
+    row in batches; keeps checkpoints under MODELS_DIR/run-N (a resumed run
+    continues from checkpoint_path); evaluates base and fine-tuned models on the
+    held-out TEST split into run.evaluation; saves the model with a model card;
+    creates a ModelVersion (production when the dataset has none) whose
+    embeddings are the evaluation's corpus vectors. A registration that fails
+    (e.g. the artifact upload) fails the run with "registration failed: ...".
+    A run that is not queued is left alone.
     """
-    from training.evaluate import HeldOutEvaluation
-
     if not _claim(run):
         logger.info("run %s is %s, not queued; skipping", run.pk, run.status)
         run.refresh_from_db()
         return run
+    heartbeat = RunHeartbeat(run_id=run.pk)
+    heartbeat.start()
+    try:
+        return _execute_claimed(run=run, device=device, echo=echo)
+    finally:
+        heartbeat.stop()
+
+
+def _execute_claimed(*, run: TrainingRun, device: str | None, echo: Callable[[str], None] | None) -> TrainingRun:
+    from training.evaluate import HeldOutEvaluation
+
     run.refresh_from_db()
     hyper = Hyperparameters.from_stored(run.hyperparameters)
     device = finetune.pick_device(device or settings.TRAINING_DEVICE)
@@ -173,13 +288,18 @@ def execute_run(*, run: TrainingRun, device: str | None = None, echo: Callable[[
     progress = _ProgressWriter(run, echo=echo)
     resume_from = run.checkpoint_path if run.checkpoint_path and Path(run.checkpoint_path).is_dir() else None
     try:
+        progress.phase("pairs")
         progress.log(f"attempt {run.attempts} on {device}" + (f", resuming from {resume_from}" if resume_from else ""))
+        base_path = base_model_path(run=run)
+        if VERSION_REF.match(run.base_model):
+            progress.log(f"continuing from {run.base_model} ({base_path})")
         pair_set, data, validation = build_training_data(run=run, hyper=hyper, log=progress.log)
         tickets = run.dataset.kind == Dataset.Kind.TICKETS
         held_out = HeldOutEvaluation(dataset=run.dataset, log=progress.log) if hyper.evaluate and tickets else None
         evaluation = dict(run.evaluation or {})
         if held_out is not None and held_out.available and "base" not in evaluation.get("systems", {}):
-            base = held_out.model(run.base_model, max_seq_length=hyper.max_seq_length, device=device)
+            progress.phase("evaluating base model")
+            base = held_out.model(base_path, max_seq_length=hyper.max_seq_length, device=device)
             evaluation = {
                 "queries": len(held_out.eval_set.queries),
                 "systems": {
@@ -190,8 +310,9 @@ def execute_run(*, run: TrainingRun, device: str | None = None, echo: Callable[[
             }
             TrainingRun.objects.filter(pk=run.pk).update(evaluation=evaluation)
             progress.log(f"base model nDCG@10 {base.vector.metrics['ndcg@10']:.4f}")
+        progress.phase("training")
         result = finetune.fine_tune(
-            base_model=run.base_model,
+            base_model=base_path,
             data=data,
             output_dir=output_dir,
             hyper=hyper,
@@ -205,10 +326,11 @@ def execute_run(*, run: TrainingRun, device: str | None = None, echo: Callable[[
         )
         tuned_embeddings = None
         if held_out is not None and held_out.available:
+            progress.phase("evaluating fine-tuned model")
             tuned = held_out.model(str(output_dir / "model"), max_seq_length=hyper.max_seq_length, device=device)
             tuned_embeddings = tuned.embeddings
             # The base model's per-query results (cached in this process, recomputed after a resume).
-            base_result = held_out.model(run.base_model, max_seq_length=hyper.max_seq_length, device=device).vector
+            base_result = held_out.model(base_path, max_seq_length=hyper.max_seq_length, device=device).vector
             evaluation["systems"]["fine_tuned"] = tuned.vector.summary()
             evaluation["systems"]["hybrid_fine_tuned"] = tuned.hybrid.summary()
             evaluation["per_query"] = held_out.drilldown(base_result, tuned.vector)
@@ -219,6 +341,7 @@ def execute_run(*, run: TrainingRun, device: str | None = None, echo: Callable[[
         elif hyper.evaluate:
             evaluation = {"unavailable": "Before/after evaluation on a TEST split is made for ticket datasets; "
                                          "this run's validation nDCG@10 (above) is measured on held-out groups."}
+        progress.phase("model card")
         finetune.write_model_card(
             model_dir=output_dir / "model",
             title=f"EmbedPortal: {run.dataset.name}, run #{run.pk}",
@@ -246,20 +369,47 @@ def execute_run(*, run: TrainingRun, device: str | None = None, echo: Callable[[
         run.refresh_from_db()
         return run
 
-    progress.flush()
     result_fields = {k: v for k, v in result.__dict__.items() if k != "validation_history"}
-    metrics = {**progress.metrics, **result_fields}
-    progress.metrics = metrics  # later flushes (log lines) must not write the pre-result metrics back
-    with transaction.atomic():
-        _finish(run, TrainingRun.Status.SUCCEEDED, metrics=metrics, evaluation=evaluation)
-        run.refresh_from_db()
-        if run.status == TrainingRun.Status.SUCCEEDED:
+    progress.metrics = {**progress.metrics, **result_fields}  # later flushes must not write the pre-result metrics
+    progress.phase("registering")
+    TrainingRun.objects.filter(pk=run.pk).update(evaluation=evaluation)
+    run.refresh_from_db()  # register_version reads the final metrics and evaluation from the run
+    return _register(run=run, progress=progress, output_dir=output_dir, dimensions=result.dimensions,
+                     embeddings=(held_out.eval_set.doc_ids, tuned_embeddings) if tuned_embeddings is not None else None)
+
+
+class _RunLost(Exception):
+    """The run stopped being ours (reaped and requeued) before it could be marked succeeded."""
+
+
+def _register(*, run: TrainingRun, progress: "_ProgressWriter", output_dir: Path, dimensions: int,
+              embeddings: tuple | None) -> TrainingRun:
+    """Register the trained model and mark the run succeeded, all or nothing.
+
+    The run stays running (and beating) while the version is created and its
+    artifact uploaded; it becomes succeeded in the same transaction, so a
+    failure leaves no version behind and ends the run as failed with its own
+    reason instead of leaving it running for the reaper to retrain.
+    """
+    try:
+        with transaction.atomic():
             version = registry.register_version(
-                run=run, artifact_path=output_dir / "model", dimensions=result.dimensions,
-                embeddings=(held_out.eval_set.doc_ids, tuned_embeddings) if tuned_embeddings is not None else None,
+                run=run, artifact_path=output_dir / "model", dimensions=dimensions, embeddings=embeddings,
             )
-            progress.log(f"registered {version} ({version.get_stage_display()})")
-            progress.flush()
+            progress.metrics["phase"] = "done"
+            if not _finish(run, TrainingRun.Status.SUCCEEDED, metrics=progress.metrics):
+                raise _RunLost
+    except _RunLost:
+        logger.warning("training run %s was no longer running when it finished; its result is dropped", run.pk)
+    except Exception as exc:
+        logger.exception("training run %s: registration failed", run.pk)
+        progress.log(f"registration failed: {type(exc).__name__}: {exc}")
+        _finish(run, TrainingRun.Status.FAILED, metrics=progress.metrics,
+                error=f"registration failed: {type(exc).__name__}: {exc}\nThe trained model is kept in "
+                      f"{output_dir / 'model'}; fix the cause and start a new run.")
+    else:
+        progress.log(f"registered {version} ({version.get_stage_display()})")
+    run.refresh_from_db()
     return run
 
 
@@ -309,6 +459,11 @@ class _ProgressWriter:
             self.metrics["loss_history"].append([point["step"], round(point["loss"], 5)])
         self._maybe_write()
 
+    def phase(self, name: str) -> None:
+        """What the run is doing now (shown with its progress); written at once."""
+        self.metrics["phase"] = name
+        self.flush()
+
     def checkpoint(self, path: str) -> None:
         self._checkpoint = path
         self.flush()
@@ -334,7 +489,6 @@ class _ProgressWriter:
             # Cancellation is a flag the API/UI sets on the row; the worker sees it here.
             flag = TrainingRun.objects.filter(pk=self.run.pk).values_list("cancel_requested", flat=True).first()
             self._cancelled = bool(flag)
-            TrainingRun.objects.filter(pk=self.run.pk).update(heartbeat_at=timezone.now())
         return self._cancelled
 
 
