@@ -144,7 +144,7 @@ def _build(args, issues, vectors_by_key) -> dict:
     from django.contrib.auth import get_user_model
     from django.db import connection
 
-    from search import services
+    from search import filters, hybrid, indexing, tuning
     from search.models import SearchIndex
     from training import datasets, finetune
     from training.models import Document, ModelVersion
@@ -219,7 +219,7 @@ def _build(args, issues, vectors_by_key) -> dict:
     t0 = time.perf_counter()
     with connection.cursor() as cursor:
         cursor.execute("SET maintenance_work_mem = '1GB'")
-        services.ensure_hnsw_index(model_version=v_big)
+        indexing.ensure_hnsw_index(model_version=v_big)
         cursor.execute("RESET maintenance_work_mem")
         cursor.execute("ANALYZE search_embedding")
     timings["hnsw_build_s"] = round(time.perf_counter() - t0, 1)
@@ -244,21 +244,21 @@ def transaction_atomic():
 
 
 def _latency(index, queries: list[str], query_vectors: np.ndarray) -> dict:
-    from search import services
+    from search import filters, hybrid, indexing, tuning
 
     for q, v in zip(queries[:20], query_vectors[:20]):  # warm caches and the model
-        services.hybrid_search(index=index, query=q, k=10, query_vector=v.tolist())
-        services.hybrid_search(index=index, query=q, k=10)
+        hybrid.hybrid_search(index=index, query=q, k=10, query_vector=v.tolist())
+        hybrid.hybrid_search(index=index, query=q, k=10)
     without, with_embedding, keyword_ms, vector_ms, embed_ms = [], [], [], [], []
     for q, v in zip(queries, query_vectors):
         t0 = time.perf_counter()
-        result = services.hybrid_search(index=index, query=q, k=10, query_vector=v.tolist())
+        result = hybrid.hybrid_search(index=index, query=q, k=10, query_vector=v.tolist())
         without.append((time.perf_counter() - t0) * 1000)
         keyword_ms.append(result.timings_ms.get("keyword", 0.0))
         vector_ms.append(result.timings_ms.get("vector", 0.0))
     for q in queries:
         t0 = time.perf_counter()
-        result = services.hybrid_search(index=index, query=q, k=10)
+        result = hybrid.hybrid_search(index=index, query=q, k=10)
         with_embedding.append((time.perf_counter() - t0) * 1000)
         embed_ms.append(result.timings_ms.get("embed", 0.0))
     return {
@@ -276,19 +276,19 @@ def _latency(index, queries: list[str], query_vectors: np.ndarray) -> dict:
 def _recall(index, built: dict, query_vectors: np.ndarray) -> dict:
     from datetime import date
 
-    from search import services
+    from search import filters, hybrid, indexing, tuning
 
     ids, vectors, mask = built["big_ids"], built["big_vectors"], built["in_filter"]
-    flt = services.SearchFilters(created_from=date.fromisoformat(FILTER_FROM), created_to=date.fromisoformat(FILTER_TO))
+    flt = filters.SearchFilters.of(created_from=date.fromisoformat(FILTER_FROM), created_to=date.fromisoformat(FILTER_TO))
     recalls, filtered_recalls, full_pages = [], [], 0
     for v in query_vectors:
         scores = vectors @ v
         exact = set(ids[np.argsort(-scores)[:10]].tolist())
-        got = [d for d, _ in services._vector_ranking(index, v.tolist(), 10, services.SearchFilters())]
+        got = [d for d, _ in hybrid._vector_ranking(index, v.tolist(), 10, filters.SearchFilters.of())]
         recalls.append(len(exact & set(got)) / 10)
         masked = np.where(mask, scores, -np.inf)
         exact_f = set(ids[np.argsort(-masked)[:10]].tolist())
-        got_f = [d for d, _ in services._vector_ranking(index, v.tolist(), 10, flt)]
+        got_f = [d for d, _ in hybrid._vector_ranking(index, v.tolist(), 10, flt)]
         filtered_recalls.append(len(exact_f & set(got_f)) / 10)
         full_pages += len(got_f) == 10
     return {
@@ -392,11 +392,11 @@ def _load(index, owner, queries: list[str], *, seconds: int, clients: int, worke
 
 
 def _quality(index) -> dict:
-    from search import services
+    from search import filters, hybrid, indexing, tuning
 
     t0 = time.perf_counter()
-    fusion = services.tune_fusion(index=index)  # the product default: 300 validation queries
-    report = services.evaluate_search(index=index, max_queries=None)
+    fusion = tuning.tune_fusion(index=index)  # the product default: 300 validation queries
+    report = tuning.evaluate_search(index=index, max_queries=None)
     systems = report["systems"]
     emit({"step": "quality", "fusion": {k: fusion.get(k) for k in ("method", "rrf_k", "alpha", "queries")},
           "validation": fusion.get("systems"), "test": systems})

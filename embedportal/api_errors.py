@@ -1,7 +1,21 @@
-"""One error shape for every API 4xx: {"error": "<one readable line>", "fields": {name: message}}."""
+"""One error shape for every API 4xx: {"error": "<one readable line>", "fields": {name: message}}.
+
+A ServiceError raised by any service becomes its class's status here (400,
+404, 409), so API views call services without try/except of their own.
+"""
 
 from rest_framework.exceptions import ValidationError
+from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
+
+from embedportal.errors import ServiceError
+
+
+def service_error_body(exc: ServiceError) -> dict:
+    """{"error": message, "fields": {field: reason}} — a message "field: reason" also fills `fields`."""
+    message = str(exc)
+    field, sep, reason = message.partition(":")
+    return {"error": message, "fields": {field: reason.strip()} if sep and field.isidentifier() else {}}
 
 
 def _first(messages) -> str:
@@ -13,6 +27,8 @@ def _first(messages) -> str:
 
 
 def exception_handler(exc, context):
+    if isinstance(exc, ServiceError):
+        return Response(service_error_body(exc), status=exc.status)
     response = drf_exception_handler(exc, context)
     if response is None:
         return None

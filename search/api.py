@@ -7,22 +7,18 @@ from rest_framework.decorators import action
 from rest_framework.exceptions import ValidationError
 from rest_framework.response import Response
 
-from search import serializers, services
-from search.models import DuplicatePair, SearchIndex
+from embedportal import jobs
+from embedportal.pagination import BoundedLimitOffsetPagination
+from embedportal.parsers import API_PARSERS
+from search import duplicates, hybrid, indexing, serializers, tuning
+from search.filters import FILTER_PARAMS
+from search.models import DuplicatePair, IndexJob, SearchIndex
 from training.models import Dataset, Document, ModelVersion
-
-
-def search_error(exc: services.SearchError) -> Response:
-    """400 in the API's error shape; "field: reason" messages also fill `fields`."""
-    message = str(exc)
-    field, sep, reason = message.partition(":")
-    body = {"error": message, "fields": {field: reason.strip()} if sep and field.isidentifier() else {}}
-    return Response(body, status=status.HTTP_400_BAD_REQUEST)
 
 
 _FILTER_PARAMETERS = [
     OpenApiParameter(name, str, many=True, description=f"Only documents whose {name} is one of these (repeatable)")
-    for name in serializers.LIST_FILTERS
+    for name in FILTER_PARAMS
 ] + [
     OpenApiParameter("created_from", str, description="Created on or after this date (YYYY-MM-DD)"),
     OpenApiParameter("created_to", str, description="Created on or before this date (YYYY-MM-DD)"),
@@ -31,6 +27,8 @@ _FILTER_PARAMETERS = [
 
 class SearchIndexViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     serializer_class = serializers.SearchIndexSerializer
+    parser_classes = API_PARSERS
+    pagination_class = BoundedLimitOffsetPagination
 
     def get_queryset(self):
         return SearchIndex.objects.filter(owner=self.request.user).select_related("model_version", "dataset")
@@ -45,17 +43,17 @@ class SearchIndexViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, views
             raise ValidationError({"dataset": ["No such dataset of yours."]})
         if version is None:
             raise ValidationError({"model_version": ["No such model version of yours."]})
-        index = services.create_index(owner=request.user, dataset=dataset, model_version=version)
+        index = indexing.create_index(owner=request.user, dataset=dataset, model_version=version)
         return Response(self.get_serializer(index).data, status=status.HTTP_201_CREATED)
 
     @extend_schema(
         summary="Hybrid, keyword or vector search over the index's dataset",
         parameters=[
             OpenApiParameter("q", str, description="Query text (websearch syntax on the keyword side: \"phrase\", -word, or)"),
-            OpenApiParameter("mode", str, enum=list(services.MODES), default="hybrid"),
-            OpenApiParameter("k", int, default=10, description=f"Results per page (1-{services.MAX_K})"),
+            OpenApiParameter("mode", str, enum=list(hybrid.MODES), default="hybrid"),
+            OpenApiParameter("k", int, default=10, description=f"Results per page (1-{hybrid.MAX_K})"),
             OpenApiParameter("page", int, default=1),
-            OpenApiParameter("fusion", str, enum=list(services.FUSION_METHODS), description="Default: the index's tuned fusion"),
+            OpenApiParameter("fusion", str, enum=list(hybrid.FUSION_METHODS), description="Default: the index's tuned fusion"),
             OpenApiParameter("alpha", float, description="Weighted fusion: weight of the vector side, 0-1"),
             OpenApiParameter("rrf_k", int, description="RRF constant (default 60)"),
             *_FILTER_PARAMETERS,
@@ -68,20 +66,17 @@ class SearchIndexViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, views
         params = serializers.SearchParamsSerializer(data=serializers.query_data(request.query_params))
         params.is_valid(raise_exception=True)
         data = params.validated_data
-        try:
-            result = services.hybrid_search(
-                index=index, query=data["q"], k=data["k"], mode=data["mode"], page=data["page"],
-                filters=serializers.FiltersSerializer.to_filters(data),
-                fusion=data["fusion"], alpha=data["alpha"], rrf_k=data["rrf_k"],
-            )
-        except services.SearchError as exc:
-            return search_error(exc)
+        result = hybrid.hybrid_search(
+            index=index, query=data["q"], k=data["k"], mode=data["mode"], page=data["page"],
+            filters=serializers.FiltersSerializer.to_filters(data),
+            fusion=data["fusion"], alpha=data["alpha"], rrf_k=data["rrf_k"],
+        )
         return Response(
             {
                 "query": result.query, "mode": result.mode, "page": result.page, "k": data["k"],
                 "has_more": result.has_more, "message": result.message, "notice": result.notice,
                 "fusion": result.fusion, "filters": result.filters, "timings_ms": result.timings_ms,
-                "results": [services.serialize_hit(hit) for hit in result.hits],
+                "results": [hybrid.serialize_hit(hit) for hit in result.hits],
             }
         )
 
@@ -105,48 +100,67 @@ class SearchIndexViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, views
         document = Document.objects.filter(lookup, dataset_id=index.dataset_id).first()
         if document is None:
             raise ValidationError({"key": ["No such document in this index's dataset."]})
-        try:
-            hits = services.similar_documents(
-                index=index, document=document, k=data["k"], filters=serializers.FiltersSerializer.to_filters(data)
-            )
-        except services.SearchError as exc:
-            return search_error(exc)
+        hits = hybrid.similar_documents(
+            index=index, document=document, k=data["k"], filters=serializers.FiltersSerializer.to_filters(data)
+        )
         return Response(
             {
                 "document": {"id": document.pk, "key": document.external_key, "title": document.title},
-                "results": [services.serialize_hit(hit) for hit in hits],
+                "results": [hybrid.serialize_hit(hit) for hit in hits],
             }
         )
 
-    @extend_schema(summary="Tune the default fusion on the validation split (synchronous)", request=None,
-                   responses={200: serializers.SearchIndexSerializer})
+    @extend_schema(summary="Tune the default fusion on the validation split (a background job)", request=None,
+                   responses={202: serializers.IndexJobSerializer})
     @action(detail=True, methods=["post"], url_path="tune-fusion")
     def tune_fusion(self, request, pk=None):
-        index = self.get_object()
-        try:
-            services.tune_fusion(index=index)
-        except services.SearchError as exc:
-            return search_error(exc)
-        return Response(self.get_serializer(index).data)
+        job = tuning.start_tuning(index=self.get_object(), owner=request.user)
+        return Response(serializers.IndexJobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
 
-    @extend_schema(summary="Start the duplicate finder: pairs above a cosine threshold (background job)",
-                   request=serializers.DuplicateScanSerializer, responses={202: serializers.SearchIndexSerializer})
+    @extend_schema(summary="Evaluate search on held-out tickets (a background job)",
+                   request=serializers.EvaluationStartSerializer, responses={202: serializers.IndexJobSerializer})
+    @action(detail=True, methods=["post"])
+    def evaluate(self, request, pk=None):
+        payload = serializers.EvaluationStartSerializer(data=request.data)
+        payload.is_valid(raise_exception=True)
+        job = tuning.start_evaluation(index=self.get_object(), owner=request.user,
+                                      max_queries=payload.validated_data["queries"])
+        return Response(serializers.IndexJobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(summary="Start the duplicate finder: pairs above a cosine threshold (a background job)",
+                   request=serializers.DuplicateScanSerializer, responses={202: serializers.IndexJobSerializer})
     @action(detail=True, methods=["post"], url_path="duplicates/scan")
     def duplicate_scan(self, request, pk=None):
-        index = self.get_object()
         payload = serializers.DuplicateScanSerializer(data=request.data)
         payload.is_valid(raise_exception=True)
-        try:
-            index = services.start_duplicate_scan(index=index, threshold=payload.validated_data["threshold"])
-        except services.SearchError as exc:
-            return search_error(exc)
-        return Response(self.get_serializer(index).data, status=status.HTTP_202_ACCEPTED)
+        job = duplicates.start_duplicate_scan(index=self.get_object(), owner=request.user,
+                                              threshold=payload.validated_data["threshold"])
+        return Response(serializers.IndexJobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
+
+
+class IndexJobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """Jobs over your indexes (duplicate scans, fusion tuning, evaluations): status, phase, progress, result."""
+
+    serializer_class = serializers.IndexJobSerializer
+
+    def get_queryset(self):
+        return IndexJob.objects.filter(owner=self.request.user).order_by("-created_at", "-id")
+
+    @extend_schema(summary="Cancel a queued or running job", request=None, responses={200: serializers.IndexJobSerializer})
+    @action(detail=True, methods=["post"])
+    def cancel(self, request, pk=None):
+        job = self.get_object()
+        jobs.request_cancel(job)
+        job.refresh_from_db()
+        return Response(self.get_serializer(job).data)
 
 
 class DuplicatePairViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     """Candidate duplicate pairs of your datasets, most similar first; filter with ?dataset=&decision=."""
 
     serializer_class = serializers.DuplicatePairSerializer
+    parser_classes = API_PARSERS
+    pagination_class = BoundedLimitOffsetPagination
 
     def get_queryset(self):
         pairs = DuplicatePair.objects.filter(dataset__owner=self.request.user).select_related(
@@ -180,5 +194,5 @@ class DuplicatePairViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, vie
         pair = self.get_object()
         payload = serializers.DuplicateDecisionSerializer(data=request.data)
         payload.is_valid(raise_exception=True)
-        services.decide_duplicate(pair=pair, decision=payload.validated_data["decision"], user=request.user)
+        duplicates.decide_duplicate(pair=pair, decision=payload.validated_data["decision"], user=request.user)
         return Response(self.get_serializer(pair).data)

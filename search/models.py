@@ -13,26 +13,25 @@ from django.conf import settings
 from django.db import models
 from pgvector.django import VectorField
 
+from embedportal.jobs import Job
+
 from training.models import Dataset, Document, ModelVersion
 
 
-class SearchIndex(models.Model):
-    """A dataset embedded with a model version; also the embedding job's state."""
+class SearchIndex(Job):
+    """A dataset embedded with a model version; also the embedding job's state (a Job of the one job system)."""
 
     class Status(models.TextChoices):
         QUEUED = "queued", "Queued"
         RUNNING = "running", "Running"
         READY = "ready", "Ready"
         FAILED = "failed", "Failed"
+        CANCELLED = "cancelled", "Cancelled"
 
-    TERMINAL = frozenset({Status.READY, Status.FAILED})
-
-    class ScanStatus(models.TextChoices):
-        IDLE = "idle", "Not run"
-        QUEUED = "queued", "Queued"
-        RUNNING = "running", "Running"
-        DONE = "done", "Done"
-        FAILED = "failed", "Failed"
+    SUCCEEDED = Status.READY
+    TERMINAL = frozenset({Status.READY, Status.FAILED, Status.CANCELLED})
+    task_name = "search.build_index"
+    kind_label = "index build"
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="search_indexes")
     dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="search_indexes")
@@ -43,28 +42,15 @@ class SearchIndex(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
-    # Touched after every chunk; a running build whose heartbeat stopped is
-    # re-queued by the reaper and resumes (embedding is idempotent).
-    heartbeat_at = models.DateTimeField(null=True, blank=True)
     # Throughput of the last embedding job, end to end into pgvector.
     docs_per_s = models.FloatField(null=True, blank=True)
     # Encoder of the last embedding job: torch, onnx or onnx-int8 (search.onnx_encoder).
     backend = models.CharField(max_length=16, blank=True)
     error = models.TextField(blank=True)
-    # Default fusion of hybrid search, tuned on the validation split (TRAIN
-    # duplicate clusters) by services.tune_fusion: {"method": "rrf"|"weighted",
-    # "rrf_k": 60, "alpha": 0.5, "validation": {...figures per candidate}}.
-    # Empty means RRF with k=60.
+    # Default fusion of hybrid search, tuned on the validation split by
+    # search.tuning.tune_fusion: {"method": "rrf"|"weighted", "rrf_k": 60,
+    # "alpha": 0.5, "systems": {...figures per candidate}}. Empty means RRF k=60.
     fusion = models.JSONField(default=dict, blank=True)
-    # Duplicate finder job (services.scan_duplicates): state kept here, not in Celery.
-    duplicates_status = models.CharField(
-        max_length=16, choices=ScanStatus.choices, default=ScanStatus.IDLE
-    )
-    duplicates_threshold = models.FloatField(null=True, blank=True)
-    duplicates_found = models.PositiveIntegerField(default=0)
-    duplicates_started_at = models.DateTimeField(null=True, blank=True)
-    duplicates_finished_at = models.DateTimeField(null=True, blank=True)
-    duplicates_error = models.TextField(blank=True)
 
     class Meta:
         ordering = ["-created_at"]
@@ -86,6 +72,56 @@ class SearchIndex(models.Model):
         return self.status == self.Status.READY or (
             self.status in (self.Status.QUEUED, self.Status.RUNNING) and self.finished_at is not None
         )
+
+
+class IndexJob(Job):
+    """A job over a ready index: a duplicate scan, fusion tuning or a held-out evaluation.
+
+    Its result is stored here, so a page reload shows the last result instead
+    of computing it again inside a web request.
+    """
+
+    class Kind(models.TextChoices):
+        DUPLICATES = "duplicates", "Duplicate scan"
+        TUNING = "tuning", "Fusion tuning"
+        EVALUATION = "evaluation", "Search evaluation"
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+        CANCELLED = "cancelled", "Cancelled"
+
+    task_name = "search.run_index_job"
+    kind_label = "index job"
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="index_jobs")
+    index = models.ForeignKey(SearchIndex, on_delete=models.CASCADE, related_name="jobs")
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    # What was asked: {"threshold": 0.9} for a scan, {"max_queries": 200} for tuning/evaluation.
+    params = models.JSONField(default=dict, blank=True)
+    # What came out: {"found": 123} for a scan, the metric table for tuning/evaluation.
+    result = models.JSONField(default=dict, blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["index", "kind", "-created_at"], name="index_job_latest")]
+        constraints = [
+            # One unfinished job of a kind per index: a second scan is refused while one is under way.
+            models.UniqueConstraint(
+                fields=["index", "kind"], condition=models.Q(status__in=["queued", "running"]),
+                name="index_job_one_active_per_kind",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.get_kind_display()} of {self.index} ({self.status})"
 
 
 class Embedding(models.Model):

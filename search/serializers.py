@@ -1,16 +1,11 @@
 from rest_framework import serializers
 
+from search.duplicates import DEFAULT_DUPLICATE_THRESHOLD
+from search.filters import FILTER_PARAMS, SearchFilters
 from search.fusion import RRF_K
-from search.models import DuplicatePair, SearchIndex
-from search.services import (
-    DEFAULT_DUPLICATE_THRESHOLD,
-    FUSION_METHODS,
-    MAX_K,
-    MAX_QUERY_CHARS,
-    MODES,
-    RRF_K_RANGE,
-    SearchFilters,
-)
+from search.hybrid import FUSION_METHODS, MAX_K, MAX_QUERY_CHARS, MODES, RRF_K_RANGE
+from search.models import DuplicatePair, IndexJob, SearchIndex
+from search.tuning import EVALUATION_MAX_QUERIES, MAX_EVALUATION_QUERIES
 
 
 class SearchIndexSerializer(serializers.ModelSerializer):
@@ -18,10 +13,28 @@ class SearchIndexSerializer(serializers.ModelSerializer):
         model = SearchIndex
         fields = [
             "id", "dataset", "model_version", "status", "embedded_count", "total_count", "docs_per_s", "backend", "created_at",
-            "started_at", "finished_at", "error", "fusion", "duplicates_status", "duplicates_threshold",
-            "duplicates_found", "duplicates_finished_at", "duplicates_error",
+            "started_at", "finished_at", "error", "fusion", "phase", "progress", "attempt", "max_attempts",
         ]
         read_only_fields = fields
+
+
+class IndexJobSerializer(serializers.ModelSerializer):
+    waiting_for_queue = serializers.BooleanField(read_only=True)
+
+    class Meta:
+        model = IndexJob
+        fields = [
+            "id", "index", "kind", "status", "phase", "progress", "params", "result", "error", "attempt",
+            "max_attempts", "waiting_for_queue", "created_at", "started_at", "finished_at",
+        ]
+        read_only_fields = fields
+
+
+class EvaluationStartSerializer(serializers.Serializer):
+    queries = serializers.IntegerField(
+        required=False, allow_null=True, default=EVALUATION_MAX_QUERIES, min_value=1, max_value=MAX_EVALUATION_QUERIES,
+        help_text="Held-out queries to replay (null: all of them).",
+    )
 
 
 class SearchIndexCreateSerializer(serializers.Serializer):
@@ -37,17 +50,16 @@ def _values(field_name: str) -> serializers.ListField:
 
 
 class FiltersSerializer(serializers.Serializer):
-    """Attribute filters from query parameters (the same names in the web form and the API)."""
+    """Attribute filters from query parameters (the same names in the web form and the API; see search.filters)."""
 
-    issue_type = _values("issue_type")
-    priority = _values("priority")
-    status = _values("status")
-    resolution = _values("resolution")
-    component = _values("component")
-    label = _values("label")
-    category = _values("category")
     created_from = serializers.DateField(required=False, allow_null=True, default=None)
     created_to = serializers.DateField(required=False, allow_null=True, default=None)
+
+    def get_fields(self):
+        fields = super().get_fields()
+        for param in FILTER_PARAMS:
+            fields[param] = _values(param)
+        return fields
 
     def validate(self, attrs):
         start, end = attrs.get("created_from"), attrs.get("created_to")
@@ -57,16 +69,11 @@ class FiltersSerializer(serializers.Serializer):
 
     @staticmethod
     def to_filters(data: dict) -> SearchFilters:
-        return SearchFilters(
-            issue_types=tuple(data.get("issue_type", ())), priorities=tuple(data.get("priority", ())),
-            statuses=tuple(data.get("status", ())), resolutions=tuple(data.get("resolution", ())),
-            components=tuple(data.get("component", ())), labels=tuple(data.get("label", ())),
-            categories=tuple(data.get("category", ())),
+        return SearchFilters.of(
             created_from=data.get("created_from"), created_to=data.get("created_to"),
+            **{param: tuple(data.get(param, ())) for param in FILTER_PARAMS},
         )
 
-
-LIST_FILTERS = ("issue_type", "priority", "status", "resolution", "component", "label", "category")
 
 
 def query_data(query_params) -> dict:
@@ -74,7 +81,7 @@ def query_data(query_params) -> dict:
     data = {}
     for key in query_params:
         values = [v for v in query_params.getlist(key) if v != ""]
-        if key in LIST_FILTERS:
+        if key in FILTER_PARAMS:
             data[key] = values
         elif values:
             data[key] = values[-1]

@@ -1,26 +1,15 @@
-import logging
+"""Celery tasks of search: ids in, the service does the work (state lives in our job tables)."""
 
 from celery import shared_task
 
-from search import services
-from search.models import SearchIndex
-
-logger = logging.getLogger(__name__)
+from search import index_jobs, indexing
 
 
 @shared_task(name="search.build_index")
-def build_index(*, index_id: int) -> None:
-    index = SearchIndex.objects.select_related("model_version", "dataset").filter(pk=index_id).first()
-    if index is None:
-        logger.warning("search index %s is gone; nothing to build", index_id)
-        return
-    services.build_index(index=index)
+def build_index(*, job_id: int) -> None:
+    indexing.run_build(index_id=job_id)
 
 
-@shared_task(name="search.scan_duplicates")
-def scan_duplicates(*, index_id: int) -> None:
-    index = SearchIndex.objects.select_related("model_version").filter(pk=index_id).first()
-    if index is None:
-        logger.warning("search index %s is gone; no duplicate scan", index_id)
-        return
-    services.scan_duplicates(index=index)
+@shared_task(name="search.run_index_job")
+def run_index_job(*, job_id: int) -> None:
+    index_jobs.run(job_id=job_id)

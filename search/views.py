@@ -14,8 +14,11 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
-from search import serializers, services
-from search.models import DuplicatePair, SearchIndex
+from embedportal import jobs
+from embedportal.errors import ServiceError
+from search import duplicates, hybrid, indexing, serializers, tuning
+from search.filters import FILTERS, filter_options
+from search.models import DuplicatePair, IndexJob, SearchIndex
 from training.models import Dataset, Document, ModelVersion
 
 DUPLICATES_PER_PAGE = 25
@@ -41,26 +44,26 @@ def _params(request: HttpRequest) -> tuple[dict, dict[str, str]]:
     if params.is_valid():
         return params.validated_data, {}
     errors = {name: str(msgs[0]) for name, msgs in params.errors.items()}
-    fallback = serializers.SearchParamsSerializer(data={"q": request.GET.get("q", "")[: services.MAX_QUERY_CHARS]})
+    fallback = serializers.SearchParamsSerializer(data={"q": request.GET.get("q", "")[: hybrid.MAX_QUERY_CHARS]})
     fallback.is_valid()
     return fallback.validated_data, errors
 
 
-def _run(index: SearchIndex | None, data: dict) -> tuple[services.SearchResponse | None, str]:
+def _run(index: SearchIndex | None, data: dict) -> tuple[hybrid.SearchResponse | None, str]:
     if index is None:
         return None, ""
     try:
-        result = services.hybrid_search(
+        result = hybrid.hybrid_search(
             index=index, query=data["q"], k=data["k"], mode=data["mode"], page=data["page"],
             filters=serializers.FiltersSerializer.to_filters(data),
             fusion=data["fusion"], alpha=data["alpha"], rrf_k=data["rrf_k"],
         )
-    except services.SearchError as exc:
+    except ServiceError as exc:
         return None, str(exc)
     return result, ""
 
 
-def _page_links(request: HttpRequest, result: services.SearchResponse | None) -> dict[str, str]:
+def _page_links(request: HttpRequest, result: hybrid.SearchResponse | None) -> dict[str, str]:
     links: dict[str, str] = {}
     if result is None:
         return links
@@ -72,24 +75,17 @@ def _page_links(request: HttpRequest, result: services.SearchResponse | None) ->
     return links
 
 
-FILTER_LABELS = {
-    "issue_type": ("issue_types", "Issue type"), "priority": ("priorities", "Priority"),
-    "status": ("statuses", "Status"), "resolution": ("resolutions", "Resolution"),
-    "component": ("components", "Component"), "label": ("labels", "Label"), "category": ("categories", "Category"),
-}
-
-
 def _filter_context(index: SearchIndex | None, data: dict) -> dict:
     """The filter form: each attribute the dataset has values for, with counts and what is selected."""
-    options = services.filter_options(dataset=index.dataset) if index else {}
+    options = filter_options(dataset=index.dataset) if index else {}
     fields = []
-    for param, (option_name, label) in FILTER_LABELS.items():
-        chosen = set(data.get(param, []))
-        values = options.get(option_name, [])
+    for f in FILTERS:
+        chosen = set(data.get(f.param, []))
+        values = options.get(f.param, [])
         if values:
-            fields.append({"name": param, "label": label,
+            fields.append({"name": f.param, "label": f.label,
                            "options": [(value, count, value in chosen) for value, count in values]})
-    active = any(data.get(p) for p in FILTER_LABELS) or data.get("created_from") or data.get("created_to")
+    active = any(data.get(f.param) for f in FILTERS) or data.get("created_from") or data.get("created_to")
     return {"filter_fields": fields, "filters_active": bool(active)}
 
 
@@ -106,8 +102,8 @@ def search_page(request: HttpRequest) -> HttpResponse:
         "selected": selected,
         "data": data,
         "errors": errors,
-        "modes": services.MODES,
-        "fusion_methods": services.FUSION_METHODS,
+        "modes": hybrid.MODES,
+        "fusion_methods": hybrid.FUSION_METHODS,
         **_filter_context(selected, data),
         "result": result,
         "error": error or "; ".join(f"{k}: {v}" for k, v in errors.items()),
@@ -141,7 +137,7 @@ def compare_page(request: HttpRequest) -> HttpResponse:
     if len(ranks) == 2 and None not in ranks:
         overlap = len(ranks[0].keys() & ranks[1].keys())
     context = {
-        "indexes": indexes, "left": left, "right": right, "data": data, "modes": services.MODES,
+        "indexes": indexes, "left": left, "right": right, "data": data, "modes": hybrid.MODES,
         "columns": columns, "errors": errors, "overlap": overlap,
     }
     return render(request, "search/compare.html", context, status=400 if errors else 200)
@@ -153,48 +149,62 @@ def similar_page(request: HttpRequest, index_pk: int, document_pk: int) -> HttpR
     document = get_object_or_404(Document, pk=document_pk, dataset_id=index.dataset_id)
     hits, error = [], ""
     try:
-        hits = services.similar_documents(index=index, document=document, k=10)
-    except services.SearchError as exc:
+        hits = hybrid.similar_documents(index=index, document=document, k=10)
+    except ServiceError as exc:
         error = str(exc)
     return render(request, "search/similar.html", {"index": index, "document": document, "hits": hits, "error": error})
 
 
 @login_required
 def evaluate_page(request: HttpRequest, index_pk: int) -> HttpResponse:
-    """Held-out queries through keyword, vector and hybrid; runs when asked (?run=1), stores nothing."""
+    """The last held-out evaluation and fusion tuning of an index (stored job results), and buttons for new ones."""
     indexes = _indexes(request)
     index = get_object_or_404(indexes, pk=index_pk)
-    report, error = None, ""
-    max_queries = request.GET.get("queries", str(services.EVALUATION_MAX_QUERIES))
-    if request.GET.get("run"):
-        try:
-            limit = int(max_queries)
-            if not 1 <= limit <= 5000:
-                raise ValueError
-        except ValueError:
-            error = "queries: give a number of held-out queries between 1 and 5000."
-        else:
-            try:
-                report = services.evaluate_search(index=index, max_queries=limit)
-            except services.SearchError as exc:
-                error = str(exc)
+    return render(request, "search/evaluate.html", _evaluation_context(index, indexes))
+
+
+def _evaluation_context(index: SearchIndex, indexes, error: str = "") -> dict:
+    evaluation_job = tuning.latest(index=index, kind=IndexJob.Kind.EVALUATION)
+    tuning_job = tuning.latest(index=index, kind=IndexJob.Kind.TUNING)
+    report = evaluation_job.result if evaluation_job and evaluation_job.status == IndexJob.Status.SUCCEEDED else None
     rows = []
-    if report and report["systems"]:
+    if report and report.get("systems"):
         best = {m: max(s[m] for s in report["systems"].values()) for m in report["metrics"]}
         rows = [
             {"name": name, "cells": [(m, metrics[m], metrics[m] == best[m]) for m in report["metrics"]]}
             for name, metrics in report["systems"].items()
         ]
-    context = {
+    return {
         "index": index, "indexes": indexes, "report": report, "rows": rows, "error": error,
-        "max_queries": max_queries, "fusion": index.fusion,
+        "evaluation_job": evaluation_job, "tuning_job": tuning_job,
+        "max_queries": (evaluation_job.params.get("max_queries") if evaluation_job else None)
+        or tuning.EVALUATION_MAX_QUERIES,
+        "max_evaluation_queries": tuning.MAX_EVALUATION_QUERIES, "fusion": index.fusion,
         "tuning_rows": sorted(
             ((name, m.get("ndcg@10"), m.get("mrr@10"), m.get("recall@10"))
              for name, m in (index.fusion or {}).get("systems", {}).items()),
             key=lambda row: -(row[1] or 0),
         ),
     }
-    return render(request, "search/evaluate.html", context, status=400 if error else 200)
+
+
+@login_required
+@require_POST
+def evaluate_start(request: HttpRequest, index_pk: int) -> HttpResponse:
+    indexes = _indexes(request)
+    index = get_object_or_404(indexes, pk=index_pk)
+    payload = serializers.EvaluationStartSerializer(data=request.POST)
+    error = ""
+    if not payload.is_valid():
+        error = f"queries: give a number of held-out queries between 1 and {tuning.MAX_EVALUATION_QUERIES}."
+    else:
+        try:
+            job = tuning.start_evaluation(index=index, owner=request.user, max_queries=payload.validated_data["queries"])
+        except ServiceError as exc:
+            error = str(exc)
+        else:
+            return redirect("index_job_detail", pk=job.pk)
+    return render(request, "search/evaluate.html", _evaluation_context(index, indexes, error), status=400)
 
 
 @login_required
@@ -202,13 +212,11 @@ def evaluate_page(request: HttpRequest, index_pk: int) -> HttpResponse:
 def tune_fusion(request: HttpRequest, index_pk: int) -> HttpResponse:
     index = get_object_or_404(_indexes(request), pk=index_pk)
     try:
-        fusion = services.tune_fusion(index=index)
-    except services.SearchError as exc:
+        job = tuning.start_tuning(index=index, owner=request.user)
+    except ServiceError as exc:
         messages.error(request, str(exc))
-    else:
-        described = f"RRF k={fusion['rrf_k']}" if fusion["method"] == "rrf" else f"weighted, alpha={fusion['alpha']}"
-        messages.success(request, f"Default fusion of this index: {described}.")
-    return redirect("search_evaluate", index_pk=index.pk)
+        return redirect("search_evaluate", index_pk=index.pk)
+    return redirect("index_job_detail", pk=job.pk)
 
 
 @login_required
@@ -217,11 +225,12 @@ def duplicates_page(request: HttpRequest, index_pk: int) -> HttpResponse:
     decision = request.GET.get("decision", DuplicatePair.Decision.PENDING)
     if decision not in DuplicatePair.Decision.values and decision != "all":
         decision = DuplicatePair.Decision.PENDING
-    pairs = services.duplicate_pairs(dataset=index.dataset, decision=None if decision == "all" else decision)
+    pairs = duplicates.duplicate_pairs(dataset=index.dataset, decision=None if decision == "all" else decision)
     page = Paginator(pairs, DUPLICATES_PER_PAGE).get_page(request.GET.get("page"))
+    scan = duplicates.latest_scan(index=index)
     context = {
-        "index": index, "page": page, "decision": decision, "decisions": DuplicatePair.Decision.choices,
-        "default_threshold": index.duplicates_threshold or services.DEFAULT_DUPLICATE_THRESHOLD,
+        "index": index, "page": page, "decision": decision, "decisions": DuplicatePair.Decision.choices, "scan": scan,
+        "default_threshold": (scan.params.get("threshold") if scan else None) or duplicates.DEFAULT_DUPLICATE_THRESHOLD,
     }
     return render(request, "search/duplicates.html", context)
 
@@ -233,14 +242,31 @@ def duplicate_scan(request: HttpRequest, index_pk: int) -> HttpResponse:
     payload = serializers.DuplicateScanSerializer(data=request.POST)
     if not payload.is_valid():
         messages.error(request, "threshold: " + str(next(iter(payload.errors.values()))[0]))
-    else:
-        try:
-            services.start_duplicate_scan(index=index, threshold=payload.validated_data["threshold"])
-        except services.SearchError as exc:
-            messages.error(request, str(exc))
-        else:
-            messages.success(request, "Duplicate scan queued; pairs appear here when it is done.")
-    return redirect("search_duplicates", index_pk=index.pk)
+        return redirect("search_duplicates", index_pk=index.pk)
+    try:
+        job = duplicates.start_duplicate_scan(index=index, owner=request.user, threshold=payload.validated_data["threshold"])
+    except ServiceError as exc:
+        messages.error(request, str(exc))
+        return redirect("search_duplicates", index_pk=index.pk)
+    return redirect("index_job_detail", pk=job.pk)
+
+
+@login_required
+def index_job_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    """A job over an index: status, phase, progress (HTMX polling while it runs) and where its result is."""
+    job = get_object_or_404(IndexJob.objects.select_related("index__dataset", "index__model_version"),
+                            pk=pk, owner=request.user)
+    template = "search/partials/index_job_status.html" if request.headers.get("HX-Request") else "search/index_job.html"
+    return render(request, template, {"job": job})
+
+
+@login_required
+@require_POST
+def index_job_cancel(request: HttpRequest, pk: int) -> HttpResponse:
+    job = get_object_or_404(IndexJob, pk=pk, owner=request.user)
+    if jobs.request_cancel(job):
+        messages.success(request, "Cancel requested.")
+    return redirect("index_job_detail", pk=job.pk)
 
 
 @login_required
@@ -250,7 +276,7 @@ def duplicate_decide(request: HttpRequest, pk: int) -> HttpResponse:
                              dataset__owner=request.user)
     payload = serializers.DuplicateDecisionSerializer(data=request.POST)
     if payload.is_valid():
-        services.decide_duplicate(pair=pair, decision=payload.validated_data["decision"], user=request.user)
+        duplicates.decide_duplicate(pair=pair, decision=payload.validated_data["decision"], user=request.user)
     else:
         messages.error(request, "Choose duplicate or not a duplicate.")
     if request.headers.get("HX-Request"):
@@ -264,5 +290,5 @@ def duplicate_decide(request: HttpRequest, pk: int) -> HttpResponse:
 def index_create(request: HttpRequest) -> HttpResponse:
     dataset = get_object_or_404(Dataset, pk=request.POST.get("dataset"), owner=request.user)
     version = get_object_or_404(ModelVersion, pk=request.POST.get("model_version"), owner=request.user)
-    services.create_index(owner=request.user, dataset=dataset, model_version=version)
+    indexing.create_index(owner=request.user, dataset=dataset, model_version=version)
     return redirect("dataset_detail", pk=dataset.pk)

@@ -8,6 +8,7 @@ is not disturbed.
 """
 
 import os
+import tempfile
 
 from embedportal.embedded_pg import use_throwaway_var_dir
 
@@ -16,3 +17,8 @@ os.environ["REDIS_URL"] = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:63
 os.environ.pop("CELERY_BROKER_URL", None)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("EMBEDPORTAL_DEVICE", "cpu")
+# Tests run as production does (DEBUG off), over plain HTTP like bin/run.
+os.environ.setdefault("SECRET_KEY", "test-only-" + "x" * 50)
+os.environ.setdefault("EMBEDPORTAL_LOCAL_HTTP", "1")
+# The tiny models tests build live in pytest's temporary folders.
+os.environ.setdefault("EMBEDPORTAL_BASE_MODEL_DIRS", tempfile.gettempdir())

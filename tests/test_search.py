@@ -5,7 +5,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from search import services
+from search import hybrid, indexing
 from search.models import Embedding, SearchIndex
 from training.models import Dataset, Document, ModelVersion
 
@@ -33,20 +33,20 @@ def index(user, tiny_model_dir):
 
 
 def test_build_index_embeds_all_and_resumes_without_duplicates(index):
-    built = services.build_index(index=index)
+    built = indexing.build_index(index=index)
     assert (built.status, built.embedded_count, built.total_count) == ("ready", 3, 3)
     # A second build of the same index (e.g. after a crash) writes no duplicate row.
     SearchIndex.objects.filter(pk=index.pk).update(status=SearchIndex.Status.QUEUED)
     index.refresh_from_db()
-    again = services.build_index(index=index)
+    again = indexing.build_index(index=index)
     assert again.status == "ready"
     assert Embedding.objects.filter(model_version=index.model_version).count() == 3
 
 
 def test_keyword_search_finds_identifier_like_words(index):
-    services.build_index(index=index)
+    indexing.build_index(index=index)
     index.refresh_from_db()
-    result = services.hybrid_search(index=index, query="namenode upgrade", mode="keyword", k=3)
+    result = hybrid.hybrid_search(index=index, query="namenode upgrade", mode="keyword", k=3)
     assert [h.document.external_key for h in result.hits] == ["HDFS-1"]
     assert result.hits[0].keyword_rank == 1
 
@@ -54,15 +54,15 @@ def test_keyword_search_finds_identifier_like_words(index):
 @pytest.mark.parametrize("query, message", [("", "Type some words to search for."),
                                             ("?!* --", "The query has no words to search for.")])
 def test_empty_and_punctuation_queries_answer_with_message(index, query, message):
-    services.build_index(index=index)
+    indexing.build_index(index=index)
     index.refresh_from_db()
-    result = services.hybrid_search(index=index, query=query)
+    result = hybrid.hybrid_search(index=index, query=query)
     assert (result.hits, result.message) == ([], message)
 
 
 def test_vector_search_on_unbuilt_index_is_refused_with_reason(index):
-    with pytest.raises(services.SearchError, match="vector and hybrid search need a ready index"):
-        services.hybrid_search(index=index, query="disk", mode="vector")
+    with pytest.raises(hybrid.SearchError, match="vector and hybrid search need a ready index"):
+        hybrid.hybrid_search(index=index, query="disk", mode="vector")
 
 
 def test_search_api_rejects_bad_mode_and_k(api, index):
@@ -79,19 +79,31 @@ def test_search_api_is_owner_scoped(client, other_user, index):
     assert other.get(f"/api/indexes/{index.pk}/search/", {"q": "disk"}).status_code == 404
 
 
-def test_stale_running_build_is_requeued(index):
+def test_stale_running_build_is_requeued_then_failed_after_max_attempts(index):
     import redis
     from django.conf import settings
 
+    from embedportal import jobs
+
     broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
     broker.delete(settings.GPU_QUEUE)
-    SearchIndex.objects.filter(pk=index.pk).update(status=SearchIndex.Status.RUNNING,
+    # Given a build whose worker stopped beating on its first attempt
+    SearchIndex.objects.filter(pk=index.pk).update(status=SearchIndex.Status.RUNNING, attempt=1, phase="embedding",
                                                    heartbeat_at=timezone.now() - timedelta(seconds=900))
-    assert services.requeue_stale_builds(timeout_s=300) == 1
+    # When the reaper runs, then it is queued again and its task is on the gpu queue
+    assert jobs.reap(SearchIndex, timeout_s=300)["requeued"] == 1
     index.refresh_from_db()
-    assert index.status == SearchIndex.Status.QUEUED
-    assert broker.llen(settings.GPU_QUEUE) == 1  # the build task is on the gpu queue
+    assert (index.status, index.attempt) == (SearchIndex.Status.QUEUED, 1)
+    assert broker.llen(settings.GPU_QUEUE) == 1
     broker.delete(settings.GPU_QUEUE)
+    # Given the last attempt also stopped, when reaped, then it fails with the phase it died in
+    SearchIndex.objects.filter(pk=index.pk).update(status=SearchIndex.Status.RUNNING, attempt=3,
+                                                   heartbeat_at=timezone.now() - timedelta(seconds=900))
+    assert jobs.reap(SearchIndex, timeout_s=300)["failed"] == 1
+    index.refresh_from_db()
+    assert index.status == SearchIndex.Status.FAILED
+    assert index.error.startswith("The worker stopped reporting during 'embedding' on attempt 3 of 3")
+    assert broker.llen(settings.GPU_QUEUE) == 0
 
 
 def test_bm25_ranks_the_duplicate_of_a_ticket_first(user):

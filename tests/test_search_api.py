@@ -7,7 +7,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from rest_framework.test import APIClient
 
-from search import services
+from search import indexing
 from search.models import DuplicatePair, SearchIndex
 from training.datasets import refresh_search_vectors
 from training.models import Dataset, Document, ModelVersion
@@ -38,7 +38,7 @@ def index(user, tiny_model_dir):
                                           artifact_path=str(tiny_model_dir), dimensions=32, dataset=ds,
                                           stage=ModelVersion.Stage.PRODUCTION)
     index = SearchIndex.objects.create(owner=user, dataset=ds, model_version=version)
-    return services.build_index(index=index)
+    return indexing.build_index(index=index)
 
 
 def test_search_api_returns_breakdown_filters_and_paging(api, index):
@@ -48,7 +48,7 @@ def test_search_api_returns_breakdown_filters_and_paging(api, index):
     assert response.status_code == 200
     assert [r["key"] for r in body["results"]] == ["HDFS-2"]
     assert (body["page"], body["k"], body["has_more"], body["filters"]) == (
-        1, 1, True, {"priorities": ["Major"], "components": ["datanode"]}
+        1, 1, True, {"priority": ["Major"], "component": ["datanode"]}
     )
     assert body["results"][0]["keyword_rank"] == 1
     assert body["results"][0]["snippet_html"] == "<mark>datanode</mark> volume fills up and the node stops"
@@ -155,7 +155,12 @@ def test_duplicate_scan_api_queues_and_refuses_bad_threshold(api, index):
         "threshold": "Ensure this value is greater than or equal to 0.5."
     }
     response = api.post(f"/api/indexes/{index.pk}/duplicates/scan/", {"threshold": 0.95}, format="json")
-    assert (response.status_code, response.json()["duplicates_status"]) == (202, "queued")
+    body = response.json()
+    assert (response.status_code, body["kind"], body["status"], body["params"]) == (
+        202, "duplicates", "queued", {"threshold": 0.95})
+    assert api.get(f"/api/index-jobs/{body['id']}/").json()["status"] == "queued"
+    again = api.post(f"/api/indexes/{index.pk}/duplicates/scan/", {"threshold": 0.95}, format="json")
+    assert (again.status_code, again.json()["error"]) == (409, "A duplicate scan of this index is already queued or running.")
 
 
 # --- pages -----------------------------------------------------------------------
@@ -183,7 +188,7 @@ def test_search_page_bad_parameter_is_400_with_message(web, index):
 def test_compare_page_runs_query_on_two_versions(web, index, user, tiny_model_dir):
     v2 = ModelVersion.objects.create(owner=user, name="mini", version=2, base_model="tiny",
                                      artifact_path=str(tiny_model_dir), dimensions=32, dataset=index.dataset)
-    other = services.build_index(index=SearchIndex.objects.create(owner=user, dataset=index.dataset, model_version=v2))
+    other = indexing.build_index(index=SearchIndex.objects.create(owner=user, dataset=index.dataset, model_version=v2))
     html = web.get("/search/compare", {"q": "datanode", "a": index.pk, "b": other.pk, "mode": "keyword"}).content.decode()
     assert "mini v1" in html and "mini v2" in html
     # Same keyword results on both sides: every hit is on the other side at the same rank.
@@ -201,8 +206,8 @@ def test_similar_page_lists_neighbours(web, index):
 @pytest.mark.parametrize("n", [1, 3])
 def test_duplicates_page_query_count_is_flat(web, index, n, django_assert_num_queries):
     _pairs(index, n)
-    # session, user, index, count, page of pairs (documents joined)
-    with django_assert_num_queries(5):
+    # session, user, index, latest scan job, count, page of pairs (documents joined)
+    with django_assert_num_queries(6):
         html = web.get(f"/search/duplicates/{index.pk}").content.decode()
     assert html.count('<tr id="pair-') == n
 

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, timedelta
 
 import numpy as np
 import pytest
 
-from search import services
+from embedportal import jobs
+from embedportal.errors import ConflictError
+from search import duplicates, filters, hybrid, index_jobs, indexing, keyword
 from search.fusion import weighted_score_fusion
-from search.models import DuplicatePair, Embedding, SearchIndex
+from search.models import DuplicatePair, Embedding, IndexJob, SearchIndex
 from training.datasets import refresh_search_vectors
 from training.models import Dataset, Document, ModelVersion
+from django.utils import timezone
 
 # Building creates the HNSW index (DDL): not inside a test transaction.
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -65,7 +68,7 @@ def corpus(user, tiny_model_dir):
     version = ModelVersion.objects.create(owner=user, name="tiny", version=1, base_model="tiny",
                                           artifact_path=str(tiny_model_dir), dimensions=32, dataset=ds)
     index = SearchIndex.objects.create(owner=user, dataset=ds, model_version=version)
-    services.build_index(index=index)
+    indexing.build_index(index=index)
     index.refresh_from_db()
     return index
 
@@ -78,115 +81,115 @@ def test_identifier_inside_dotted_name_is_found_through_side_index(corpus):
     # The English parser keeps "java.lang.NullPointerException" as one token;
     # the 'simple' side index splits it, so the class name alone finds it.
     for query in ("NullPointerException", "FSNamesystem", "getBlockLocations"):
-        result = services.hybrid_search(index=corpus, query=query, mode="keyword", k=5)
+        result = hybrid.hybrid_search(index=corpus, query=query, mode="keyword", k=5)
         assert _keys(result.hits) == ["HDFS-9001"], query
         assert result.hits[0].identifier_match is True
         assert result.hits[0].keyword_rank == 1
 
 
 def test_query_identifiers_splits_like_the_side_index():
-    assert services.query_identifiers("NPE in java.lang.NullPointerException on HDFS-1234 with dfs.replication") == [
+    assert keyword.query_identifiers("NPE in java.lang.NullPointerException on HDFS-1234 with dfs.replication") == [
         "java.lang.NullPointerException", "HDFS-1234", "dfs.replication"
     ]
-    assert services.query_identifiers("namenode fails to start") == []
+    assert keyword.query_identifiers("namenode fails to start") == []
 
 
 def test_hybrid_without_identifier_match_marks_none(corpus):
-    result = services.hybrid_search(index=corpus, query="balancer replication", k=3)
+    result = hybrid.hybrid_search(index=corpus, query="balancer replication", k=3)
     assert [h.identifier_match for h in result.hits] == [False, False, False]
     assert result.fusion == {"method": "rrf", "rrf_k": 60}
 
 
 @pytest.mark.parametrize("mode", ["keyword", "vector", "hybrid"])
 def test_filters_apply_to_every_mode_and_still_fill_k(corpus, mode):
-    filters = services.SearchFilters(priorities=("Blocker",), components=("yarn",))
-    result = services.hybrid_search(index=corpus, query="replication node restarts", mode=mode, k=5, filters=filters)
+    chosen = filters.SearchFilters.of(priority=("Blocker",), component=("yarn",))
+    result = hybrid.hybrid_search(index=corpus, query="replication node restarts", mode=mode, k=5, filters=chosen)
     # 10 Blocker docs (i % 3 == 2) are all in component yarn (i % 3 == 2): k=5 is filled.
     assert len(result.hits) == 5
     assert {(h.document.metadata["priority"], tuple(h.document.metadata["components"])) for h in result.hits} == {
         ("Blocker", ("yarn",))
     }
-    assert result.filters == {"priorities": ["Blocker"], "components": ["yarn"]}
+    assert result.filters == {"priority": ["Blocker"], "component": ["yarn"]}
 
 
 def test_vector_filter_keeping_few_rows_returns_all_of_them(corpus):
     # Label "newbie" keeps 6 of 34 rows; the iterative HNSW scan must find every one.
-    filters = services.SearchFilters(labels=("newbie",))
-    result = services.hybrid_search(index=corpus, query="replication", mode="vector", k=10, filters=filters)
+    chosen = filters.SearchFilters.of(label=("newbie",))
+    result = hybrid.hybrid_search(index=corpus, query="replication", mode="vector", k=10, filters=chosen)
     assert sorted(_keys(result.hits)) == ["HDFS-100", "HDFS-105", "HDFS-110", "HDFS-115", "HDFS-120", "HDFS-125"]
 
 
 def test_date_range_filter_is_inclusive(corpus):
-    filters = services.SearchFilters(created_from=date(2019, 1, 3), created_to=date(2019, 1, 4))
-    result = services.hybrid_search(index=corpus, query="memory OR escapes", mode="keyword", k=10, filters=filters)
+    chosen = filters.SearchFilters.of(created_from=date(2019, 1, 3), created_to=date(2019, 1, 4))
+    result = hybrid.hybrid_search(index=corpus, query="memory OR escapes", mode="keyword", k=10, filters=chosen)
     assert sorted(_keys(result.hits)) == ["HDFS-9002", "YARN-77"]
 
 
 def test_filter_with_no_match_says_so(corpus):
-    filters = services.SearchFilters(statuses=("Closed",))
-    result = services.hybrid_search(index=corpus, query="replication", mode="hybrid", k=10, filters=filters)
+    chosen = filters.SearchFilters.of(status=("Closed",))
+    result = hybrid.hybrid_search(index=corpus, query="replication", mode="hybrid", k=10, filters=chosen)
     assert (result.hits, result.message) == ([], "No document matches this query with these filters.")
 
 
 def test_pages_do_not_overlap_and_end(corpus):
-    first = services.hybrid_search(index=corpus, query="replication", mode="keyword", k=20, page=1)
-    second = services.hybrid_search(index=corpus, query="replication", mode="keyword", k=20, page=2)
+    first = hybrid.hybrid_search(index=corpus, query="replication", mode="keyword", k=20, page=1)
+    second = hybrid.hybrid_search(index=corpus, query="replication", mode="keyword", k=20, page=2)
     # 30 generated tickets + HDFS-9002 mention replication.
     assert (len(first.hits), first.has_more, len(second.hits), second.has_more) == (20, True, 11, False)
     assert not set(_keys(first.hits)) & set(_keys(second.hits))
-    third = services.hybrid_search(index=corpus, query="replication", mode="keyword", k=20, page=3)
+    third = hybrid.hybrid_search(index=corpus, query="replication", mode="keyword", k=20, page=3)
     assert (third.hits, third.message) == ([], "No more results: this page is past the last one.")
 
 
 def test_page_beyond_depth_is_refused(corpus):
-    with pytest.raises(services.SearchError, match="page: must be between 1 and 5 for k=100"):
-        services.hybrid_search(index=corpus, query="replication", k=100, page=6)
+    with pytest.raises(hybrid.SearchError, match="page: must be between 1 and 5 for k=100"):
+        hybrid.hybrid_search(index=corpus, query="replication", k=100, page=6)
 
 
 def test_snippet_highlights_matches_and_escapes_html(corpus):
-    result = services.hybrid_search(index=corpus, query="replication column", mode="keyword", k=1)
+    result = hybrid.hybrid_search(index=corpus, query="replication column", mode="keyword", k=1)
     assert _keys(result.hits) == ["HDFS-9002"]
     # PostgreSQL's parser drops the tag; anything else markup-like is escaped.
     assert result.hits[0].snippet_html == (
         "page shows alert(1) when the <mark>replication</mark> <mark>column</mark> is empty"
     )
-    assert services._marked_html("a <b onclick=x> & \x02c\x03") == "a &lt;b onclick=x&gt; &amp; <mark>c</mark>"
+    assert keyword.marked_html("a <b onclick=x> & \x02c\x03") == "a &lt;b onclick=x&gt; &amp; <mark>c</mark>"
 
 
 def test_relaxes_to_all_but_one_word_when_no_document_has_all(corpus):
-    result = services.hybrid_search(index=corpus, query="memory column scheduler zebra", mode="keyword", k=5)
+    result = hybrid.hybrid_search(index=corpus, query="memory column scheduler zebra", mode="keyword", k=5)
     assert sorted(_keys(result.hits)) == ["YARN-77", "YARN-78"]
     assert result.notice == "No document has all the words; showing documents with all but 1 of them."
 
 
 def test_any_word_fallback_is_keyword_mode_only(corpus):
-    result = services.hybrid_search(index=corpus, query="scheduler zebra", mode="keyword", k=5)
+    result = hybrid.hybrid_search(index=corpus, query="scheduler zebra", mode="keyword", k=5)
     assert sorted(_keys(result.hits)) == ["YARN-77", "YARN-78"]
     assert result.notice == "No document has most of the words; showing documents with any of them."
-    hybrid = services.hybrid_search(index=corpus, query="scheduler zebra", mode="hybrid", k=5)
+    fused = hybrid.hybrid_search(index=corpus, query="scheduler zebra", mode="hybrid", k=5)
     # The vector side answers alone; no keyword rank anywhere.
-    assert (len(hybrid.hits), hybrid.notice) == (5, "")
-    assert [h.keyword_rank for h in hybrid.hits] == [None] * 5
+    assert (len(fused.hits), fused.notice) == (5, "")
+    assert [h.keyword_rank for h in fused.hits] == [None] * 5
 
 
 def test_tsquery_literal_quotes_lexemes():
-    assert services._tsquery_literal([["it's", "a\\b"], ["c"]]) == "('it''s' & 'a\\\\b') | ('c')"
+    assert keyword._tsquery_literal([["it's", "a\\b"], ["c"]]) == "('it''s' & 'a\\\\b') | ('c')"
 
 
 def test_very_long_query_is_cut_with_notice(corpus):
-    result = services.hybrid_search(index=corpus, query="memory " * 400, mode="keyword", k=5)
-    assert len(result.query) == services.MAX_QUERY_CHARS
-    assert result.notice == f"The query was cut to its first {services.MAX_QUERY_CHARS} characters."
+    result = hybrid.hybrid_search(index=corpus, query="memory " * 400, mode="keyword", k=5)
+    assert len(result.query) == hybrid.MAX_QUERY_CHARS
+    assert result.notice == f"The query was cut to its first {hybrid.MAX_QUERY_CHARS} characters."
     assert sorted(_keys(result.hits)) == ["YARN-77", "YARN-78"]
 
 
 def test_weighted_fusion_mode_uses_alpha(corpus):
-    vector_only = services.hybrid_search(index=corpus, query="replication stalls", mode="vector", k=5)
-    weighted = services.hybrid_search(index=corpus, query="replication stalls", fusion="weighted", alpha=1.0, k=5)
+    vector_only = hybrid.hybrid_search(index=corpus, query="replication stalls", mode="vector", k=5)
+    weighted = hybrid.hybrid_search(index=corpus, query="replication stalls", fusion="weighted", alpha=1.0, k=5)
     assert weighted.fusion == {"method": "weighted", "alpha": 1.0}
     assert _keys(weighted.hits) == _keys(vector_only.hits)
-    with pytest.raises(services.SearchError, match="alpha: must be between 0 and 1, got 1.5"):
-        services.hybrid_search(index=corpus, query="x", fusion="weighted", alpha=1.5)
+    with pytest.raises(hybrid.SearchError, match="alpha: must be between 0 and 1, got 1.5"):
+        hybrid.hybrid_search(index=corpus, query="x", fusion="weighted", alpha=1.5)
 
 
 def test_weighted_score_fusion_exact_scores():
@@ -197,7 +200,7 @@ def test_weighted_score_fusion_exact_scores():
 
 def test_similar_documents_match_exact_cosine_order(corpus):
     document = Document.objects.get(dataset=corpus.dataset, external_key="YARN-77")
-    hits = services.similar_documents(index=corpus, document=document, k=5)
+    hits = hybrid.similar_documents(index=corpus, document=document, k=5)
     vectors = dict(Embedding.objects.filter(model_version=corpus.model_version).values_list("document_id", "embedding"))
     query = np.asarray(vectors.pop(document.pk))
     exact = sorted(vectors, key=lambda d: -float(np.dot(query, np.asarray(vectors[d]))))[:5]
@@ -206,26 +209,60 @@ def test_similar_documents_match_exact_cosine_order(corpus):
     assert hits[0].vector_similarity == pytest.approx(1.0, abs=1e-5)
 
 
+def _scan(corpus, user, threshold):
+    job = duplicates.start_duplicate_scan(index=corpus, owner=user, threshold=threshold)
+    index_jobs.run(job_id=job.pk)
+    job.refresh_from_db()
+    return job
+
+
 def test_duplicate_scan_finds_identical_pair_and_keeps_decisions(corpus, user):
-    services.start_duplicate_scan(index=corpus, threshold=0.999)
-    index = services.scan_duplicates(index=SearchIndex.objects.get(pk=corpus.pk))
-    assert (index.duplicates_status, index.duplicates_found) == ("done", 1)
+    job = _scan(corpus, user, 0.999)
+    assert (job.status, job.result["found"], job.attempt, job.progress) == ("succeeded", 1, 1, 1.0)
     pair = DuplicatePair.objects.get()
     assert sorted([pair.document_a.external_key, pair.document_b.external_key]) == ["YARN-77", "YARN-78"]
-    services.decide_duplicate(pair=pair, decision="duplicate", user=user)
-    services.start_duplicate_scan(index=corpus, threshold=0.999)
-    index = services.scan_duplicates(index=SearchIndex.objects.get(pk=corpus.pk))
+    duplicates.decide_duplicate(pair=pair, decision="duplicate", user=user)
+    again = _scan(corpus, user, 0.999)
     # The reviewed pair is kept as decided, not re-added as pending.
-    assert index.duplicates_found == 0
+    assert (again.status, again.result["found"]) == ("succeeded", 0)
     assert list(DuplicatePair.objects.values_list("decision", "decided_by__username")) == [("duplicate", "alice")]
 
 
-def test_duplicate_scan_refuses_bad_threshold_and_double_start(corpus):
-    with pytest.raises(services.SearchError, match="threshold: must be at least 0.5 and below 1, got 1.0"):
-        services.start_duplicate_scan(index=corpus, threshold=1.0)
-    services.start_duplicate_scan(index=corpus, threshold=0.95)
-    with pytest.raises(services.SearchError, match="already queued or running"):
-        services.start_duplicate_scan(index=corpus, threshold=0.95)
+def test_duplicate_scan_refuses_bad_threshold_and_double_start(corpus, user):
+    with pytest.raises(hybrid.SearchError, match="threshold: must be at least 0.5 and below 1, got 1.0"):
+        duplicates.start_duplicate_scan(index=corpus, owner=user, threshold=1.0)
+    duplicates.start_duplicate_scan(index=corpus, owner=user, threshold=0.95)
+    with pytest.raises(ConflictError, match="already queued or running"):
+        duplicates.start_duplicate_scan(index=corpus, owner=user, threshold=0.95)
+
+
+def test_duplicate_scan_of_a_killed_worker_is_resumed_by_the_reaper(corpus, user):
+    # Given a scan whose worker died mid-scan (RUNNING, heartbeat long gone)
+    job = duplicates.start_duplicate_scan(index=corpus, owner=user, threshold=0.999)
+    IndexJob.objects.filter(pk=job.pk).update(status="running", attempt=1, phase="scanning",
+                                              heartbeat_at=timezone.now() - timedelta(hours=1))
+    # When the reaper runs, then it is queued again, and the next worker finishes it
+    assert jobs.reap(IndexJob, timeout_s=300)["requeued"] == 1
+    index_jobs.run(job_id=job.pk)
+    job.refresh_from_db()
+    assert (job.status, job.attempt, job.result["found"]) == ("succeeded", 2, 1)
+    # And a rescan is possible again (nothing stays "running" forever)
+    assert _scan(corpus, user, 0.999).status == "succeeded"
+
+
+def test_stale_attempt_cannot_finish_or_write_after_it_was_reaped(corpus, user):
+    job = duplicates.start_duplicate_scan(index=corpus, owner=user, threshold=0.999)
+    stale = jobs.claim(IndexJob, job.pk)
+    IndexJob.objects.filter(pk=job.pk).update(heartbeat_at=timezone.now() - timedelta(hours=1))
+    jobs.reap(IndexJob, timeout_s=300)
+    live = jobs.claim(IndexJob, job.pk)
+    assert (stale.number, live.number) == (1, 2)
+    with pytest.raises(jobs.LostClaim):
+        stale.update(result={"found": 999})
+    assert stale.finish() is False
+    assert live.finish(result={"found": 1}) is True
+    job.refresh_from_db()
+    assert (job.status, job.result) == ("succeeded", {"found": 1})
 
 
 def test_build_records_untuned_fusion_without_validation_clusters(corpus):
@@ -240,7 +277,7 @@ def test_identifier_query_uses_the_side_index(corpus):
 
     # The query's expression must be the migration's, byte for byte, or the index is never used.
     sql = (
-        f"EXPLAIN SELECT d.id FROM training_document d WHERE {services.IDENTIFIER_TSVECTOR} @@ "
+        f"EXPLAIN SELECT d.id FROM training_document d WHERE {keyword.IDENTIFIER_TSVECTOR} @@ "
         "websearch_to_tsquery('simple'::regconfig, %s)"
     )
     with transaction.atomic(), connection.cursor() as cursor:

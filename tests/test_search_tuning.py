@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from search import evaluation, services
-from search.models import SearchIndex
+from search import evaluation, hybrid, index_jobs, indexing, tuning
+from search.models import IndexJob, SearchIndex
 from training import datasets
 from training.models import ModelVersion
 
@@ -19,7 +19,7 @@ def slice_index(user, tiny_model_dir, small_jira_file):
     version = ModelVersion.objects.create(owner=user, name="tiny", version=1, base_model="tiny",
                                           artifact_path=str(tiny_model_dir), dimensions=32, dataset=ds)
     index = SearchIndex.objects.create(owner=user, dataset=ds, model_version=version)
-    return services.build_index(index=index)
+    return indexing.build_index(index=index)
 
 
 def test_build_tunes_fusion_on_train_clusters_only(slice_index):
@@ -30,30 +30,44 @@ def test_build_tunes_fusion_on_train_clusters_only(slice_index):
     assert (fusion["tuned"], fusion["queries"], fusion["split"]) == (
         True, len(train.queries), "validation (TRAIN duplicate clusters)"
     )
-    candidates = {services._fusion_name(f) for f in services.FUSION_CANDIDATES}
+    candidates = {tuning._fusion_name(f) for f in tuning.FUSION_CANDIDATES}
     assert set(fusion["systems"]) == candidates | {"keyword", "vector"}
     best = max(fusion["systems"][name]["ndcg@10"] for name in candidates)
-    chosen = services._fusion_name({k: fusion[k] for k in ("method", "rrf_k", "alpha") if k in fusion})
+    chosen = tuning._fusion_name({k: fusion[k] for k in ("method", "rrf_k", "alpha") if k in fusion})
     assert fusion["systems"][chosen]["ndcg@10"] == best
     # The search default follows the tuned fusion.
-    assert services.resolve_fusion(index=slice_index) == {
+    assert hybrid.resolve_fusion(index=slice_index) == {
         k: fusion[k] for k in ("method", "rrf_k", "alpha") if k in fusion
     }
 
 
 def test_evaluate_search_runs_test_queries_through_three_systems(slice_index):
-    report = services.evaluate_search(index=slice_index, max_queries=None)
+    report = tuning.evaluate_search(index=slice_index, max_queries=None)
     test = evaluation.ticket_eval_set(dataset=slice_index.dataset, split="test")
     assert report["queries"] == len(test.queries)
     assert list(report["systems"]) == ["keyword", "vector", "hybrid"]
-    assert report["fusion"] == services.resolve_fusion(index=slice_index)
+    assert report["fusion"] == hybrid.resolve_fusion(index=slice_index)
     # The keyword row is BM25 (the DATA.md keyword baseline, the lead's bm25_rankings) on the same queries.
     plain = evaluation.evaluate(evaluation.bm25_rankings(dataset=slice_index.dataset, eval_set=test), test)
     assert report["systems"]["keyword"] == plain.summary()
 
 
+def _run_latest_job():
+    job = IndexJob.objects.latest("id")
+    index_jobs.run(job_id=job.pk)
+    job.refresh_from_db()
+    return job
+
+
 def test_evaluation_page_shows_metric_table(web, slice_index):
-    html = web.get(f"/search/evaluate/{slice_index.pk}", {"run": "1", "queries": "5"}).content.decode()
+    # Given an evaluation started from the page (a job), when a worker runs it
+    response = web.post(f"/search/evaluate/{slice_index.pk}/run", {"queries": "5"})
+    job = _run_latest_job()
+    assert (response.status_code, response["Location"]) == (302, f"/search/jobs/{job.pk}/")
+    assert (job.kind, job.status, job.result["queries"]) == ("evaluation", "succeeded", 5)
+    # Then the job page links the result and the evaluation page shows the stored table (no recomputation)
+    assert "See the table" in web.get(f"/search/jobs/{job.pk}/").content.decode()
+    html = web.get(f"/search/evaluate/{slice_index.pk}").content.decode()
     assert "5 held-out queries" in html
     for system in ("keyword", "vector", "hybrid"):
         assert f"<tr><td>{system}</td>" in html
@@ -61,14 +75,17 @@ def test_evaluation_page_shows_metric_table(web, slice_index):
 
 
 def test_evaluation_page_rejects_bad_query_count(web, slice_index):
-    response = web.get(f"/search/evaluate/{slice_index.pk}", {"run": "1", "queries": "lots"})
+    response = web.post(f"/search/evaluate/{slice_index.pk}/run", {"queries": "lots"})
     assert response.status_code == 400
+    assert IndexJob.objects.count() == 0
     assert "queries: give a number of held-out queries between 1 and 5000." in response.content.decode()
 
 
 def test_tune_page_action_records_fusion(web, slice_index):
     SearchIndex.objects.filter(pk=slice_index.pk).update(fusion={})
     response = web.post(f"/search/tune/{slice_index.pk}")
-    assert response.status_code == 302
+    job = _run_latest_job()
+    assert (response.status_code, job.kind, job.status) == (302, "tuning", "succeeded")
     slice_index.refresh_from_db()
+    assert job.result == slice_index.fusion
     assert slice_index.fusion["tuned"] is True

@@ -1,6 +1,5 @@
-class ServiceError(ValueError):
-    """A request that cannot be carried out; the message says what to change.
+"""Training's errors are the project's (embedportal.errors); kept as a module so imports read naturally."""
 
-    Messages that concern one input start with "<field>: " so the API can
-    report them under that field.
-    """
+from embedportal.errors import ConflictError, NotFoundError, ServiceError
+
+__all__ = ["ConflictError", "NotFoundError", "ServiceError"]

@@ -1,0 +1,23 @@
+"""The errors services raise, each with the HTTP status the API answers with (mapped once in api_errors)."""
+
+
+class ServiceError(ValueError):
+    """A request that cannot be carried out; the message says what to change (HTTP 400).
+
+    Messages that concern one input start with "<field>: " so the API can
+    report them under that field.
+    """
+
+    status = 400
+
+
+class NotFoundError(ServiceError):
+    """Missing, or not the caller's: one answer for both (HTTP 404)."""
+
+    status = 404
+
+
+class ConflictError(ServiceError):
+    """The object's state forbids it now (a job under way, a version in use): HTTP 409."""
+
+    status = 409

@@ -1,0 +1,441 @@
+"""One job system for every long task: state in our tables, fenced attempts, one heartbeat, one reaper.
+
+After netbox's `core/models/jobs.py`: a job row has a status with a terminal
+set, created/started/finished times, an error a person can act on, a phase
+and progress, an attempt number and a max_attempts, and a heartbeat. What
+makes it survive faults:
+
+- **Claims are conditional.** A worker turns QUEUED into RUNNING under a row
+  lock and gets the new attempt number; a redelivered or duplicate message
+  finds the row RUNNING (or finished) and does nothing, so a job never runs
+  twice at once.
+- **Every write from a worker is fenced by its attempt.** `Attempt.update()`
+  and `Attempt.finish()` only touch the row while it is RUNNING with *their*
+  attempt number; a worker that was reaped by mistake (a long GC pause, a
+  network split) finds its fence gone, raises `LostClaim` and stops, so a
+  stale attempt can never finish, overwrite files (attempt-specific working
+  folders) or flip a status.
+- **A heartbeat thread runs for the whole life of an attempt**, whatever the
+  phase, on its own database connection (the job's own transaction may hold
+  its writes back for minutes). It also reads the cancel flag.
+- **One reaper for all kinds** (`reap_all`, run by beat every minute): a
+  RUNNING job whose heartbeat is older than its kind's timeout is re-queued
+  (resuming from its checkpoint where the kind has one) until max_attempts,
+  then failed with the phase it died in. A QUEUED job whose message is in
+  neither the broker's queue nor its unacked set (Redis was down at commit,
+  or lost the message on a restart) is sent again.
+- **Enqueueing never fails a request.** The message is sent after commit; if
+  the broker cannot be reached the job stays QUEUED with the phase
+  "waiting for the queue" and the reaper sends it when the broker is back.
+
+A concrete job model subclasses `Job`, sets `task_name` (the Celery task that
+runs it, taking `job_id`) and may override the status values it uses (a
+search index is READY, not SUCCEEDED) and its timeouts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+from django.apps import apps
+from django.conf import settings
+from django.db import close_old_connections, connections, models, transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+logger = logging.getLogger(__name__)
+
+WAITING_FOR_QUEUE = "waiting for the queue"
+# A QUEUED job younger than this is not re-sent even if its message is not
+# seen in the broker: a worker may have taken it and not yet claimed the row.
+RESEND_GRACE_S = 60
+
+
+class LostClaim(Exception):
+    """This attempt no longer owns the job (reaped and re-queued, cancelled or deleted): stop quietly."""
+
+
+class Cancelled(Exception):
+    """The user asked to cancel; raised by `Attempt.check_cancel()` at a safe point."""
+
+
+class JobFailed(Exception):
+    """A failure with a message a person can act on (no traceback class name in front)."""
+
+
+class Job(models.Model):
+    """Abstract base of every long task's row. Subclasses add what the task works on and produces."""
+
+    QUEUED: ClassVar[str] = "queued"
+    RUNNING: ClassVar[str] = "running"
+    SUCCEEDED: ClassVar[str] = "succeeded"
+    FAILED: ClassVar[str] = "failed"
+    CANCELLED: ClassVar[str] = "cancelled"
+    # The Celery task that runs this kind; it takes one keyword argument, job_id.
+    task_name: ClassVar[str] = ""
+    # Seconds without a heartbeat after which the reaper takes the job back.
+    heartbeat_timeout_s: ClassVar[int | None] = None  # None: settings.JOB_HEARTBEAT_TIMEOUT_S
+    # Shown to people as "what kind of job".
+    kind_label: ClassVar[str] = "job"
+
+    phase = models.CharField(max_length=64, blank=True)
+    # 0..1 where the kind can tell; None while unknown.
+    progress = models.FloatField(null=True, blank=True)
+    attempt = models.PositiveSmallIntegerField(default=0)
+    max_attempts = models.PositiveSmallIntegerField(default=3)
+    cancel_requested = models.BooleanField(default=False)
+    # Id of the last Celery message sent for this job, and when: the reaper
+    # re-sends a QUEUED job whose message the broker no longer holds.
+    task_id = models.CharField(max_length=64, blank=True)
+    enqueued_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        abstract = True
+
+    # Subclasses have: status, created_at, started_at, finished_at, error.
+
+    @classmethod
+    def terminal_statuses(cls) -> frozenset[str]:
+        return frozenset({cls.SUCCEEDED, cls.FAILED, cls.CANCELLED})
+
+    @classmethod
+    def timeout_s(cls) -> int:
+        return int(cls.heartbeat_timeout_s or getattr(settings, "JOB_HEARTBEAT_TIMEOUT_S", settings.RUN_HEARTBEAT_TIMEOUT_S))
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in self.terminal_statuses()
+
+    @property
+    def waiting_for_queue(self) -> bool:
+        return self.status == self.QUEUED and self.phase == WAITING_FOR_QUEUE
+
+
+def job_models() -> list[type[Job]]:
+    """Every concrete job model of the project."""
+    return [m for m in apps.get_models() if issubclass(m, Job) and m.task_name]
+
+
+# --- Sending -------------------------------------------------------------------------
+
+
+def enqueue(job: Job) -> None:
+    """Send the job's task after the current transaction commits (now when there is none).
+
+    Never raises: with the broker down the job stays QUEUED, its phase says
+    "waiting for the queue", and the reaper sends it once the broker answers.
+    """
+    cls, pk = type(job), job.pk
+    transaction.on_commit(lambda: send_now(cls, pk))
+
+
+def send_now(cls: type[Job], pk: int) -> bool:
+    """Publish the job's message; record its id, or mark the job as waiting for the queue."""
+    from embedportal.celery import app
+
+    task_id = uuid.uuid4().hex
+    try:
+        app.send_task(cls.task_name, kwargs={"job_id": pk}, task_id=task_id, retry=False)
+    except Exception as exc:  # kombu/redis raise several types for "broker unreachable"
+        logger.warning("could not queue %s %s (%s: %s); the reaper will send it", cls.kind_label, pk, type(exc).__name__, exc)
+        cls.objects.filter(pk=pk, status=cls.QUEUED).update(phase=WAITING_FOR_QUEUE)
+        return False
+    cls.objects.filter(pk=pk, status=cls.QUEUED).update(
+        task_id=task_id, enqueued_at=timezone.now(),
+        phase=models.Case(models.When(phase=WAITING_FOR_QUEUE, then=models.Value("")), default=F("phase")),
+    )
+    return True
+
+
+def requeue(job: Job, **fields: Any) -> bool:
+    """Put a finished (or never-started) job back in the queue: a retry asked for by a person.
+
+    Conditional: only a job that is not queued or running is re-queued.
+    Resets attempt and error; `fields` are written too; finished_at is kept
+    (a search index refreshed in place keeps serving because it finished
+    once). Returns False when it was already queued or running.
+    """
+    cls = type(job)
+    updated = cls.objects.filter(pk=job.pk).exclude(status__in=[cls.RUNNING, cls.QUEUED]).update(
+        status=cls.QUEUED, attempt=0, error="", phase="", progress=None, cancel_requested=False, **fields,
+    )
+    if updated:
+        enqueue(job)
+    return bool(updated)
+
+
+def request_cancel(job: Job) -> bool:
+    """Cancel a job: at once while QUEUED, at the worker's next safe point while RUNNING.
+
+    Returns False when the job had already finished.
+    """
+    cls = type(job)
+    now = timezone.now()
+    if cls.objects.filter(pk=job.pk, status=cls.QUEUED).update(
+        status=cls.CANCELLED, cancel_requested=True, finished_at=now, phase="cancelled"
+    ):
+        return True
+    return bool(cls.objects.filter(pk=job.pk, status=cls.RUNNING).update(cancel_requested=True))
+
+
+# --- Running -------------------------------------------------------------------------
+
+
+@dataclass
+class Attempt:
+    """What a worker holds while it runs one attempt of a job: the fence for all its writes."""
+
+    model: type[Job]
+    pk: int
+    number: int
+    lost: bool = False
+    cancel_seen: bool = False
+    _phase: str = ""
+    _extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def _mine(self):
+        return self.model.objects.filter(pk=self.pk, status=self.model.RUNNING, attempt=self.number)
+
+    def update(self, **fields: Any) -> None:
+        """Write fields (and the heartbeat) while this attempt still owns the job; else raise LostClaim."""
+        if "phase" in fields:
+            self._phase = fields["phase"]
+        if not self._mine.update(heartbeat_at=timezone.now(), **fields):
+            self.lost = True
+            raise LostClaim(f"{self.model.kind_label} {self.pk} attempt {self.number} lost its claim")
+
+    def set_phase(self, phase: str, progress: float | None = None) -> None:
+        self.update(phase=phase[:64], progress=progress)
+
+    def check(self) -> None:
+        """Raise LostClaim or Cancelled if the heartbeat saw either; call at safe points in long loops."""
+        if self.lost:
+            raise LostClaim(f"{self.model.kind_label} {self.pk} attempt {self.number} lost its claim")
+        if self.cancel_seen:
+            raise Cancelled()
+
+    def workdir(self, base: Path) -> Path:
+        """A working folder of this attempt only: a stale attempt never writes where the live one does."""
+        path = Path(base) / f"attempt-{int(self.number)}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def finish(self, status: str | None = None, **fields: Any) -> bool:
+        """Move to a terminal status (SUCCEEDED by default), fenced; False when the claim was lost."""
+        status = status or self.model.SUCCEEDED
+        return bool(self._mine.update(status=status, finished_at=timezone.now(), heartbeat_at=timezone.now(),
+                                      **({"progress": 1.0} if status == self.model.SUCCEEDED else {}), **fields))
+
+
+def claim(model: type[Job], pk: int) -> Attempt | None:
+    """QUEUED -> RUNNING under a row lock, with the attempt counted; None when not claimable.
+
+    A job that has used up its attempts is failed here instead of run again.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        row = model.objects.select_for_update().filter(pk=pk).first()
+        if row is None or row.status != model.QUEUED:
+            return None
+        if row.cancel_requested:
+            model.objects.filter(pk=pk).update(status=model.CANCELLED, finished_at=now, phase="cancelled")
+            return None
+        if row.attempt >= row.max_attempts:
+            model.objects.filter(pk=pk).update(
+                status=model.FAILED, finished_at=now,
+                error=row.error or f"Stopped after {row.attempt} attempts.",
+            )
+            return None
+        number = row.attempt + 1
+        fields = {"status": model.RUNNING, "attempt": number, "heartbeat_at": now, "cancel_requested": False}
+        if number == 1 or row.started_at is None:
+            fields["started_at"] = now
+        model.objects.filter(pk=pk).update(**fields)
+    return Attempt(model=model, pk=pk, number=number, _phase=row.phase)
+
+
+class _Heartbeat(threading.Thread):
+    """Touches heartbeat_at every `every` seconds while the attempt owns the job; reads the cancel flag."""
+
+    def __init__(self, attempt: Attempt, every: float):
+        super().__init__(name=f"heartbeat-{attempt.model.__name__}-{attempt.pk}", daemon=True)
+        self.attempt = attempt
+        self.every = every
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        try:
+            while not self._halt.wait(self.every):
+                mine = self.attempt._mine
+                if not mine.update(heartbeat_at=timezone.now()):
+                    self.attempt.lost = True
+                    return
+                if mine.filter(cancel_requested=True).exists():
+                    self.attempt.cancel_seen = True
+        except Exception:  # a database hiccup must not kill the job; the next beat tries again
+            logger.exception("heartbeat of %s %s failed", self.attempt.model.kind_label, self.attempt.pk)
+        finally:
+            connections.close_all()
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=max(self.every, 5.0))
+
+
+def heartbeat_every(model: type[Job]) -> float:
+    """Beat four times per timeout, at most every 15 s."""
+    return max(0.2, min(15.0, model.timeout_s() / 4))
+
+
+def run_job(model: type[Job], pk: int, body: Callable[[Attempt], Any]) -> Attempt | None:
+    """Claim the job, run `body(attempt)` with a heartbeat, and finish it by what happened.
+
+    body returning normally: SUCCEEDED (unless body finished the job itself);
+    Cancelled: CANCELLED; LostClaim: nothing is written (the live attempt owns
+    the row); JobFailed or any other exception: FAILED with the phase and the
+    reason. A worker killed outright leaves RUNNING with a stale heartbeat:
+    the reaper's case. Returns the attempt, or None when there was nothing to run.
+    """
+    attempt = claim(model, pk)
+    if attempt is None:
+        logger.info("%s %s is not queued; nothing to run", model.kind_label, pk)
+        return None
+    beat = _Heartbeat(attempt, heartbeat_every(model))
+    beat.start()
+    try:
+        body(attempt)
+    except Cancelled:
+        attempt.finish(model.CANCELLED, phase="cancelled", error="")
+    except LostClaim:
+        logger.warning("%s %s attempt %s stopped: the job was taken back", model.kind_label, pk, attempt.number)
+    except JobFailed as exc:
+        attempt.finish(model.FAILED, error=_with_phase(attempt, str(exc)))
+    except Exception as exc:
+        logger.exception("%s %s failed", model.kind_label, pk)
+        attempt.finish(model.FAILED, error=_with_phase(attempt, f"{type(exc).__name__}: {exc}"))
+    else:
+        attempt.finish()
+    finally:
+        beat.stop()
+    return attempt
+
+
+def _with_phase(attempt: Attempt, message: str) -> str:
+    return f"{message} (phase: {attempt._phase})" if attempt._phase and "(phase:" not in message else message
+
+
+# --- Reaping -------------------------------------------------------------------------
+
+
+def reap(model: type[Job], *, timeout_s: int | None = None) -> dict[str, int]:
+    """Take back this kind's silent RUNNING jobs and re-send its lost QUEUED ones.
+
+    A RUNNING job whose heartbeat is older than the timeout is re-queued
+    (attempt kept: the next claim counts it) while attempts remain, else
+    failed with the phase it died in. Returns counts.
+    """
+    timeout_s = model.timeout_s() if timeout_s is None else timeout_s
+    now = timezone.now()
+    cutoff = now - timedelta(seconds=timeout_s)
+    stale = model.objects.filter(status=model.RUNNING).filter(
+        Q(heartbeat_at__lt=cutoff) | Q(heartbeat_at__isnull=True)
+    )
+    out = {"requeued": 0, "failed": 0, "resent": 0, "cancelled": 0}
+    for pk in list(stale.values_list("pk", flat=True)):
+        with transaction.atomic():
+            row = stale.select_for_update().filter(pk=pk).first()
+            if row is None:
+                continue
+            died_in = row.phase or "starting"
+            if row.cancel_requested:
+                model.objects.filter(pk=pk).update(status=model.CANCELLED, finished_at=now, phase="cancelled")
+                out["cancelled"] += 1
+            elif row.attempt < row.max_attempts:
+                model.objects.filter(pk=pk).update(
+                    status=model.QUEUED, phase=died_in,
+                    error=f"Attempt {row.attempt} stopped reporting during '{died_in}'; retrying.",
+                )
+                enqueue(row)
+                out["requeued"] += 1
+            else:
+                model.objects.filter(pk=pk).update(
+                    status=model.FAILED, finished_at=now,
+                    error=(f"The worker stopped reporting during '{died_in}' on attempt {row.attempt} of "
+                           f"{row.max_attempts} (no heartbeat for {timeout_s} s). Check the worker's log and "
+                           f"memory, then start it again."),
+                )
+                out["failed"] += 1
+    out["resent"] = _resend_lost(model, now)
+    return out
+
+
+def _resend_lost(model: type[Job], now) -> int:
+    queued = model.objects.filter(status=model.QUEUED).filter(
+        Q(enqueued_at__isnull=True) | Q(enqueued_at__lt=now - timedelta(seconds=RESEND_GRACE_S))
+    )
+    rows = list(queued.values_list("pk", "task_id", "phase"))
+    if not rows:
+        return 0
+    in_broker = broker_task_ids()
+    if in_broker is None:  # broker unreachable: nothing can be sent now anyway
+        model.objects.filter(pk__in=[pk for pk, *_ in rows]).update(phase=WAITING_FOR_QUEUE)
+        return 0
+    resent = 0
+    for pk, task_id, _phase in rows:
+        if task_id and task_id in in_broker:
+            continue
+        if send_now(model, pk):
+            resent += 1
+    return resent
+
+
+def broker_task_ids() -> set[str] | None:
+    """Ids of the messages waiting in (or taken but not acknowledged from) every queue of the Redis broker.
+
+    None when the broker cannot be reached. Reads kombu's Redis layout: one
+    list per queue, plus the `unacked` hash of delivered, unacknowledged messages.
+    """
+    import redis
+
+    queues = {"default", settings.GPU_QUEUE, *getattr(settings, "EXTRA_QUEUES", ())}
+    try:
+        client = redis.Redis.from_url(settings.CELERY_BROKER_URL, socket_timeout=5, socket_connect_timeout=5)
+        raw: list[bytes] = []
+        for queue in queues:
+            raw.extend(client.lrange(queue, 0, -1))
+        raw.extend(client.hvals("unacked"))
+    except Exception as exc:
+        logger.warning("cannot read the broker's queues: %s", exc)
+        return None
+    ids: set[str] = set()
+    for item in raw:
+        try:
+            message = json.loads(item)
+            if isinstance(message, list):  # unacked entries are [message, exchange, routing_key]
+                message = message[0]
+            ids.add(str(message["headers"]["id"]))
+        except (ValueError, KeyError, TypeError, IndexError):
+            continue
+    return ids
+
+
+def reap_all() -> dict[str, dict[str, int]]:
+    """Run the reaper for every job kind; the beat task calls this every minute."""
+    out = {}
+    for model in job_models():
+        try:
+            out[model._meta.label] = reap(model)
+        except Exception:  # one kind's trouble must not stop the others from being reaped
+            logger.exception("reaping %s failed", model._meta.label)
+    close_old_connections()
+    return out
+

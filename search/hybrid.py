@@ -1,0 +1,350 @@
+"""Hybrid search: the keyword side and pgvector kNN fused, similar tickets, hits for pages and the API.
+
+Keyword side in search.keyword; vector side here: cosine kNN over each model
+version's partial HNSW index with iterative scans under filters; the two
+rankings are fused with reciprocal rank fusion or weighted score fusion,
+the index's default tuned on validation tickets (search.tuning).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.db import connection, transaction
+
+from embedportal.errors import ServiceError
+from search import encoders
+from search.filters import SearchFilters
+from search.fusion import DEFAULT_ALPHA, RRF_K, reciprocal_rank_fusion, weighted_score_fusion
+from search.keyword import keyword_ranking, snippets
+from search.models import Embedding, SearchIndex
+from search.vectors import vector_cast
+from training.models import Document
+
+# Candidates taken from each side before fusion.
+CANDIDATES_PER_SIDE = 100
+MAX_QUERY_CHARS = 1000
+MAX_K = 100
+HNSW_EF_SEARCH = 100
+MODES = ("hybrid", "keyword", "vector")
+
+
+class SearchError(ServiceError):
+    """A search request that cannot be answered; the message says why."""
+
+
+# Fused results can be paged this deep (each side then fetches this many candidates).
+MAX_RESULT_DEPTH = 500
+RRF_K_RANGE = (1, 1000)
+FUSION_METHODS = ("rrf", "weighted")
+
+@dataclass
+class Hit:
+    document: Document
+    score: float
+    keyword_rank: int | None = None
+    vector_rank: int | None = None
+    keyword_score: float | None = None
+    vector_similarity: float | None = None
+    identifier_match: bool = False
+    snippet_html: str = ""
+
+
+@dataclass
+class SearchResponse:
+    query: str
+    mode: str
+    hits: list[Hit] = field(default_factory=list)
+    message: str = ""
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    fusion: dict[str, Any] = field(default_factory=dict)
+    page: int = 1
+    has_more: bool = False
+    # Set when the keyword side relaxed "all words" to "any word".
+    notice: str = ""
+    filters: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_fusion(
+    *, index: SearchIndex, method: str | None = None, alpha: float | None = None, rrf_k: int | None = None
+) -> dict[str, Any]:
+    """The fusion a query uses: explicit arguments over the index's tuned default over RRF k=60."""
+    default = index.fusion or {}
+    method = method or default.get("method") or "rrf"
+    if method not in FUSION_METHODS:
+        raise SearchError(f"fusion: must be one of {', '.join(FUSION_METHODS)}, got {method!r}.")
+    if alpha is None:
+        alpha = float(default.get("alpha", DEFAULT_ALPHA))
+    if rrf_k is None:
+        rrf_k = int(default.get("rrf_k", RRF_K))
+    if not 0.0 <= alpha <= 1.0:
+        raise SearchError(f"alpha: must be between 0 and 1, got {alpha}.")
+    if not RRF_K_RANGE[0] <= rrf_k <= RRF_K_RANGE[1]:
+        raise SearchError(f"rrf_k: must be between {RRF_K_RANGE[0]} and {RRF_K_RANGE[1]}, got {rrf_k}.")
+    if method == "rrf":
+        return {"method": "rrf", "rrf_k": rrf_k}
+    return {"method": "weighted", "alpha": round(alpha, 4)}
+
+
+def hybrid_search(
+    *,
+    index: SearchIndex,
+    query: str,
+    k: int = 10,
+    mode: str = "hybrid",
+    filters: SearchFilters | None = None,
+    page: int = 1,
+    fusion: str | None = None,
+    alpha: float | None = None,
+    rrf_k: int | None = None,
+    query_vector: list[float] | None = None,
+) -> SearchResponse:
+    """Page `page` (k per page) of the index's dataset for `query`.
+
+    Keyword side: websearch_to_tsquery over the weighted tsvector (the
+    dataset's language), plus the identifier side index when the query holds
+    identifiers; when no document has all the words, any word counts (with a
+    notice). Vector side: HNSW cosine kNN with iterative scans so filters
+    still fill the page. Hybrid fuses both with the index's default fusion
+    (tuned on the validation split) unless `fusion`/`alpha`/`rrf_k` say
+    otherwise. Empty or punctuation-only queries return no hits with a
+    message, not an error; queries over MAX_QUERY_CHARS are cut (and said so).
+    `query_vector` skips encoding (benchmarks, similar-ticket lookups).
+    """
+    if mode not in MODES:
+        raise SearchError(f"mode: must be one of {', '.join(MODES)}, got {mode!r}.")
+    if not 1 <= k <= MAX_K:
+        raise SearchError(f"k: must be between 1 and {MAX_K}, got {k}.")
+    if page < 1 or page * k > MAX_RESULT_DEPTH:
+        raise SearchError(f"page: must be between 1 and {MAX_RESULT_DEPTH // k} for k={k} "
+                          f"(results are paged up to the {MAX_RESULT_DEPTH}th).")
+    if mode != "keyword" and not index.is_searchable:
+        raise SearchError(
+            f"This index is {index.status}: vector and hybrid search need a ready index "
+            f"({index.embedded_count}/{index.total_count} documents embedded). Use mode=keyword meanwhile."
+        )
+    fusion_used = resolve_fusion(index=index, method=fusion, alpha=alpha, rrf_k=rrf_k) if mode == "hybrid" else {}
+    filters = filters or SearchFilters()
+    raw = (query or "").strip()
+    query = raw[:MAX_QUERY_CHARS]
+    response = SearchResponse(query=query, mode=mode, fusion=fusion_used, page=page, filters=filters.as_dict())
+    if len(raw) > MAX_QUERY_CHARS:
+        response.notice = f"The query was cut to its first {MAX_QUERY_CHARS} characters."
+    if not any(ch.isalnum() for ch in query):
+        response.message = "Type some words to search for." if not query else "The query has no words to search for."
+        return response
+
+    offset = (page - 1) * k
+    depth = offset + k
+    candidates = max(CANDIDATES_PER_SIDE, depth) if mode == "hybrid" else depth + 1
+    keyword: list[tuple[int, float]] = []
+    vector: list[tuple[int, float]] = []
+    identifier_ids: set[int] = set()
+    started = time.perf_counter()
+    pending_vector = None
+    if mode in ("hybrid", "vector") and query_vector is None:
+        # The query is embedded on a helper thread while PostgreSQL runs the
+        # keyword side on this one (torch releases the GIL): hybrid latency
+        # becomes max(embedding, keyword) + vector instead of their sum.
+        pending_vector = _embed_pool.submit(_timed_encode, index.model_version.artifact_path, query)
+    if mode in ("hybrid", "keyword"):
+        # In hybrid mode the vector side carries a query whose words no
+        # document mostly shares; the costly any-word pass is keyword-only.
+        keyword, identifier_ids, relaxed = keyword_ranking(
+            index.dataset, query, candidates, filters, any_word=mode == "keyword"
+        )
+        response.notice = " ".join(filter(None, [response.notice, relaxed]))
+        response.timings_ms["keyword"] = _ms(started)
+    if mode in ("hybrid", "vector"):
+        if pending_vector is not None:
+            query_vector, response.timings_ms["embed"] = pending_vector.result()
+        t1 = time.perf_counter()
+        vector = _vector_ranking(index, query_vector, candidates, filters)
+        response.timings_ms["vector"] = _ms(t1)
+
+    if mode == "keyword":
+        ranked = keyword
+    elif mode == "vector":
+        ranked = vector
+    elif fusion_used["method"] == "rrf":
+        ranked = reciprocal_rank_fusion([[d for d, _ in keyword], [d for d, _ in vector]], k=fusion_used["rrf_k"])
+    else:
+        ranked = weighted_score_fusion(keyword, vector, alpha=fusion_used["alpha"])
+    response.has_more = len(ranked) > depth
+    ranked = ranked[offset:depth]
+    response.hits = _hits(index, query, ranked, keyword, vector, identifier_ids)
+    response.timings_ms["total"] = _ms(started)
+    if not response.hits:
+        response.message = (
+            "No document matches this query." if page == 1 else "No more results: this page is past the last one."
+        )
+        if page == 1 and not filters.is_empty:
+            response.message = "No document matches this query with these filters."
+    return response
+
+
+# Query embedding runs on one intra-op thread, one query at a time per
+# process: on the 2 shared cores, MiniLM with torch's default 2 threads took
+# p50 290 ms / p95 1,020 ms per query under load (OpenMP threads spinning
+# against other processes) and p50 25 ms / p95 34 ms with 1. Concurrent
+# requests get their parallelism from the web server's processes instead.
+QUERY_ENCODE_THREADS = 1
+_encode_lock = threading.Lock()
+
+
+def encode_query(*, artifact_path: str, text: str) -> list[float]:
+    """The normalised query vector. Side effect: torch's thread count is 1 while it encodes, then restored."""
+    import torch
+
+    model = encoders.get_model(artifact_path)
+    with _encode_lock:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(QUERY_ENCODE_THREADS)
+        try:
+            vector = model.encode([text], normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+        finally:
+            torch.set_num_threads(previous)
+    return vector[0].tolist()
+
+
+# Two threads: one query embedding runs at a time per process (the lock in
+# encode_query); the second lets the next request's job queue without waiting.
+_embed_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="query-embed")
+
+
+def _timed_encode(artifact_path: str, text: str) -> tuple[list[float], float]:
+    t0 = time.perf_counter()
+    vector = encode_query(artifact_path=artifact_path, text=text)
+    return vector, _ms(t0)
+
+
+def _ms(since: float) -> float:
+    return round((time.perf_counter() - since) * 1000, 2)
+
+
+def _hits(
+    index: SearchIndex,
+    query: str,
+    ranked: list[tuple[int, float]],
+    keyword: list[tuple[int, float]],
+    vector: list[tuple[int, float]],
+    identifier_ids: set[int],
+) -> list[Hit]:
+    keyword_info = {doc_id: (rank, score) for rank, (doc_id, score) in enumerate(keyword, start=1)}
+    vector_info = {doc_id: (rank, sim) for rank, (doc_id, sim) in enumerate(vector, start=1)}
+    ids = [doc_id for doc_id, _ in ranked]
+    documents = Document.objects.in_bulk(ids)
+    found_snippets = snippets(index.dataset, query, ids)
+    hits = []
+    for doc_id, score in ranked:
+        kw = keyword_info.get(doc_id)
+        vec = vector_info.get(doc_id)
+        hits.append(
+            Hit(
+                document=documents[doc_id],
+                score=round(float(score), 6),
+                keyword_rank=kw[0] if kw else None,
+                keyword_score=round(kw[1], 6) if kw else None,
+                vector_rank=vec[0] if vec else None,
+                vector_similarity=round(vec[1], 6) if vec else None,
+                identifier_match=doc_id in identifier_ids,
+                snippet_html=found_snippets.get(doc_id, ""),
+            )
+        )
+    return hits
+
+
+def _vector_sql(dims: int, version_id: int, filters_sql: str, *, source: str = "%s::{cast}") -> str:
+    """kNN SQL over the version's partial HNSW index; `source` is the query vector expression.
+
+    The cast `embedding::vector(dims)` and `model_version_id = N` repeat the
+    partial index's definition so PostgreSQL uses it (dims and the version id
+    are integers from our rows). With iterative scans in relaxed order
+    pgvector may return neighbours slightly out of order, so the outer query
+    re-sorts the materialized candidates by distance (pgvector's documented
+    pattern).
+    """
+    cast = vector_cast(dims)[0]  # vector(dims), or halfvec(dims) above 2,000 dimensions
+    source = source.format(dims=int(dims), cast=cast)
+    return (
+        "WITH nn AS MATERIALIZED ("
+        f"SELECT e.document_id, (e.embedding::{cast}) <=> {source} AS distance "
+        "FROM search_embedding e JOIN training_document d ON d.id = e.document_id "
+        f"WHERE e.model_version_id = {int(version_id)} AND d.dataset_id = %s{filters_sql} "
+        f"ORDER BY (e.embedding::{cast}) <=> {source} LIMIT %s"
+        ") SELECT document_id, 1 - distance FROM nn ORDER BY distance, document_id"
+    )
+
+
+def _vector_ranking(
+    index: SearchIndex, query_vector: list[float], limit: int, filters: SearchFilters
+) -> list[tuple[int, float]]:
+    where, params = filters.sql()
+    sql = _vector_sql(index.model_version.dimensions, index.model_version_id, where)
+    # pgvector's text form "[x,y,...]" bound as a parameter and cast in SQL.
+    vec = "[" + ",".join(f"{x:.7g}" for x in query_vector) + "]"
+    return _run_knn(sql, [vec, index.dataset_id, *params, vec, limit], limit)
+
+
+def _run_knn(sql: str, params: list[Any], limit: int) -> list[tuple[int, float]]:
+    """Run a kNN statement with ef_search >= limit and iterative scans, in one transaction.
+
+    SET LOCAL keeps the settings to this transaction, so pooled connections
+    are left as they were.
+    """
+    ef_search = max(HNSW_EF_SEARCH, min(int(limit), 1000))
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(f"SET LOCAL hnsw.ef_search = {ef_search}; SET LOCAL hnsw.iterative_scan = relaxed_order")
+        cursor.execute(sql, params)
+        rows = cursor.fetchall()
+    return [(doc_id, float(sim)) for doc_id, sim in rows]
+
+
+def similar_documents(
+    *, index: SearchIndex, document: Document, k: int = 10, filters: SearchFilters | None = None
+) -> list[Hit]:
+    """The k nearest documents to `document` under the index's vectors (itself excluded)."""
+    if not index.is_searchable:
+        raise SearchError(f"This index is {index.status}: similar tickets need a ready index.")
+    if document.dataset_id != index.dataset_id:
+        raise SearchError("This document is not in the index's dataset.")
+    if not 1 <= k <= MAX_K:
+        raise SearchError(f"k: must be between 1 and {MAX_K}, got {k}.")
+    where, params = (filters or SearchFilters()).sql()
+    dims, version_id = int(index.model_version.dimensions), int(index.model_version_id)
+    source = (
+        "(SELECT s.embedding::{cast} FROM search_embedding s "
+        f"WHERE s.document_id = {int(document.pk)} AND s.model_version_id = {version_id})"
+    )
+    if not Embedding.objects.filter(document=document, model_version_id=version_id).exists():
+        raise SearchError(f"{document.external_key} has no vector in this index yet.")
+    sql = _vector_sql(dims, version_id, where + f" AND e.document_id <> {int(document.pk)}", source=source)
+    ranked = _run_knn(sql, [index.dataset_id, *params, k], k)
+    documents = Document.objects.in_bulk([doc_id for doc_id, _ in ranked])
+    return [
+        Hit(document=documents[doc_id], score=round(sim, 6), vector_rank=rank, vector_similarity=round(sim, 6))
+        for rank, (doc_id, sim) in enumerate(ranked, start=1)
+    ]
+
+
+def serialize_hit(hit: Hit) -> dict[str, Any]:
+    doc = hit.document
+    return {
+        "id": doc.pk,
+        "key": doc.external_key,
+        "title": doc.title,
+        "snippet": doc.body[:300],
+        "snippet_html": hit.snippet_html,
+        "metadata": {k: v for k, v in doc.metadata.items() if k != "links"},
+        "score": hit.score,
+        "keyword_rank": hit.keyword_rank,
+        "vector_rank": hit.vector_rank,
+        "keyword_score": hit.keyword_score,
+        "vector_similarity": hit.vector_similarity,
+        "identifier_match": hit.identifier_match,
+    }
+

@@ -1,0 +1,138 @@
+"""Index builds: a dataset's documents embedded with a model version into pgvector, as a job.
+
+The build is a Job (embedportal.jobs): claimed under a row lock, fenced by
+its attempt, beating while it embeds, re-queued by the one reaper when its
+worker dies (embedding resumes: documents that already have a vector are
+skipped), failed after max_attempts. A finished build tunes the index's
+fusion and lets a pending promotion switch over.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from django.db import connection
+
+from embedportal import jobs
+from search import embedding
+from search.fusion import RRF_K
+from search.models import SearchIndex
+from search.vectors import vector_cast
+from training import registry
+from training.models import Dataset, ModelVersion
+
+logger = logging.getLogger(__name__)
+
+def create_index(*, owner, dataset: Dataset, model_version: ModelVersion) -> SearchIndex:
+    """Get or create the (dataset, version) index and queue its build after commit.
+
+    A failed or cancelled index is queued again (attempts start over); a ready
+    or building one is returned as is.
+    """
+    index, created = SearchIndex.objects.get_or_create(
+        dataset=dataset, model_version=model_version, defaults={"owner": owner}
+    )
+    if created:
+        jobs.enqueue(index)
+    elif index.status in (SearchIndex.Status.FAILED, SearchIndex.Status.CANCELLED):
+        jobs.requeue(index)
+    index.refresh_from_db()
+    return index
+
+
+def hnsw_index_name(version_id: int) -> str:
+    return f"search_embedding_hnsw_v{int(version_id)}"
+
+
+def ensure_hnsw_index(*, model_version: ModelVersion) -> None:
+    """Create the partial HNSW (cosine) index for one model version if missing.
+
+    DDL cannot take bind parameters; the only values formatted in are integers
+    from our own rows (id and dimensions), never user input.
+    """
+    version_id, dims = int(model_version.pk), int(model_version.dimensions)
+    cast, ops = vector_cast(dims)  # halfvec above 2,000 dimensions
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"CREATE INDEX IF NOT EXISTS {hnsw_index_name(version_id)} ON search_embedding "
+            f"USING hnsw ((embedding::{cast}) {ops}) "
+            f"WHERE model_version_id = {version_id}"
+        )
+
+
+def run_build(*, index_id: int) -> None:
+    """The build job: claim, embed what is missing, create the HNSW index, finish fenced, then tune.
+
+    Side effects: queued -> running -> ready/failed; writes Embedding rows in
+    chunks (idempotent: documents that already have a vector are skipped, so
+    a crashed build resumes where it stopped); creates the HNSW index.
+    """
+    attempt = jobs.run_job(SearchIndex, index_id, _build)
+    if attempt is None:
+        return
+    index = SearchIndex.objects.select_related("model_version").get(pk=index_id)
+    if index.status == SearchIndex.Status.READY and index.attempt == attempt.number:
+        registry.on_index_ready(index=index)  # a pending promotion switches now, atomically
+        _tune_after_build(index)
+
+
+def _build(attempt: jobs.Attempt) -> None:
+    index = SearchIndex.objects.select_related("model_version", "dataset").get(pk=attempt.pk)
+    version = index.model_version
+    attempt.set_phase("embedding", 0.0)
+
+    def progress(p) -> None:
+        attempt.update(
+            embedded_count=p.done, total_count=p.total, docs_per_s=round(p.docs_per_s, 2), backend=p.backend,
+            progress=round(p.done / p.total, 4) if p.total else None,
+        )
+        attempt.check()
+
+    result = embedding.embed_documents(dataset=index.dataset, model_version=version, on_chunk=progress)
+    attempt.update(
+        embedded_count=result.done, total_count=result.total, backend=result.backend,
+        docs_per_s=result.docs_per_s if result.docs_per_s else None, phase="building the HNSW index",
+    )
+    ensure_hnsw_index(model_version=version)
+    attempt.check()
+
+
+def build_index(*, index: SearchIndex) -> SearchIndex:
+    """Run the index's build here and now (tests, commands); the worker's task calls run_build."""
+    run_build(index_id=index.pk)
+    index.refresh_from_db()
+    return index
+
+
+def _tune_after_build(index: SearchIndex) -> None:
+    """Tune the default fusion of a freshly built index; a failure keeps RRF k=60 and says why."""
+    from search import tuning
+
+    try:
+        tuning.tune_fusion(index=index)
+    except Exception as exc:  # tuning is an optimisation: the index stays usable with RRF
+        logger.exception("tuning the fusion of index %s failed", index.pk)
+        SearchIndex.objects.filter(pk=index.pk).update(
+            fusion={"method": "rrf", "rrf_k": RRF_K, "tuned": False, "reason": f"{type(exc).__name__}: {exc}"}
+        )
+
+
+def refresh_indexes(*, dataset: Dataset) -> int:
+    """Queue an incremental build of every complete index of the dataset (new and changed documents).
+
+    The indexes keep serving from their current vectors while the job runs
+    (SearchIndex.is_searchable). Returns how many were queued.
+    """
+    queued = 0
+    for index in SearchIndex.objects.filter(dataset=dataset, status=SearchIndex.Status.READY):
+        if jobs.requeue(index):
+            queued += 1
+    return queued
+
+
+def production_index(*, dataset: Dataset) -> SearchIndex | None:
+    return (
+        SearchIndex.objects.filter(dataset=dataset, model_version__stage=ModelVersion.Stage.PRODUCTION)
+        .select_related("model_version")
+        .first()
+    )

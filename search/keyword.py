@@ -1,0 +1,174 @@
+"""The keyword side of search: PostgreSQL full text, the identifier side index, relaxing, snippets.
+
+All values are bound parameters; only our own SQL fragments are formatted in.
+"""
+
+from __future__ import annotations
+
+import re
+from itertools import combinations
+
+from django.db import connection
+from django.utils.html import escape
+
+from search.filters import SearchFilters
+from training.models import Dataset
+
+# The identifier side index (migration search 0003): this expression must stay
+# byte-for-byte the one indexed there, or PostgreSQL falls back to a scan.
+_TRANSLATE_ARGS = "'./\\:;,=()[]{}<>\"''$#@!?*|+', '                          '"
+IDENTIFIER_TSVECTOR = "to_tsvector('simple'::regconfig, translate(d.title || ' ' || d.body, " + _TRANSLATE_ARGS + "))"
+# A query goes to the side index too when it holds an identifier: a token
+# that mixes letters and digits (HDFS-1234, s3a), has an inner capital
+# (NullPointerException, FSNamesystem) or glues words with . / : $ #
+# (dfs.replication, o.a.h.FSNamesystem).
+_TOKEN = re.compile(r"[\w.\-/:$#]+")
+_IDENTIFIER = re.compile(r"(?=.*[A-Za-z])(?=.*\d)|[a-z][A-Z]|[A-Z]{2,}[a-z]|[A-Za-z0-9][./:$#][A-Za-z0-9]")
+# ts_headline markers: control characters no ticket text contains, turned into
+# <mark> after HTML-escaping, so document text can never inject markup.
+_MARK_START, _MARK_STOP = "\x02", "\x03"
+HEADLINE_OPTIONS = f"MaxFragments=2, MaxWords=28, MinWords=10, FragmentDelimiter=\" … \", StartSel={_MARK_START}, StopSel={_MARK_STOP}"
+# ts_headline re-parses the text, its cost grows with length: the first 4,000
+# characters hold the description's gist and keep 10 snippets at ~2-4 ms.
+HEADLINE_CHARS = 4000
+# Fused results can be paged this deep (each side then fetches this many candidates).
+
+def query_identifiers(query: str) -> list[str]:
+    """The identifier-like tokens of a query (shown to people; the SQL splits them itself)."""
+    return [t for t in (tok.strip(".-/:$#") for tok in _TOKEN.findall(query)) if t and _IDENTIFIER.search(t)]
+
+
+_KEYWORD_SQL = (
+    "SELECT d.id, ts_rank_cd(d.search_vector, q.tq) AS rank "
+    "FROM training_document d, (SELECT {tsquery} AS tq) q "
+    "WHERE d.dataset_id = %s AND q.tq IS NOT NULL AND d.search_vector @@ q.tq{filters} "
+    "ORDER BY rank DESC, d.id LIMIT %s"
+)
+_ALL_WORDS = "websearch_to_tsquery(%s::regconfig, %s)"
+# "Any word": the query's own lexemes OR-ed (as evaluation.keyword_rankings does).
+_ANY_WORD = (
+    "(SELECT to_tsquery(%s::regconfig, string_agg(quote_literal(lexeme), ' | ')) "
+    "FROM unnest(to_tsvector(%s::regconfig, %s)))"
+)
+
+
+def _identifier_sql(filters_sql: str) -> str:
+    """Documents holding every word of the query in the side index, ranked by their any-word rank.
+
+    Concatenated, not str.format()-ed: the expression holds braces.
+    """
+    return (
+        "SELECT d.id, ts_rank_cd(d.search_vector, " + _ANY_WORD + ") AS rank "
+        "FROM training_document d WHERE d.dataset_id = %s AND " + IDENTIFIER_TSVECTOR + " @@ "
+        "websearch_to_tsquery('simple'::regconfig, translate(%s, " + _TRANSLATE_ARGS + "))"
+        + filters_sql + " ORDER BY rank DESC, d.id LIMIT %s"
+    )
+
+
+# Relaxing "all words": documents with all but 1, then all but 2 of the
+# query's lexemes (Elasticsearch's minimum_should_match), written as an OR of
+# AND-groups so each group stays selective and the GIN index does the work.
+# Up to 12 lexemes (66 groups when dropping 2); at least 2 must remain.
+MAX_RELAXED_LEXEMES = 12
+MAX_DROPPED_WORDS = 2
+# Last resort in keyword mode: any word, ranking only the first 500 matches
+# found. Ranking every document that shares one common word with the query
+# read and ranked ~30k tsvectors at 100k tickets: 0.5-1.7 s per query.
+ANY_WORD_CAP = 500
+
+_ANY_WORD_CAPPED_SQL = (
+    "SELECT s.id, ts_rank_cd(s.sv, %s::tsquery) AS rank FROM ("
+    "SELECT d.id, d.search_vector AS sv FROM training_document d "
+    "WHERE d.dataset_id = %s AND d.search_vector @@ %s::tsquery{filters} LIMIT %s"
+    ") s ORDER BY rank DESC, s.id LIMIT %s"
+)
+
+
+def _tsquery_literal(groups) -> str:
+    """tsquery text OR-ing AND-groups of lexemes, each quoted (bound as a parameter, cast ::tsquery)."""
+
+    def quoted(lexeme: str) -> str:
+        return "'" + lexeme.replace("\\", "\\\\").replace("'", "''") + "'"
+
+    return " | ".join("(" + " & ".join(quoted(lexeme) for lexeme in group) + ")" for group in groups)
+
+
+def keyword_ranking(
+    dataset: Dataset, query: str, limit: int, filters: SearchFilters, *, any_word: bool = True
+) -> tuple[list[tuple[int, float]], set[int], str]:
+    """(ranking, ids matched through the identifier index, notice when the query was relaxed).
+
+    Full text (all words, the dataset's language) and, when the query holds
+    identifiers, the side index (all words too, unstemmed, identifiers split
+    at their punctuation) are merged: a document found by either matches
+    every word of the query. Documents only the side index finds are ranked
+    by their any-word rank. When nothing has all the words the query is
+    relaxed to all but 1, then all but 2 words, then (if `any_word`) any
+    word among the first ANY_WORD_CAP matches. All values are bound
+    parameters; only our own SQL fragments are formatted in.
+    """
+    config = dataset.language
+    where, params = filters.sql()
+    notice = ""
+    with connection.cursor() as cursor:
+        by_identifier: list[tuple[int, float]] = []
+        if query_identifiers(query):
+            cursor.execute(_identifier_sql(where), [config, config, query, dataset.pk, query, *params, limit])
+            by_identifier = [(doc_id, float(rank)) for doc_id, rank in cursor.fetchall()]
+        cursor.execute(
+            _KEYWORD_SQL.format(tsquery=_ALL_WORDS, filters=where), [config, query, dataset.pk, *params, limit]
+        )
+        rows = [(doc_id, float(rank)) for doc_id, rank in cursor.fetchall()]
+        if not rows and not by_identifier:
+            cursor.execute("SELECT lexeme FROM unnest(to_tsvector(%s::regconfig, %s))", [config, query])
+            lexemes = [row[0] for row in cursor.fetchall()]
+            for dropped in range(1, MAX_DROPPED_WORDS + 1):
+                if len(lexemes) > MAX_RELAXED_LEXEMES or len(lexemes) - dropped < 2:
+                    break
+                tsquery = _tsquery_literal(combinations(lexemes, len(lexemes) - dropped))
+                cursor.execute(
+                    _KEYWORD_SQL.format(tsquery="%s::tsquery", filters=where), [tsquery, dataset.pk, *params, limit]
+                )
+                rows = [(doc_id, float(rank)) for doc_id, rank in cursor.fetchall()]
+                if rows:
+                    notice = (
+                        f"No document has all the words; showing documents with all but {dropped} of them."
+                    )
+                    break
+            if not rows and any_word and lexemes:
+                tsquery = _tsquery_literal([lexeme] for lexeme in lexemes)
+                cursor.execute(
+                    _ANY_WORD_CAPPED_SQL.format(filters=where),
+                    [tsquery, dataset.pk, tsquery, *params, ANY_WORD_CAP, limit],
+                )
+                rows = [(doc_id, float(rank)) for doc_id, rank in cursor.fetchall()]
+                if rows:
+                    notice = "No document has most of the words; showing documents with any of them."
+    identifier_ids = {doc_id for doc_id, _ in by_identifier}
+    scores = dict(by_identifier)
+    scores.update(rows)  # the full-text rank wins where both found a document
+    ranking = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
+    return ranking[:limit], identifier_ids, notice
+
+
+def snippets(dataset: Dataset, query: str, ids: list[int]) -> dict[int, str]:
+    """ts_headline fragments of the bodies (HTML-escaped, matches in <mark>)."""
+    if not ids:
+        return {}
+    sql = (
+        "SELECT d.id, ts_headline(%s::regconfig, left(d.body, %s), websearch_to_tsquery(%s::regconfig, %s), %s) "
+        "FROM training_document d WHERE d.id = ANY(%s)"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [dataset.language, HEADLINE_CHARS, dataset.language, query, HEADLINE_OPTIONS, ids])
+        rows = cursor.fetchall()
+    return {doc_id: marked_html(text or "") for doc_id, text in rows}
+
+
+def marked_html(text: str) -> str:
+    return (
+        escape(" ".join(text.split()))
+        .replace(_MARK_START, "<mark>")
+        .replace(_MARK_STOP, "</mark>")
+    )
+
