@@ -213,6 +213,17 @@ MODEL_IDLE_UNLOAD_S = env_int("EMBEDPORTAL_MODEL_IDLE_UNLOAD_S", 1800)
 EMBED_BACKEND = env_str("EMBEDPORTAL_EMBED_BACKEND", "auto")
 # A running run whose heartbeat is older than this is marked failed by the reaper.
 RUN_HEARTBEAT_TIMEOUT_S = env_int("EMBEDPORTAL_RUN_HEARTBEAT_TIMEOUT_S", 300)
+# Base models a run may start from besides Hugging Face ids and the user's own
+# versions: folders under these roots (comma-separated; empty by default).
+BASE_MODEL_DIRS = env_list("EMBEDPORTAL_BASE_MODEL_DIRS", "")
+# What one request may ask of the workers (training.hyperparameters); raise them for bigger machines.
+MAX_EPOCHS = env_int("EMBEDPORTAL_MAX_EPOCHS", 100)
+MAX_BATCH_SIZE = env_int("EMBEDPORTAL_MAX_BATCH_SIZE", 512)
+MAX_SEQ_LENGTH = env_int("EMBEDPORTAL_MAX_SEQ_LENGTH", 512)
+MAX_STEPS = env_int("EMBEDPORTAL_MAX_STEPS", 200000)
+MAX_PAIRS = env_int("EMBEDPORTAL_MAX_PAIRS", 1000000)
+# Any job (embedportal.jobs) silent for this long is taken back by the reaper.
+JOB_HEARTBEAT_TIMEOUT_S = env_int("EMBEDPORTAL_JOB_HEARTBEAT_TIMEOUT_S", RUN_HEARTBEAT_TIMEOUT_S)
 
 # --- Celery ---------------------------------------------------------------------
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -236,6 +247,8 @@ CELERY_TASK_SEND_SENT_EVENT = True
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_BEAT_SCHEDULE = {
     "reap-stale-runs": {"task": "training.reap_stale_runs", "schedule": 60.0},
+    # The one reaper of embedportal.jobs: re-queues silent jobs, re-sends lost messages.
+    "reap-jobs": {"task": "embedportal.reap_jobs", "schedule": 60.0},
 }
 CELERY_TIMEZONE = TIME_ZONE
 
