@@ -36,7 +36,7 @@ def run(argv: list[str]) -> dict:
     from django.contrib.auth import get_user_model
 
     from search import encoders
-    from search import evaluation as ev
+    from training import evaluation as ev
     from search.embedding import document_text, embed_documents
     from search.models import Embedding
     from training import datasets

@@ -73,7 +73,7 @@ def cached_vectors(*, model_path: str, data: Path, texts_by_key: dict[str, str])
     Keyed by model folder + data file hash + max_seq_length, so a new model or
     file is encoded again; a cache hit costs a file read.
     """
-    from search.evaluation import encode_corpus
+    from training.evaluation import encode_corpus
     from training import finetune
 
     resolved = finetune.resolve_base_model(model_path)

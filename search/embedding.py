@@ -20,7 +20,7 @@ from django.db.models import Exists, OuterRef
 from search import encoders
 from search.models import Embedding
 from search.vectors import store_embeddings
-from training.corpus import ticket_text
+from training.corpus import MAX_EMBED_CHARS, ticket_text
 from training.models import Dataset, Document, ModelVersion
 
 # Documents per chunk: encoded together (sorted by length) and written in one
@@ -28,9 +28,6 @@ from training.models import Dataset, Document, ModelVersion
 # heartbeat are saved after each chunk.
 EMBED_CHUNK_SIZE = 1024
 ENCODE_BATCH_SIZE = 64
-# Characters of a document sent to the tokenizer: MiniLM truncates at 256
-# tokens (~1,000-1,500 characters), so longer text only costs tokenizing time.
-MAX_EMBED_CHARS = 4000
 
 
 def document_text(title: str, body: str) -> str:

@@ -19,7 +19,7 @@ from django.db import connection, transaction
 from embedportal.errors import ServiceError
 from search import encoders
 from search.filters import SearchFilters
-from search.fusion import DEFAULT_ALPHA, RRF_K, reciprocal_rank_fusion, weighted_score_fusion
+from training.fusion import DEFAULT_ALPHA, RRF_K, reciprocal_rank_fusion, weighted_score_fusion
 from search.keyword import keyword_ranking, snippets
 from search.models import Embedding, SearchIndex
 from search.vectors import vector_cast

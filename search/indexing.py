@@ -15,7 +15,7 @@ from django.db import connection
 
 from embedportal import jobs
 from search import embedding
-from search.fusion import RRF_K
+from training.fusion import RRF_K
 from search.models import SearchIndex
 from search.vectors import vector_cast
 from training import registry

@@ -2,7 +2,7 @@ from rest_framework import serializers
 
 from search.duplicates import DEFAULT_DUPLICATE_THRESHOLD
 from search.filters import FILTER_PARAMS, SearchFilters
-from search.fusion import RRF_K
+from training.fusion import RRF_K
 from search.hybrid import FUSION_METHODS, MAX_K, MAX_QUERY_CHARS, MODES, RRF_K_RANGE
 from search.models import DuplicatePair, IndexJob, SearchIndex
 from search.tuning import EVALUATION_MAX_QUERIES, MAX_EVALUATION_QUERIES

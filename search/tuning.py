@@ -12,10 +12,13 @@ from typing import Any
 
 from django.utils import timezone
 
-from search import evaluation, index_jobs
-from search.fusion import RRF_K
+import numpy as np
+
+from search import index_jobs
+from training.fusion import RRF_K
 from search.hybrid import SearchError, resolve_fusion
-from search.models import IndexJob, SearchIndex
+from search.models import Embedding, IndexJob, SearchIndex
+from training import evaluation
 
 # Fusions tried on the validation split, RRF k=60 first so it wins ties.
 FUSION_CANDIDATES = (
@@ -50,7 +53,7 @@ def _system_table(
         return {}, 0
     eval_set.queries = queries
     keyword = evaluation.bm25_scored_rankings(dataset=index.dataset, eval_set=eval_set, queries=queries)
-    embeddings = evaluation.index_embeddings(eval_set=eval_set, model_version_id=index.model_version_id)
+    embeddings = index_embeddings(eval_set=eval_set, model_version_id=index.model_version_id)
     vector = evaluation.vector_scored_rankings(embeddings=embeddings, eval_set=eval_set, queries=queries)
     systems = evaluation.hybrid_systems(keyword, vector, fusions=fusions)
     return {name: evaluation.evaluate(r, eval_set).summary() for name, r in systems.items()}, len(queries)
@@ -123,4 +126,20 @@ def evaluate_search(*, index: SearchIndex, max_queries: int | None = EVALUATION_
         "queries": n_queries, "fusion": default, "systems": table,
         "seconds": round(time.perf_counter() - started, 1), "metrics": list(evaluation.METRIC_NAMES),
     }
+
+
+def index_embeddings(*, eval_set: evaluation.EvalSet, model_version_id: int) -> np.ndarray:
+    """The stored vectors of a version, in eval_set.doc_ids order (zeros where missing)."""
+    position = eval_set.position
+    out: np.ndarray | None = None
+    rows = Embedding.objects.filter(model_version_id=model_version_id, document_id__in=eval_set.doc_ids)
+    for doc_id, vector in rows.values_list("document_id", "embedding").iterator(chunk_size=2000):
+        vector = np.asarray(vector, dtype=np.float32)
+        if out is None:
+            out = np.zeros((len(eval_set.doc_ids), vector.shape[0]), dtype=np.float32)
+        out[position[doc_id]] = vector
+    if out is None:
+        raise ValueError("this model version has no stored vectors for the dataset")
+    return out
+
 

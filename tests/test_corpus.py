@@ -6,7 +6,7 @@ import json
 
 from django.core.files.uploadedfile import SimpleUploadedFile
 
-from search import evaluation
+from training import evaluation
 from tests.conftest import SHARED_DATA
 from training import datasets
 from training.pairs import build_pairs, duplicate_clusters, is_test_cluster, split_clusters

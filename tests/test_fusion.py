@@ -1,4 +1,4 @@
-from search.fusion import reciprocal_rank_fusion
+from training.fusion import reciprocal_rank_fusion
 
 
 def test_rrf_scores_and_order():

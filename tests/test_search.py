@@ -107,7 +107,7 @@ def test_stale_running_build_is_requeued_then_failed_after_max_attempts(index):
 
 
 def test_bm25_ranks_the_duplicate_of_a_ticket_first(user):
-    from search import evaluation as ev
+    from training import evaluation as ev
     from training.datasets import refresh_search_vectors
 
     ds = Dataset.objects.create(owner=user, name="bm25")

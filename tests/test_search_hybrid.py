@@ -10,7 +10,7 @@ import pytest
 from embedportal import jobs
 from embedportal.errors import ConflictError
 from search import duplicates, filters, hybrid, index_jobs, indexing, keyword
-from search.fusion import weighted_score_fusion
+from training.fusion import weighted_score_fusion
 from search.models import DuplicatePair, Embedding, IndexJob, SearchIndex
 from training.datasets import refresh_search_vectors
 from training.models import Dataset, Document, ModelVersion

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from search import evaluation, hybrid, index_jobs, indexing, tuning
+from search import hybrid, index_jobs, indexing, tuning
+from training import evaluation
 from search.models import IndexJob, SearchIndex
 from training import datasets
 from training.models import ModelVersion

@@ -10,6 +10,10 @@ links all came from a links CSV would have nothing to evaluate on.
 
 from __future__ import annotations
 
+# Characters of a document sent to the tokenizer: MiniLM truncates at 256
+# tokens (~1,000-1,500 characters), so longer text only costs tokenizing time.
+MAX_EMBED_CHARS = 4000
+
 
 def ticket_text(title: str, body: str) -> str:
     """The text a model sees for a document: title, a newline, then the body (if any)."""

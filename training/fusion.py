@@ -1,4 +1,10 @@
-"""Rank fusion for hybrid search."""
+"""Rank fusion: reciprocal rank fusion and weighted score fusion of two rankings.
+
+Pure functions shared by served hybrid search (search.hybrid) and the
+held-out evaluation of a training run (training.evaluation), which reports
+hybrid with each model; they live in training because training never
+imports search.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ def reciprocal_rank_fusion(rankings: Sequence[Sequence[Hashable]], *, k: int = R
 
 
 # alpha of weighted fusion when none is given: the middle (Weaviate's default
-# too); an index's tuned alpha (services.tune_fusion) replaces it.
+# too); an index's tuned alpha (search.tuning.tune_fusion) replaces it.
 DEFAULT_ALPHA = 0.5
 
 

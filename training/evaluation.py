@@ -18,9 +18,8 @@ from typing import Iterable, Sequence
 import numpy as np
 from django.db import connection
 
-from search.embedding import MAX_EMBED_CHARS
-from search.fusion import reciprocal_rank_fusion
-from training.corpus import ticket_links, ticket_text
+from training.corpus import MAX_EMBED_CHARS, ticket_links, ticket_text
+from training.fusion import reciprocal_rank_fusion
 from training.models import Dataset, Document
 from training.pairs import Ticket, duplicate_clusters, split_clusters
 
@@ -126,31 +125,6 @@ def evaluate(rankings: dict[int, list[int]], eval_set: EvalSet) -> EvalResult:
 # --- systems --------------------------------------------------------------------
 
 
-def keyword_rankings(
-    *, dataset: Dataset, eval_set: EvalSet, queries: Iterable[int] | None = None, limit: int = RANK_DEPTH
-) -> dict[int, list[int]]:
-    """Full-text ranking with the query document's lexemes OR-ed together.
-
-    A whole ticket as a websearch query would AND every word and match
-    nothing; OR-ing the lexemes of its tsvector and ranking with ts_rank_cd
-    over the weighted vector is the BM25-class baseline PostgreSQL offers.
-    """
-    sql = (
-        "WITH q AS (SELECT to_tsquery(%s::regconfig, string_agg(quote_literal(lexeme), ' | ')) AS tsq "
-        "FROM unnest(to_tsvector(%s::regconfig, %s))) "
-        "SELECT d.id FROM training_document d, q WHERE d.dataset_id = %s AND q.tsq IS NOT NULL "
-        "AND d.search_vector @@ q.tsq ORDER BY ts_rank_cd(d.search_vector, q.tsq) DESC, d.id LIMIT %s"
-    )
-    position = eval_set.position
-    out: dict[int, list[int]] = {}
-    with connection.cursor() as cursor:
-        for query in queries if queries is not None else eval_set.queries:
-            text = eval_set.texts[position[query]]
-            cursor.execute(sql, [dataset.language, dataset.language, text, dataset.pk, limit + 1])
-            out[query] = [row[0] for row in cursor.fetchall()]
-    return out
-
-
 def encode_corpus(model, texts: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
     """Normalized float32 embeddings of texts, encoded longest first (less padding)."""
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
@@ -205,31 +179,6 @@ def fuse(*rankings: dict[int, list[int]], k: int = 60) -> dict[int, list[int]]:
 QUERY_DOCUMENT_CHARS = 2000
 
 
-def keyword_scored_rankings(
-    *, dataset: Dataset, eval_set: EvalSet, queries: Iterable[int] | None = None, limit: int = RANK_DEPTH
-) -> dict[int, list[tuple[int, float]]]:
-    """keyword_rankings() with each document's ts_rank_cd, for score fusion.
-
-    Unlike keyword_rankings(), the query text is the ticket's first
-    QUERY_DOCUMENT_CHARS characters.
-    """
-    sql = (
-        "WITH q AS (SELECT to_tsquery(%s::regconfig, string_agg(quote_literal(lexeme), ' | ')) AS tsq "
-        "FROM unnest(to_tsvector(%s::regconfig, %s))) "
-        "SELECT d.id, ts_rank_cd(d.search_vector, q.tsq) AS rank FROM training_document d, q "
-        "WHERE d.dataset_id = %s AND q.tsq IS NOT NULL "
-        "AND d.search_vector @@ q.tsq ORDER BY rank DESC, d.id LIMIT %s"
-    )
-    position = eval_set.position
-    out: dict[int, list[tuple[int, float]]] = {}
-    with connection.cursor() as cursor:
-        for query in queries if queries is not None else eval_set.queries:
-            text = eval_set.texts[position[query]][:QUERY_DOCUMENT_CHARS]
-            cursor.execute(sql, [dataset.language, dataset.language, text, dataset.pk, limit + 1])
-            out[query] = [(row[0], float(row[1])) for row in cursor.fetchall() if row[0] != query][:limit]
-    return out
-
-
 def vector_scored_rankings(
     *, embeddings: np.ndarray, eval_set: EvalSet, queries: Iterable[int] | None = None, limit: int = RANK_DEPTH
 ) -> dict[int, list[tuple[int, float]]]:
@@ -250,23 +199,6 @@ def vector_scored_rankings(
     return out
 
 
-def index_embeddings(*, eval_set: EvalSet, model_version_id: int) -> np.ndarray:
-    """The stored vectors of a version, in eval_set.doc_ids order (zeros where missing)."""
-    from search.models import Embedding
-
-    position = eval_set.position
-    out: np.ndarray | None = None
-    rows = Embedding.objects.filter(model_version_id=model_version_id, document_id__in=eval_set.doc_ids)
-    for doc_id, vector in rows.values_list("document_id", "embedding").iterator(chunk_size=2000):
-        vector = np.asarray(vector, dtype=np.float32)
-        if out is None:
-            out = np.zeros((len(eval_set.doc_ids), vector.shape[0]), dtype=np.float32)
-        out[position[doc_id]] = vector
-    if out is None:
-        raise ValueError("this model version has no stored vectors for the dataset")
-    return out
-
-
 def sample_queries(queries: Sequence[int], max_queries: int | None) -> list[int]:
     """An evenly spaced, deterministic subset (all of them when max_queries is None)."""
     queries = list(queries)
@@ -283,7 +215,7 @@ def hybrid_systems(
     fusions: Sequence[dict],
 ) -> dict[str, dict[int, list[int]]]:
     """Rankings of keyword-only, vector-only and each fusion ({"method", "rrf_k"|"alpha"})."""
-    from search.fusion import weighted_score_fusion
+    from training.fusion import weighted_score_fusion
 
     queries = set(keyword) | set(vector)
     systems: dict[str, dict[int, list[int]]] = {
@@ -373,7 +305,7 @@ def bm25_scored_rankings(
     """bm25_rankings() with the BM25 scores (query removed), for score fusion in search tuning.
 
     The same Okapi BM25 over the stored tsvectors (shared _bm25_matrices).
-    ts_rank_cd over an OR of a whole ticket's lexemes (keyword_scored_rankings)
+    ts_rank_cd over an OR of a whole ticket's lexemes
     scored nDCG@10 0.008 on the Hadoop validation queries at 2.6 s a query;
     this takes seconds for all of them.
     """
