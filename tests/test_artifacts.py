@@ -31,9 +31,9 @@ def test_version_is_published_and_fetched_where_missing(s3, user, tiny_model_dir
     version = ModelVersion.objects.create(owner=user, name="mini", version=3, base_model="tiny",
                                           artifact_path=str(folder), dimensions=32)
     uri = artifacts.publish(version=version)
-    assert uri == f"s3://models/embedportal/{user.pk}/mini-v3/"
+    assert uri == f"s3://models/embedportal/{user.pk}/version-{version.pk}/"  # ids, never the name
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="models")["Contents"]}
-    assert f"embedportal/{user.pk}/mini-v3/modules.json" in keys
+    assert f"embedportal/{user.pk}/version-{version.pk}/modules.json" in keys
     expected = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
 
     # A machine without the folder downloads it on first use, then serves from it

@@ -1,7 +1,6 @@
 """REST API for datasets, training runs and model versions (owner-scoped)."""
 
 from django.db.models import Count, OuterRef, Subquery
-from django.http import StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import mixins, status, viewsets
@@ -12,7 +11,7 @@ from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.response import Response
 
 from training import datasets, forms, importers, imports, pairs, registry, serializers, services
-from training.downloads import temporary_file_response
+from training.downloads import csv_attachment, temporary_file_response
 from training.errors import ServiceError
 from training.hyperparameters import HyperparameterError
 from training.models import Dataset, DatasetVersion, ImportJob, ModelVersion, TrainingRun
@@ -121,7 +120,7 @@ class DatasetViewSet(
             return service_error_response(exc)
         all_errors = result.pop("all_errors", [])
         if request.query_params.get("errors") == "csv":
-            return _csv_response(importers.write_csv(importers.error_csv_rows(all_errors)), "preview-errors.csv")
+            return csv_attachment(importers.write_csv(importers.error_csv_rows(all_errors)), "preview-errors.csv")
         return Response(result)
 
     @extend_schema(request=serializers.DatasetVersionUploadSerializer,
@@ -181,7 +180,7 @@ class DatasetViewSet(
         """Every rejected row of the latest version (`?version=N`) as CSV."""
         dataset = self.get_object()
         version = self._version(request, dataset)
-        return _csv_response(datasets.report_csv(version=version), f"{dataset.name}-v{version.number}-rejected.csv")
+        return csv_attachment(datasets.report_csv(version=version), f"{dataset.name}-v{version.number}-rejected.csv")
 
     @extend_schema(parameters=[serializers.PairsQuerySerializer], responses={200: dict})
     @action(detail=True, methods=["get"])
@@ -210,13 +209,6 @@ class DatasetViewSet(
         if version is None:
             raise NotFound(f"No version {number} of dataset {dataset.pk}." if number else "The dataset has no version.")
         return version
-
-
-def _csv_response(lines, filename: str) -> StreamingHttpResponse:
-    response = StreamingHttpResponse(lines, content_type="text/csv; charset=utf-8")
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in filename)
-    response["Content-Disposition"] = f'attachment; filename="{safe}"'
-    return response
 
 
 class ImportJobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
@@ -335,10 +327,10 @@ class ModelVersionViewSet(
     def download(self, request, pk=None):
         """The model folder as a zip that SentenceTransformer(unzipped_folder) loads."""
         try:
-            path = registry.export_zip(version=self.get_object())
+            export = registry.export_zip(version=self.get_object())
         except ServiceError as exc:
             return Response({"error": str(exc)}, status=status.HTTP_404_NOT_FOUND)
-        return temporary_file_response(path, "application/zip")
+        return temporary_file_response(export, "application/zip")
 
     @extend_schema(
         # Not "format": DRF reserves that query parameter for choosing a renderer.
@@ -349,10 +341,10 @@ class ModelVersionViewSet(
     def embeddings(self, request, pk=None):
         """The version's stored vectors as Parquet, JSONL or CSV (key, title, embedding)."""
         try:
-            path = registry.export_embeddings(version=self.get_object(), fmt=request.query_params.get("as", "jsonl"))
+            export = registry.export_embeddings(version=self.get_object(), fmt=request.query_params.get("as", "jsonl"))
         except ServiceError as exc:
             return service_error_response(exc)
-        return temporary_file_response(path, "application/octet-stream")
+        return temporary_file_response(export, "application/octet-stream")
 
 
 class EmbedSerializer(drf_serializers.Serializer):

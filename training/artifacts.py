@@ -41,7 +41,8 @@ def publish(*, version: ModelVersion) -> str:
         return ""
     bucket, prefix = _split(store)
     folder = Path(version.artifact_path)
-    key_prefix = "/".join(p for p in (prefix, f"{version.owner_id}", f"{version.name}-v{version.version}") if p)
+    # Ids, never the (user-chosen) name: a name like "../x" or "a/b" would reach into other keys.
+    key_prefix = "/".join(p for p in (prefix, f"{version.owner_id}", f"version-{version.pk}") if p)
     client = _client()
     for file in sorted(folder.rglob("*")):
         if file.is_file():
@@ -66,7 +67,10 @@ def ensure_local(artifact_path: str) -> str:
     paginator = client.get_paginator("list_objects_v2")
     for page in paginator.paginate(Bucket=bucket, Prefix=prefix + "/"):
         for item in page.get("Contents", []):
-            target = partial / item["Key"][len(prefix) + 1 :]
+            target = (partial / item["Key"][len(prefix) + 1 :]).resolve()
+            if partial.resolve() not in target.parents:  # a key such as "prefix/../../x" would write elsewhere
+                raise ServiceError(f"The stored files of {version} include {item['Key']!r}, which points outside "
+                                   "its folder; nothing was downloaded from it.")
             target.parent.mkdir(parents=True, exist_ok=True)
             client.download_file(bucket, item["Key"], str(target))
     partial.rename(folder)  # appears complete or not at all

@@ -13,6 +13,7 @@ goes wrong rolls the whole upload back, so the dataset keeps what it had.
 from __future__ import annotations
 
 import tempfile
+import unicodedata
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -34,6 +35,9 @@ PROGRESS_EVERY = 5000
 Progress = Callable[[str, int], None]
 # Rows per bulk_update when a links upload touches documents.
 LINK_UPDATE_BATCH = 1000
+MAX_NAME_CHARS = 200
+# Bidirectional overrides reorder the text around them ("exe.txt" shown as "txt.exe").
+_BIDI_CONTROLS = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 # --- Creating and updating ---------------------------------------------------------
@@ -97,6 +101,7 @@ def check_new_dataset(*, owner, name: str, kind: str, language: str) -> None:
     """
     if not name:
         raise ServiceError("name: give the dataset a name.")
+    check_name(name)
     languages = text_search_configs()
     if language not in languages:
         raise ServiceError(f"language: {language!r} is not a text-search configuration here; one of "
@@ -105,6 +110,22 @@ def check_new_dataset(*, owner, name: str, kind: str, language: str) -> None:
         raise ServiceError(f"name: you already have a dataset called {name!r}; pick another name.")
     if kind and kind not in Dataset.Kind.values:
         raise ServiceError(f"kind: {kind!r} is not one of {', '.join(Dataset.Kind.values)}.")
+
+
+def check_name(name: str) -> None:
+    """A dataset name is plain text shown on pages and in download names, never a path.
+
+    Slashes, dots and any other printable character are kept as typed (files
+    and keys are named by ids); control characters, which no one types and
+    which garble pages, logs and headers, are refused, as is a name longer
+    than the column. Raises ServiceError naming the field.
+    """
+    if len(name) > MAX_NAME_CHARS:
+        raise ServiceError(f"name: at most {MAX_NAME_CHARS} characters, got {len(name)}.")
+    bad = next((ch for ch in name if unicodedata.category(ch) == "Cc" or ch in _BIDI_CONTROLS), None)
+    if bad is not None:
+        raise ServiceError(f"name: contains the control character U+{ord(bad):04X} (at position "
+                           f"{name.index(bad) + 1}); use printable characters only.")
 
 
 def add_version(

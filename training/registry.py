@@ -13,7 +13,6 @@ import csv
 import json
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -22,8 +21,11 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import Max
 from django.utils import timezone
 
+from training import temporary_files
 from training.errors import ServiceError
+from training.importers import csv_safe
 from training.models import Dataset, Document, ModelVersion, TrainingRun
+from training.temporary_files import TemporaryExport
 
 logger = logging.getLogger(__name__)
 
@@ -196,24 +198,34 @@ def delete_version(*, version: ModelVersion) -> None:
         shutil.rmtree(artifact.parent if artifact.name == "model" else artifact, ignore_errors=True)
 
 
-def export_zip(*, version: ModelVersion) -> Path:
-    """A zip of the model folder that `SentenceTransformer(unzipped_path)` loads. Caller deletes it."""
+def _download_name(version: ModelVersion, extension: str) -> str:
+    # Shown in the browser's save dialog only (training.downloads); the file on disk is named by id.
+    return f"{version.name[:100]}-v{version.version}.{extension}"
+
+
+def export_zip(*, version: ModelVersion) -> TemporaryExport:
+    """A zip of the model folder that `SentenceTransformer(unzipped_path)` loads.
+
+    Written as version-<id>.zip in a temporary folder of its own; the caller
+    removes that folder (training.downloads.temporary_file_response does).
+    """
     folder = Path(version.artifact_path)
     if not (folder / "modules.json").exists() and not (folder / "config.json").exists():
         raise ServiceError(f"The files of {version} are not on this server ({folder}).")
-    target = Path(tempfile.mkdtemp(prefix="embedportal-export-")) / f"{version.name}-v{version.version}"
-    return Path(shutil.make_archive(str(target), "zip", root_dir=folder))
+    with temporary_files.new_folder("export") as tmp:
+        path = Path(shutil.make_archive(str(tmp / f"version-{version.pk}"), "zip", root_dir=folder))
+    return TemporaryExport(folder=tmp, path=path, download_name=_download_name(version, "zip"))
 
 
 EXPORT_FORMATS = ("parquet", "jsonl", "csv")
 EXPORT_BATCH = 2000
 
 
-def export_embeddings(*, version: ModelVersion, fmt: str) -> Path:
-    """Write the version's vectors (key, title, vector) to a temporary file. Caller deletes it.
+def export_embeddings(*, version: ModelVersion, fmt: str) -> TemporaryExport:
+    """Write the version's vectors (key, title, vector) to version-<id>.<fmt> in a temporary folder of its own.
 
-    CSV cells that start with =, +, - or @ are prefixed with ' so spreadsheet
-    programs do not run them as formulas.
+    The caller removes that folder. CSV cells pass through importers.csv_safe
+    (formula prefixes neutralised), as every CSV the product writes.
     """
     from search.models import Embedding
 
@@ -224,33 +236,30 @@ def export_embeddings(*, version: ModelVersion, fmt: str) -> Path:
         .order_by("document_id")
         .values_list("document__external_key", "document__title", "embedding")
     )
-    path = Path(tempfile.mkdtemp(prefix="embedportal-vectors-")) / f"{version.name}-v{version.version}.{fmt}"
-    if fmt == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    with temporary_files.new_folder("vectors") as tmp:
+        path = tmp / f"version-{version.pk}.{fmt}"
+        if fmt == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
 
-        schema = pa.schema([("key", pa.string()), ("title", pa.string()),
-                            ("embedding", pa.list_(pa.float32(), int(version.dimensions)))])
-        with pq.ParquetWriter(path, schema) as writer:
-            for batch in _batches(rows.iterator(chunk_size=EXPORT_BATCH)):
-                writer.write_table(pa.table(
-                    {"key": [r[0] for r in batch], "title": [r[1] for r in batch],
-                     "embedding": [list(map(float, r[2])) for r in batch]}, schema=schema))
-    elif fmt == "jsonl":
-        with open(path, "w") as fh:
-            for key, title, vec in rows.iterator(chunk_size=EXPORT_BATCH):
-                fh.write(json.dumps({"key": key, "title": title, "embedding": [round(float(x), 7) for x in vec]}) + "\n")
-    else:
-        with open(path, "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["key", "title", "embedding"])
-            for key, title, vec in rows.iterator(chunk_size=EXPORT_BATCH):
-                writer.writerow([_safe_cell(key), _safe_cell(title), json.dumps([round(float(x), 7) for x in vec])])
-    return path
-
-
-def _safe_cell(value: str) -> str:
-    return "'" + value if value[:1] in ("=", "+", "-", "@") else value
+            schema = pa.schema([("key", pa.string()), ("title", pa.string()),
+                                ("embedding", pa.list_(pa.float32(), int(version.dimensions)))])
+            with pq.ParquetWriter(path, schema) as writer:
+                for batch in _batches(rows.iterator(chunk_size=EXPORT_BATCH)):
+                    writer.write_table(pa.table(
+                        {"key": [r[0] for r in batch], "title": [r[1] for r in batch],
+                         "embedding": [list(map(float, r[2])) for r in batch]}, schema=schema))
+        elif fmt == "jsonl":
+            with open(path, "w", encoding="utf-8") as fh:
+                for key, title, vec in rows.iterator(chunk_size=EXPORT_BATCH):
+                    fh.write(json.dumps({"key": key, "title": title, "embedding": [round(float(x), 7) for x in vec]}) + "\n")
+        else:
+            with open(path, "w", newline="", encoding="utf-8") as fh:
+                writer = csv.writer(fh)
+                writer.writerow(["key", "title", "embedding"])
+                for key, title, vec in rows.iterator(chunk_size=EXPORT_BATCH):
+                    writer.writerow([csv_safe(key), csv_safe(title), json.dumps([round(float(x), 7) for x in vec])])
+    return TemporaryExport(folder=tmp, path=path, download_name=_download_name(version, fmt))
 
 
 def _batches(iterator, size: int = EXPORT_BATCH) -> Iterator[list]:

@@ -9,7 +9,7 @@ from django.views.decorators.csrf import csrf_exempt, csrf_protect
 from django.views.decorators.http import require_POST
 
 from training import datasets, forms, imports, pairs, registry, services
-from training.downloads import temporary_file_response
+from training.downloads import csv_attachment, temporary_file_response
 from training.errors import ServiceError
 from training.forms import PairsForm, RunForm, UploadForm, VersionUploadForm
 from training.hyperparameters import HyperparameterError
@@ -235,9 +235,7 @@ def import_detail(request: HttpRequest, pk: int) -> HttpResponse:
 def dataset_report_csv(request: HttpRequest, pk: int, number: int) -> StreamingHttpResponse:
     """Every rejected row of one version, as a CSV download (formula prefixes neutralised)."""
     version = get_object_or_404(DatasetVersion, dataset__pk=pk, dataset__owner=request.user, number=number)
-    response = StreamingHttpResponse(datasets.report_csv(version=version), content_type="text/csv; charset=utf-8")
-    response["Content-Disposition"] = f'attachment; filename="dataset-{pk}-v{number}-rejected.csv"'
-    return response
+    return csv_attachment(datasets.report_csv(version=version), f"dataset-{pk}-v{number}-rejected.csv")
 
 
 @login_required
@@ -411,19 +409,19 @@ def model_delete(request: HttpRequest, pk: int) -> HttpResponse:
 def model_download(request: HttpRequest, pk: int) -> HttpResponse:
     version = get_object_or_404(ModelVersion, pk=pk, owner=request.user)
     try:
-        path = registry.export_zip(version=version)
+        export = registry.export_zip(version=version)
     except ServiceError as exc:
         messages.error(request, str(exc))
         return redirect("model_detail", pk=pk)
-    return temporary_file_response(path, "application/zip")
+    return temporary_file_response(export, "application/zip")
 
 
 @login_required
 def model_export(request: HttpRequest, pk: int) -> HttpResponse:
     version = get_object_or_404(ModelVersion, pk=pk, owner=request.user)
     try:
-        path = registry.export_embeddings(version=version, fmt=request.GET.get("as", "jsonl"))
+        export = registry.export_embeddings(version=version, fmt=request.GET.get("as", "jsonl"))
     except ServiceError as exc:
         messages.error(request, str(exc))
         return redirect("model_detail", pk=pk)
-    return temporary_file_response(path, "application/octet-stream")
+    return temporary_file_response(export, "application/octet-stream")
