@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from search import evaluation as ev
+from training import evaluation as ev
 from training.finetune import Validation, load_model
 from training.models import Dataset
 
