@@ -4,8 +4,14 @@ Starts (or reuses) the embedded PostgreSQL under var/pgdata unless
 DATABASE_URL is set, uses Redis at REDIS_URL when it answers and otherwise
 starts a local redis-server under var/redis, migrates, makes sure an admin
 account exists, then runs the web server, a worker for the gpu (training)
-queue, a worker for the default queue and Celery beat under honcho. Ctrl-C
-stops them all, then the servers this launcher started.
+queue, a worker for the default queue and Celery beat under `Supervisor`.
+A process that dies is restarted with backoff; only Ctrl-C (SIGINT or SIGTERM
+to the launcher) stops them all, then the servers this launcher started.
+
+Why a supervisor of our own: honcho (used before) ends every process when one
+exits and cannot restart; supervisord and circus can, but bring a daemon, a
+config file format and an RPC layer (circus also ZeroMQ) for what is four
+children of one foreground process. `Supervisor` is Popen + a poll loop.
 
 Settings are production-safe (DEBUG off, SECRET_KEY required, HTTPS only), so
 the launcher fills in what serving on this machine over plain http needs:
@@ -14,12 +20,16 @@ see local_http_env().
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
+import signal
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -65,7 +75,14 @@ def main() -> int:
         subprocess.run([*manage, "ensure_admin"], env=env, check=True, cwd=BASE_DIR)
         subprocess.run([*manage, "collectstatic", "--noinput", "-v0"], env=env, check=True, cwd=BASE_DIR)
         print(f"\n[embedportal] EmbedPortal is starting at http://{host}:{port}/  (Ctrl-C stops everything)\n", flush=True)
-        return _supervise(env, python, host, port)
+        supervisor = Supervisor(product_processes(python=python, host=host, port=port), status_path(VAR_DIR),
+                                env=env, cwd=BASE_DIR)
+        # Ctrl-C reaches the launcher only: the children run in their own
+        # sessions, so the launcher decides the order in which they stop.
+        signal.signal(signal.SIGINT, lambda *_: supervisor.stop())
+        signal.signal(signal.SIGTERM, lambda *_: supervisor.stop())
+        supervisor.run()
+        return 0
     finally:
         if redis_proc is not None:
             redis_proc.terminate()
@@ -110,11 +127,10 @@ def _persistent_secret_key(path: Path) -> str:
     return key
 
 
-def _supervise(env: dict, python: str, host: str, port: str) -> int:
-    from honcho.manager import Manager
-
+def product_processes(*, python: str, host: str, port: str) -> dict[str, list[str]]:
+    """The product's long-running processes: name -> command line."""
     celery = [python, "-m", "celery", "-A", "embedportal"]
-    processes = {
+    return {
         "web": [python, "-m", "gunicorn", "embedportal.wsgi", "--bind", f"{host}:{port}", "--workers", "2",
                 "--threads", "4", "--timeout", "120", "--access-logfile", "-"],
         # One task at a time on the gpu queue: a solo pool frees CUDA memory with the task.
@@ -122,18 +138,175 @@ def _supervise(env: dict, python: str, host: str, port: str) -> int:
         "worker": [*celery, "worker", "-Q", "default", "--concurrency", "2", "-n", "default@%h", "--loglevel", "INFO"],
         "beat": [*celery, "beat", "--loglevel", "INFO", "--schedule", str(VAR_DIR / "celerybeat-schedule")],
     }
-    manager = Manager()
-    for name, cmd in processes.items():
-        manager.add_process(name, " ".join(_quote(part) for part in cmd), env=env, cwd=str(BASE_DIR))
-    manager.loop()
-    return manager.returncode or 0
 
 
-def _quote(part: str) -> str:
-    import shlex
+def status_path(var_dir: Path) -> Path:
+    """Where the launcher keeps its process table (read by the dashboard)."""
+    return Path(var_dir) / "launcher" / "status.json"
 
-    return shlex.quote(part)
 
+def read_status(path: Path) -> dict[str, dict] | None:
+    """The process table `Supervisor` last wrote, or None when no launcher runs (or it is unreadable).
+
+    Timestamps come back as aware datetimes.
+    """
+    try:
+        table = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    for entry in table.values():
+        for key in ("last_restart_at", "up_since"):
+            entry[key] = datetime.fromisoformat(entry[key]) if entry.get(key) else None
+    return table
+
+
+# Restart backoff: the first restart waits 1 s, each further one twice as long
+# up to 60 s; a process that stayed up STABLE_AFTER_S starts again at 1 s.
+BACKOFF_FIRST_S = 1.0
+BACKOFF_MAX_S = 60.0
+STABLE_AFTER_S = 60.0
+# On Ctrl-C each process group gets SIGTERM, then SIGKILL after this long. A
+# Celery worker's warm shutdown waits for its task; the job system requeues
+# a task cut short (heartbeat reaper), so a long training step need not hold
+# the shutdown.
+STOP_GRACE_S = 15.0
+POLL_S = 0.2
+
+
+class Supervisor:
+    """Runs `processes` (name -> argv), restarts any that exits, until `stop()`.
+
+    Each child runs in its own session (so its own process group): Ctrl-C in
+    the terminal reaches only the launcher, and a child's workers (gunicorn's,
+    Celery's pool) are stopped with it. Every change of the process table is
+    written atomically to `status_path` as JSON:
+    {name: {pid, restarts, last_exit, last_restart_at, up_since}}; the file is
+    removed on stop, so a stale table never outlives the launcher that wrote it.
+    Children's output goes to our stdout, each line prefixed with its name.
+    """
+
+    def __init__(self, processes: dict[str, list[str]], status_path: Path, *, env: dict[str, str] | None = None,
+                 cwd: Path | None = None) -> None:
+        self.commands = dict(processes)
+        self.status_path = Path(status_path)
+        self.env = env
+        self.cwd = cwd
+        self._stopping = threading.Event()
+        self._procs: dict[str, subprocess.Popen] = {}
+        self._started_at: dict[str, float] = {}
+        self._restart_due: dict[str, float] = {}
+        self._backoff: dict[str, float] = {name: 0.0 for name in processes}
+        self.table: dict[str, dict] = {
+            name: {"pid": None, "restarts": 0, "last_exit": None, "last_restart_at": None, "up_since": None}
+            for name in processes
+        }
+
+    def stop(self) -> None:
+        """Ask `run()` to stop every child and return; safe from a signal handler or another thread."""
+        self._stopping.set()
+
+    def run(self) -> None:
+        """Start every process, restart those that exit, until `stop()`; then stop them all.
+
+        Side effects: starts and kills child processes, writes and finally
+        removes `status_path`, prints a line per exit and restart.
+        """
+        try:
+            for name in self.commands:
+                self._start(name)
+            self._write_status()
+            while not self._stopping.wait(POLL_S):
+                self._check_children()
+        finally:
+            self._stop_all()
+
+    def _check_children(self) -> None:
+        now = time.monotonic()
+        for name, proc in list(self._procs.items()):
+            if not self._exited(proc):
+                continue
+            self._kill_group(proc.pid, signal.SIGKILL)  # what the dead leader left behind (pool children)
+            code = proc.wait()
+            del self._procs[name]
+            stayed_up = now - self._started_at[name]
+            previous = self._backoff[name]
+            delay = BACKOFF_FIRST_S if stayed_up >= STABLE_AFTER_S or not previous else min(previous * 2, BACKOFF_MAX_S)
+            self._backoff[name] = delay
+            self._restart_due[name] = now + delay
+            entry = self.table[name]
+            entry.update(pid=None, last_exit=code, up_since=None)
+            print(f"[launcher] {name} exited with {code}; restarting in {delay:g} s (restart {entry['restarts'] + 1})",
+                  flush=True)
+            self._write_status()
+        for name, due in list(self._restart_due.items()):
+            if now >= due and not self._stopping.is_set():
+                del self._restart_due[name]
+                self._start(name)
+                entry = self.table[name]
+                entry["restarts"] += 1
+                entry["last_restart_at"] = entry["up_since"]
+                self._write_status()
+
+    @staticmethod
+    def _exited(proc: subprocess.Popen) -> bool:
+        # WNOWAIT: see the exit without reaping it, so the dead leader's pid (our
+        # process group id) cannot be reused before _kill_group has used it.
+        try:
+            return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:
+            return True
+
+    def _start(self, name: str) -> None:
+        proc = subprocess.Popen(
+            self.commands[name], env=self.env, cwd=self.cwd, start_new_session=True,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        threading.Thread(target=_copy_output, args=(name, proc.stdout), daemon=True).start()
+        self._procs[name] = proc
+        self._started_at[name] = time.monotonic()
+        self.table[name].update(pid=proc.pid, up_since=_now_iso())
+
+    def _stop_all(self) -> None:
+        self._restart_due.clear()
+        for proc in self._procs.values():
+            self._kill_group(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for name, proc in self._procs.items():
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                print(f"[launcher] {name} did not stop in {STOP_GRACE_S:g} s; killing it", flush=True)
+            # The group may outlive its leader (a Celery pool child): kill what is left.
+            self._kill_group(proc.pid, signal.SIGKILL)
+            proc.wait()
+            print(f"[launcher] {name} stopped", flush=True)
+        self._procs.clear()
+        self.status_path.unlink(missing_ok=True)
+
+    @staticmethod
+    def _kill_group(pgid: int, sig: int) -> None:
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass  # nothing left in the group
+
+    def _write_status(self) -> None:
+        self.status_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.status_path.with_name(f".{self.status_path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.table, indent=1))
+        os.replace(tmp, self.status_path)  # readers see the old table or the new one, never half of one
+
+
+def _copy_output(name: str, stream) -> None:
+    prefix = f"{name} | "
+    for line in iter(stream.readline, b""):
+        sys.stdout.write(prefix + line.decode(errors="replace"))
+        sys.stdout.flush()
+    stream.close()
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 def _redis_answers(url: str) -> bool:
     try:
@@ -154,6 +327,7 @@ def _start_local_redis() -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
         [binary, "--port", str(LOCAL_REDIS_PORT), "--bind", "127.0.0.1", "--dir", str(data), "--save", "60 1"],
         stdout=subprocess.DEVNULL,
+        start_new_session=True,  # Ctrl-C must not stop Redis before the workers that use it
     )
     url = f"redis://127.0.0.1:{LOCAL_REDIS_PORT}/0"
     for _ in range(50):

@@ -1,3 +1,4 @@
+from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.db.models import Count, Prefetch
 from django.http import HttpRequest, HttpResponse
@@ -6,6 +7,7 @@ from rest_framework.decorators import api_view
 from rest_framework.response import Response
 
 from embedportal.health import system_health
+from embedportal.launcher import read_status, status_path
 from training.forms import UploadForm
 from training.models import Dataset, ModelVersion, TrainingRun
 
@@ -20,10 +22,12 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         .annotate(document_count=Count("documents"))
         .prefetch_related(Prefetch("model_versions", queryset=production, to_attr="production_versions"))
     )
+    # The launcher's process table (bin/run); absent when the product runs under another supervisor.
+    processes = read_status(status_path(settings.VAR_DIR))
     return render(
         request,
         "dashboard.html",
-        {"datasets": datasets, "runs": _recent_runs(request), "upload_form": UploadForm()},
+        {"datasets": datasets, "runs": _recent_runs(request), "upload_form": UploadForm(), "processes": processes},
     )
 
 
