@@ -43,7 +43,7 @@ router = DefaultRouter()
 router.register("datasets", training_api.DatasetViewSet, basename="api-dataset")
 router.register("imports", training_api.ImportJobViewSet, basename="api-import")
 router.register("runs", training_api.TrainingRunViewSet, basename="api-run")
-router.register("models", training_api.ModelVersionViewSet, basename="api-model")
+router.register("models", search_api.ModelVersionViewSet, basename="api-model")
 router.register("indexes", search_api.SearchIndexViewSet, basename="api-index")
 router.register("duplicates", search_api.DuplicatePairViewSet, basename="api-duplicate")
 router.register("index-jobs", search_api.IndexJobViewSet, basename="api-index-job")
@@ -64,12 +64,12 @@ urlpatterns = [
     path("runs/<int:pk>/", training_views.run_detail, name="run_detail"),
     path("runs/<int:pk>/cancel", training_views.run_cancel, name="run_cancel"),
     path("models/", training_views.model_list, name="model_list"),
-    path("models/<int:pk>/", training_views.model_detail, name="model_detail"),
-    path("models/<int:pk>/promote", training_views.model_promote, name="model_promote"),
-    path("models/<int:pk>/delete", training_views.model_delete, name="model_delete"),
+    path("models/<int:pk>/", search_views.model_detail, name="model_detail"),
+    path("models/<int:pk>/promote", search_views.model_promote, name="model_promote"),
+    path("models/<int:pk>/delete", search_views.model_delete, name="model_delete"),
     path("models/<int:pk>/download", training_views.model_download, name="model_download"),
-    path("models/<int:pk>/export", training_views.model_export, name="model_export"),
-    path("datasets/<int:pk>/rollback", training_views.model_rollback, name="model_rollback"),
+    path("models/<int:pk>/export", search_views.model_export, name="model_export"),
+    path("datasets/<int:pk>/rollback", search_views.model_rollback, name="model_rollback"),
     path("search/", search_views.search_page, name="search"),
     path("indexes/create", search_views.index_create, name="index_create"),
     path("search/compare", search_views.compare_page, name="search_compare"),
@@ -87,8 +87,8 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/", include(router.urls)),
     path("api/health/", views.api_health, name="api_health"),
-    path("api/embed", training_api.embed, name="api_embed"),
-    path("api/similarity", training_api.similarity, name="api_similarity"),
+    path("api/embed", search_api.embed, name="api_embed"),
+    path("api/similarity", search_api.similarity, name="api_similarity"),
     path("api/auth/token/", ObtainTokenView.as_view(), name="api_token"),
     # Both need a logged-in user (SPECTACULAR_SETTINGS["SERVE_PERMISSIONS"]); a
     # browser without a session is sent to the login page instead of a bare 403.

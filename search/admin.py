@@ -1,6 +1,10 @@
 from django.contrib import admin
 
-from search.models import DuplicatePair, Embedding, SearchIndex
+from embedportal.errors import ServiceError
+from search import serving
+from search.models import DuplicatePair, Embedding, IndexJob, SearchIndex
+from training.admin import ModelVersionAdmin
+from training.models import Dataset, ModelVersion
 
 
 @admin.register(SearchIndex)
@@ -24,3 +28,44 @@ class DuplicatePairAdmin(admin.ModelAdmin):
     list_filter = ["decision"]
     list_select_related = ["dataset", "document_a", "document_b"]
     raw_id_fields = ["document_a", "document_b"]
+
+
+@admin.register(IndexJob)
+class IndexJobAdmin(admin.ModelAdmin):
+    """Duplicate scans, tuning and evaluations: read-only (the job system owns their state)."""
+
+    list_display = ["id", "kind", "index", "status", "phase", "attempt", "created_at", "finished_at"]
+    list_filter = ["kind", "status"]
+    list_select_related = ["index__dataset", "index__model_version"]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
+admin.site.unregister(ModelVersion)
+
+
+@admin.register(ModelVersion)
+class ServingModelVersionAdmin(ModelVersionAdmin):
+    """training's ModelVersion admin plus the serving actions (search.serving switches the vectors)."""
+
+    actions = ["promote_selected", "rollback_selected"]
+
+    @admin.action(description="Promote to production (switches when its index is ready)")
+    def promote_selected(self, request, queryset):
+        for version in queryset:
+            try:
+                serving.request_promotion(version=version, user=request.user)
+            except ServiceError as exc:
+                self.message_user(request, str(exc), level="error")
+
+    @admin.action(description="Roll back the selected versions' datasets to their previous production version")
+    def rollback_selected(self, request, queryset):
+        for dataset_id in sorted({v.dataset_id for v in queryset if v.dataset_id}):
+            try:
+                serving.rollback(dataset=Dataset.objects.get(pk=dataset_id), user=request.user)
+            except ServiceError as exc:
+                self.message_user(request, str(exc), level="error")

@@ -1,18 +1,21 @@
 """REST API for search indexes, hybrid search, similar tickets and the duplicate finder (owner-scoped)."""
 
 from django.db.models import Q
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import mixins, status, viewsets
-from rest_framework.decorators import action
+from rest_framework.decorators import action, api_view, parser_classes
 from rest_framework.exceptions import ValidationError
 from rest_framework.response import Response
 
 from embedportal import jobs
 from embedportal.pagination import BoundedLimitOffsetPagination
 from embedportal.parsers import API_PARSERS
-from search import duplicates, hybrid, indexing, serializers, tuning
+from search import duplicates, encoders, hybrid, indexing, serializers, serving, tuning
 from search.filters import FILTER_PARAMS
 from search.models import DuplicatePair, IndexJob, SearchIndex
+from training import api as training_api
+from training.downloads import temporary_file_response
 from training.models import Dataset, Document, ModelVersion
 
 
@@ -196,3 +199,89 @@ class DuplicatePairViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, vie
         payload.is_valid(raise_exception=True)
         duplicates.decide_duplicate(pair=pair, decision=payload.validated_data["decision"], user=request.user)
         return Response(self.get_serializer(pair).data)
+
+
+# --- Serving model versions ---------------------------------------------------------
+
+class ModelVersionViewSet(training_api.ModelVersionViewSet, mixins.DestroyModelMixin):
+    """Model versions (training.api) plus what switches or reads their vectors (search.serving)."""
+
+    @extend_schema(request=serializers.PromoteSerializer)
+    @action(detail=True, methods=["post"])
+    def promote(self, request, pk=None):
+        """Request promotion; it switches at once if the index is ready, else when it is (stage stays candidate)."""
+        params = serializers.PromoteSerializer(data=request.data)
+        params.is_valid(raise_exception=True)
+        version = serving.request_promotion(
+            version=self.get_object(), user=request.user, require_not_worse=params.validated_data["require_not_worse"]
+        )
+        return Response(self.get_serializer(version).data)
+
+    @extend_schema(request=serializers.RollbackSerializer)
+    @action(detail=False, methods=["post"])
+    def rollback(self, request):
+        """Serve the dataset's previous production version again (instant: its vectors are kept)."""
+        params = serializers.RollbackSerializer(data=request.data)
+        params.is_valid(raise_exception=True)
+        dataset = Dataset.objects.filter(owner=request.user, pk=params.validated_data["dataset"]).first()
+        if dataset is None:
+            raise ValidationError({"dataset": ["No such dataset of yours."]})
+        version = serving.rollback(dataset=dataset, user=request.user)
+        return Response(self.get_serializer(version).data)
+
+    def destroy(self, request, pk=None):
+        serving.delete_version(version=self.get_object())
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+    @extend_schema(
+        # Not "format": DRF reserves that query parameter for choosing a renderer.
+        parameters=[OpenApiParameter("as", str, enum=list(serving.EXPORT_FORMATS), default="jsonl")],
+        responses={(200, "application/octet-stream"): OpenApiTypes.BINARY},
+    )
+    @action(detail=True, methods=["get"])
+    def embeddings(self, request, pk=None):
+        """The version's stored vectors as Parquet, JSONL or CSV (key, title, embedding)."""
+        export = serving.export_embeddings(version=self.get_object(), fmt=request.query_params.get("as", "jsonl"))
+        return temporary_file_response(export, "application/octet-stream")
+
+
+
+
+# --- Embedding texts with a served model ------------------------------------------
+
+def _serving_version(user, version_id):
+    qs = ModelVersion.objects.filter(owner=user)
+    if version_id is not None:
+        version = qs.filter(pk=version_id).first()
+        if version is None:
+            raise ValidationError({"version": [f"No model version {version_id} of yours."]})
+        return version
+    version = qs.filter(stage=ModelVersion.Stage.PRODUCTION).order_by("-promoted_at").first()
+    if version is None:
+        raise ValidationError({"version": ["You have no production model yet; pass a version id."]})
+    return version
+
+
+@extend_schema(request=serializers.EmbedSerializer, responses={200: dict})
+@api_view(["POST"])
+@parser_classes(API_PARSERS)
+def embed(request):
+    """Texts -> normalized vectors with a model version (default: your latest production model)."""
+    params = serializers.EmbedSerializer(data=request.data)
+    params.is_valid(raise_exception=True)
+    version = _serving_version(request.user, params.validated_data.get("version"))
+    vectors = encoders.embed_texts(artifact_path=version.artifact_path, texts=params.validated_data["texts"])
+    return Response({"version": version.pk, "model": str(version), "dimensions": int(vectors.shape[1]),
+                     "embeddings": [[round(float(x), 7) for x in row] for row in vectors]})
+
+
+@extend_schema(request=serializers.SimilaritySerializer, responses={200: dict})
+@api_view(["POST"])
+@parser_classes(API_PARSERS)
+def similarity(request):
+    """[text_a, text_b] pairs -> cosine similarity with a model version."""
+    params = serializers.SimilaritySerializer(data=request.data)
+    params.is_valid(raise_exception=True)
+    version = _serving_version(request.user, params.validated_data.get("version"))
+    scores = encoders.similarity(artifact_path=version.artifact_path, pairs=params.validated_data["pairs"])
+    return Response({"version": version.pk, "model": str(version), "scores": scores})

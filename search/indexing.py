@@ -18,7 +18,6 @@ from search import embedding
 from training.fusion import RRF_K
 from search.models import SearchIndex
 from search.vectors import vector_cast
-from training import registry
 from training.models import Dataset, ModelVersion
 
 logger = logging.getLogger(__name__)
@@ -72,7 +71,9 @@ def run_build(*, index_id: int) -> None:
         return
     index = SearchIndex.objects.select_related("model_version").get(pk=index_id)
     if index.status == SearchIndex.Status.READY and index.attempt == attempt.number:
-        registry.on_index_ready(index=index)  # a pending promotion switches now, atomically
+        from search import serving  # serving creates indexes through this module: imported here, not at the top
+
+        serving.on_index_ready(index=index)  # a pending promotion switches now, atomically
         _tune_after_build(index)
 
 

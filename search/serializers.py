@@ -174,3 +174,24 @@ class DuplicatePairSerializer(serializers.ModelSerializer):
 
 class DuplicateDecisionSerializer(serializers.Serializer):
     decision = serializers.ChoiceField(choices=DuplicatePair.Decision.values)
+
+
+class PromoteSerializer(serializers.Serializer):
+    require_not_worse = serializers.BooleanField(
+        default=False, help_text="Refuse when the candidate's held-out nDCG@10 is below production's."
+    )
+
+
+class RollbackSerializer(serializers.Serializer):
+    dataset = serializers.IntegerField()
+
+
+class EmbedSerializer(serializers.Serializer):
+    # Batch size and text length are limited by search.encoders (MAX_EMBED_TEXTS, MAX_TEXT_CHARS).
+    texts = serializers.ListField(child=serializers.CharField(allow_blank=True, trim_whitespace=False))
+    version = serializers.IntegerField(required=False, help_text="model version id (default: your production model)")
+
+
+class SimilaritySerializer(serializers.Serializer):
+    pairs = serializers.ListField(child=serializers.ListField(child=serializers.CharField(allow_blank=True)))
+    version = serializers.IntegerField(required=False)

@@ -6,6 +6,8 @@ parameters (one set of rules for both), and the services do the work.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
@@ -16,10 +18,12 @@ from django.views.decorators.http import require_POST
 
 from embedportal import jobs
 from embedportal.errors import ServiceError
-from search import duplicates, hybrid, indexing, serializers, tuning
+from search import duplicates, hybrid, indexing, serializers, serving, tuning
 from search.filters import FILTERS, filter_options
 from search.models import DuplicatePair, IndexJob, SearchIndex
+from training.downloads import temporary_file_response
 from training.models import Dataset, Document, ModelVersion
+from training.registry import production_version
 
 DUPLICATES_PER_PAGE = 25
 
@@ -292,3 +296,79 @@ def index_create(request: HttpRequest) -> HttpResponse:
     version = get_object_or_404(ModelVersion, pk=request.POST.get("model_version"), owner=request.user)
     indexing.create_index(owner=request.user, dataset=dataset, model_version=version)
     return redirect("dataset_detail", pk=dataset.pk)
+
+
+# --- Serving a model version: promotion, rollback, deletion, vector export ------------
+
+
+@login_required
+def model_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    version = get_object_or_404(
+        ModelVersion.objects.select_related("dataset", "source_run", "dataset_version", "created_by", "promoted_by"),
+        pk=pk, owner=request.user,
+    )
+    card_path = Path(version.artifact_path) / "README.md"
+    context = {
+        "version": version,
+        "indexes": version.search_indexes.select_related("dataset"),
+        "card": card_path.read_text()[-20000:] if card_path.exists() else "",
+        "production": production_version(dataset=version.dataset) if version.dataset else None,
+        "export_formats": serving.EXPORT_FORMATS,
+    }
+    return render(request, "training/model_detail.html", context)
+
+
+@login_required
+@require_POST
+def model_promote(request: HttpRequest, pk: int) -> HttpResponse:
+    version = get_object_or_404(ModelVersion, pk=pk, owner=request.user)
+    try:
+        version = serving.request_promotion(
+            version=version, user=request.user, require_not_worse=request.POST.get("require_not_worse") == "on"
+        )
+    except ServiceError as exc:
+        messages.error(request, str(exc))
+    else:
+        if version.stage == ModelVersion.Stage.PRODUCTION:
+            messages.success(request, f"{version} is now in production.")
+        else:
+            messages.info(request, f"{version} will serve search as soon as its index is complete; "
+                                   "the current production version answers until then.")
+    return redirect("model_detail", pk=pk)
+
+
+@login_required
+@require_POST
+def model_rollback(request: HttpRequest, pk: int) -> HttpResponse:
+    dataset = get_object_or_404(Dataset, pk=pk, owner=request.user)
+    try:
+        version = serving.rollback(dataset=dataset, user=request.user)
+    except ServiceError as exc:
+        messages.error(request, str(exc))
+        return redirect("model_list")
+    messages.success(request, f"Rolled back: {version} serves {dataset.name} again.")
+    return redirect("model_detail", pk=version.pk)
+
+
+@login_required
+@require_POST
+def model_delete(request: HttpRequest, pk: int) -> HttpResponse:
+    version = get_object_or_404(ModelVersion, pk=pk, owner=request.user)
+    try:
+        serving.delete_version(version=version)
+    except ServiceError as exc:
+        messages.error(request, str(exc))
+        return redirect("model_detail", pk=pk)
+    messages.success(request, f"Deleted {version}.")
+    return redirect("model_list")
+
+
+@login_required
+def model_export(request: HttpRequest, pk: int) -> HttpResponse:
+    version = get_object_or_404(ModelVersion, pk=pk, owner=request.user)
+    try:
+        export = serving.export_embeddings(version=version, fmt=request.GET.get("as", "jsonl"))
+    except ServiceError as exc:
+        messages.error(request, str(exc))
+        return redirect("model_detail", pk=pk)
+    return temporary_file_response(export, "application/octet-stream")

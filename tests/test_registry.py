@@ -11,7 +11,7 @@ import pytest
 import urllib.request
 from django.contrib.auth import get_user_model
 
-from search import encoders, services
+from search import encoders, hybrid, indexing, serving
 from search.embedding import pending_documents
 from search.models import Embedding, SearchIndex
 from training import registry
@@ -57,32 +57,32 @@ def _version(user, dataset, path, number, stage=ModelVersion.Stage.CANDIDATE, nd
 
 def _build(version):
     index = SearchIndex.objects.get(model_version=version)
-    return services.build_index(index=index)
+    return indexing.build_index(index=index)
 
 
 def test_promotion_waits_for_complete_index_then_switches_atomically(user, dataset, tiny_model_dir, other_tiny_model_dir):
     v1 = _version(user, dataset, tiny_model_dir, 1)
-    registry.request_promotion(version=v1, user=user)
+    serving.request_promotion(version=v1, user=user)
     _build(v1)
     v1.refresh_from_db()
     assert v1.stage == ModelVersion.Stage.PRODUCTION
 
     # When v2 is promoted, v1 keeps serving until v2's index is complete
     v2 = _version(user, dataset, other_tiny_model_dir, 2)
-    registry.request_promotion(version=v2, user=user)
+    serving.request_promotion(version=v2, user=user)
     v1.refresh_from_db(), v2.refresh_from_db()
     assert (v1.stage, v2.stage) == ("production", "candidate")
     assert v2.promotion_requested_at is not None
-    assert services.production_index(dataset=dataset).model_version_id == v1.pk
+    assert indexing.production_index(dataset=dataset).model_version_id == v1.pk
     built = _build(v2)
     assert (built.status, built.embedded_count, built.total_count) == ("ready", 12, 12)
     v1.refresh_from_db(), v2.refresh_from_db()
     assert (v1.stage, v2.stage) == ("archived", "production")
     assert v2.promotion_requested_at is None and v2.promoted_at is not None
-    assert services.production_index(dataset=dataset).model_version_id == v2.pk
+    assert indexing.production_index(dataset=dataset).model_version_id == v2.pk
 
     # Rollback is instant: v1's vectors were kept
-    back = registry.rollback(dataset=dataset, user=user)
+    back = serving.rollback(dataset=dataset, user=user)
     assert back.pk == v1.pk
     v2.refresh_from_db()
     assert (back.stage, v2.stage) == ("production", "archived")
@@ -93,7 +93,7 @@ def test_guard_refuses_candidate_worse_than_production(user, dataset, tiny_model
     _version(user, dataset, tiny_model_dir, 1, stage=ModelVersion.Stage.PRODUCTION, ndcg=0.5)
     worse = _version(user, dataset, tiny_model_dir, 2, ndcg=0.4)
     with pytest.raises(ServiceError, match=r"scores nDCG@10 0\.4000 on held-out tickets, below production mini v1 \(0\.5000\)"):
-        registry.request_promotion(version=worse, user=user, require_not_worse=True)
+        serving.request_promotion(version=worse, user=user, require_not_worse=True)
     worse.refresh_from_db()
     assert worse.promotion_requested_at is None
     assert SearchIndex.objects.filter(model_version=worse).count() == 0
@@ -101,32 +101,32 @@ def test_guard_refuses_candidate_worse_than_production(user, dataset, tiny_model
 
 def test_rollback_without_previous_version_says_so(user, dataset):
     with pytest.raises(ServiceError, match="no earlier production version with a ready index"):
-        registry.rollback(dataset=dataset)
+        serving.rollback(dataset=dataset)
 
 
 def test_delete_refused_for_production_and_cleans_up_archived(api, user, dataset, tiny_model_dir, other_tiny_model_dir):
     v1 = _version(user, dataset, tiny_model_dir, 1)
-    registry.request_promotion(version=v1, user=user)
+    serving.request_promotion(version=v1, user=user)
     _build(v1)
     v2 = _version(user, dataset, other_tiny_model_dir, 2)
-    registry.request_promotion(version=v2, user=user)
+    serving.request_promotion(version=v2, user=user)
     _build(v2)
     refused = api.delete(f"/api/models/{v2.pk}/")
     assert refused.status_code == 409
-    assert refused.json() == {"error": "mini v2 is in production; promote another version or roll back first."}
+    assert refused.json() == {"error": "mini v2 is in production; promote another version or roll back first.", "fields": {}}
     assert api.delete(f"/api/models/{v1.pk}/").status_code == 204
     assert not ModelVersion.objects.filter(pk=v1.pk).exists()
     assert Embedding.objects.filter(model_version_id=v1.pk).count() == 0
     from django.db import connection
 
     with connection.cursor() as cursor:
-        cursor.execute("SELECT count(*) FROM pg_indexes WHERE indexname = %s", [services.hnsw_index_name(v1.pk)])
+        cursor.execute("SELECT count(*) FROM pg_indexes WHERE indexname = %s", [indexing.hnsw_index_name(v1.pk)])
         assert cursor.fetchone()[0] == 0
 
 
 def test_incremental_embedding_only_redoes_changed_documents(user, dataset, tiny_model_dir):
     v1 = _version(user, dataset, tiny_model_dir, 1)
-    registry.request_promotion(version=v1, user=user)
+    serving.request_promotion(version=v1, user=user)
     _build(v1)
     assert pending_documents(dataset=dataset, model_version=v1).count() == 0
     changed = Document.objects.get(dataset=dataset, external_key="K-3")
@@ -148,7 +148,7 @@ def test_download_zip_loads_with_sentence_transformers(api, user, dataset, tiny_
     v1 = _version(user, dataset, tiny_model_dir, 1)
     response = api.get(f"/api/models/{v1.pk}/download/")
     assert response.status_code == 200
-    assert response["Content-Disposition"] == 'attachment; filename="mini-v1.zip"'
+    assert response["Content-Disposition"] == "attachment; filename=\"mini-v1.zip\"; filename*=UTF-8''mini-v1.zip"
     zipfile.ZipFile(io.BytesIO(b"".join(response.streaming_content))).extractall(tmp_path / "unzipped")
     model = SentenceTransformer(str(tmp_path / "unzipped"), device="cpu")
     assert model.encode(["disk full"]).shape == (1, 32)
@@ -158,7 +158,7 @@ def test_export_embeddings_in_three_formats(api, user, dataset, tiny_model_dir):
     import pyarrow.parquet as pq
 
     v1 = _version(user, dataset, tiny_model_dir, 1)
-    registry.request_promotion(version=v1, user=user)
+    serving.request_promotion(version=v1, user=user)
     _build(v1)
     Document.objects.filter(dataset=dataset, external_key="K-1").update(title="=HYPERLINK(evil)")
     jsonl = b"".join(api.get(f"/api/models/{v1.pk}/embeddings/", {"as": "jsonl"}).streaming_content).decode()
@@ -206,13 +206,13 @@ def test_served_model_hot_reloads_on_promotion_without_restart(live_server, user
             return json.loads(response.read())
 
     v1 = _version(user, dataset, tiny_model_dir, 1)
-    registry.request_promotion(version=v1, user=user)
+    serving.request_promotion(version=v1, user=user)
     _build(v1)
     first = embed(["namenode crash"])
     assert first["model"] == "mini v1"
 
     v2 = _version(user, dataset, other_tiny_model_dir, 2)
-    registry.request_promotion(version=v2, user=user)
+    serving.request_promotion(version=v2, user=user)
     # Still v1 while v2's index is incomplete
     assert embed(["namenode crash"])["model"] == "mini v1"
     _build(v2)
@@ -251,11 +251,11 @@ def test_models_over_2000_dimensions_are_indexed_and_queried_as_halfvec(user, da
     vectors = rng.normal(size=(len(docs), 2050)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     store_embeddings(model_version=version, doc_ids=[d.pk for d in docs], vectors=vectors)
-    services.ensure_hnsw_index(model_version=version)
+    indexing.ensure_hnsw_index(model_version=version)
     with connection.cursor() as cursor:
-        cursor.execute("SELECT indexdef FROM pg_indexes WHERE indexname = %s", [services.hnsw_index_name(version.pk)])
+        cursor.execute("SELECT indexdef FROM pg_indexes WHERE indexname = %s", [indexing.hnsw_index_name(version.pk)])
         assert "halfvec(2050)) halfvec_cosine_ops" in cursor.fetchone()[0]
-    sql = services._vector_sql(2050, version.pk, "")
+    sql = hybrid._vector_sql(2050, version.pk, "")
     query = "[" + ",".join(f"{x:.6f}" for x in vectors[3]) + "]"
-    ranked = services._run_knn(sql, [query, dataset.pk, query, 3], 3)
+    ranked = hybrid._run_knn(sql, [query, dataset.pk, query, 3], 3)
     assert ranked[0][0] == docs[3].pk and ranked[0][1] == pytest.approx(1.0, abs=1e-3)

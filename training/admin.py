@@ -51,26 +51,3 @@ class ModelVersionAdmin(admin.ModelAdmin):
     list_display = ["name", "version", "stage", "dimensions", "dataset", "created_at"]
     list_filter = ["stage"]
     list_select_related = ["dataset"]
-    actions = ["promote_selected", "rollback_selected"]
-
-    @admin.action(description="Promote to production (switches when its index is ready)")
-    def promote_selected(self, request, queryset):
-        from training import registry
-        from training.errors import ServiceError
-
-        for version in queryset:
-            try:
-                registry.request_promotion(version=version, user=request.user)
-            except ServiceError as exc:
-                self.message_user(request, str(exc), level="error")
-
-    @admin.action(description="Roll back the selected versions' datasets to their previous production version")
-    def rollback_selected(self, request, queryset):
-        from training import registry
-        from training.errors import ServiceError
-
-        for dataset_id in sorted({v.dataset_id for v in queryset if v.dataset_id}):
-            try:
-                registry.rollback(dataset=Dataset.objects.get(pk=dataset_id), user=request.user)
-            except ServiceError as exc:
-                self.message_user(request, str(exc), level="error")

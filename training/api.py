@@ -2,13 +2,16 @@
 
 from django.db.models import Count, OuterRef, Subquery
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, status, viewsets
-from rest_framework import serializers as drf_serializers
-from rest_framework.decorators import action, api_view
+from rest_framework.decorators import action
 from rest_framework.exceptions import NotFound, ValidationError
-from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
+from rest_framework.parsers import MultiPartParser
 from rest_framework.response import Response
+
+from embedportal import json_limits
+from embedportal.pagination import BoundedLimitOffsetPagination
+from embedportal.parsers import API_PARSERS, BoundedFormParser, BoundedJSONParser
 
 from training import datasets, forms, importers, imports, pairs, registry, serializers, services
 from training.downloads import csv_attachment, temporary_file_response
@@ -41,7 +44,8 @@ class DatasetViewSet(
     """Datasets: list, upload (multipart), preview, mapping, versions, validation report, pairs, delete."""
 
     serializer_class = serializers.DatasetSerializer
-    parser_classes = [MultiPartParser, FormParser, JSONParser]
+    parser_classes = [MultiPartParser, BoundedFormParser, BoundedJSONParser]
+    pagination_class = BoundedLimitOffsetPagination
 
     def get_queryset(self):
         return Dataset.objects.filter(owner=self.request.user).annotate(
@@ -55,12 +59,23 @@ class DatasetViewSet(
         return super().initialize_request(request, *args, **kwargs)
 
     def _limited(self, request):
-        """A 400 if the upload passed the size limit while it streamed in."""
+        """A 400 if the upload passed the size limit while it streamed in, or its mapping is not readable JSON.
+
+        A multipart mapping arrives as JSON text; it is read here with the
+        nesting and number limits (json_limits) before the serializer's
+        json.loads, which raised RecursionError (a 500) on deep input.
+        """
         handler = self._upload_limit
         request.data  # parse now, through the handler
         if handler is not None and handler.exceeded:
             return Response({"error": handler.message, "fields": {"file": handler.message}},
                             status=status.HTTP_400_BAD_REQUEST)
+        mapping = request.data.get("mapping") if hasattr(request.data, "get") else None
+        if isinstance(mapping, str) and mapping.strip():
+            try:
+                json_limits.loads(mapping, what="mapping")
+            except json_limits.JSONLimitError as exc:
+                return service_error_response(exc)
         return None
 
     @extend_schema(request=serializers.DatasetUploadSerializer,
@@ -215,6 +230,8 @@ class ImportJobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewset
     """Background import jobs of big uploads: status, phase, rows read, outcome (the dataset and version)."""
 
     serializer_class = serializers.ImportJobSerializer
+    parser_classes = API_PARSERS
+    pagination_class = BoundedLimitOffsetPagination
 
     def get_queryset(self):
         return ImportJob.objects.filter(owner=self.request.user)
@@ -238,6 +255,8 @@ class ImportJobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewset
 
 class TrainingRunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     serializer_class = serializers.TrainingRunSerializer
+    parser_classes = API_PARSERS
+    pagination_class = BoundedLimitOffsetPagination
 
     def get_queryset(self):
         return TrainingRun.objects.filter(owner=self.request.user).select_related("model_version")
@@ -268,136 +287,18 @@ class TrainingRunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, views
         return Response(self.get_serializer(run).data)
 
 
-class PromoteSerializer(drf_serializers.Serializer):
-    require_not_worse = drf_serializers.BooleanField(
-        default=False, help_text="Refuse when the candidate's held-out nDCG@10 is below production's."
-    )
+class ModelVersionViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """Model versions and their lineage; search.api adds promotion, rollback, deletion and vector export."""
 
-
-class RollbackSerializer(drf_serializers.Serializer):
-    dataset = drf_serializers.IntegerField()
-
-
-class ModelVersionViewSet(
-    mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin, viewsets.GenericViewSet
-):
     serializer_class = serializers.ModelVersionSerializer
+    parser_classes = API_PARSERS
+    pagination_class = BoundedLimitOffsetPagination
 
     def get_queryset(self):
         return ModelVersion.objects.filter(owner=self.request.user)
-
-    @extend_schema(request=PromoteSerializer)
-    @action(detail=True, methods=["post"])
-    def promote(self, request, pk=None):
-        """Request promotion; it switches at once if the index is ready, else when it is (stage stays candidate)."""
-        params = PromoteSerializer(data=request.data)
-        params.is_valid(raise_exception=True)
-        try:
-            version = registry.request_promotion(
-                version=self.get_object(), user=request.user, require_not_worse=params.validated_data["require_not_worse"]
-            )
-        except ServiceError as exc:
-            return Response({"error": str(exc)}, status=status.HTTP_409_CONFLICT)
-        return Response(self.get_serializer(version).data)
-
-    @extend_schema(request=RollbackSerializer)
-    @action(detail=False, methods=["post"])
-    def rollback(self, request):
-        """Serve the dataset's previous production version again (instant: its vectors are kept)."""
-        params = RollbackSerializer(data=request.data)
-        params.is_valid(raise_exception=True)
-        dataset = Dataset.objects.filter(owner=request.user, pk=params.validated_data["dataset"]).first()
-        if dataset is None:
-            raise ValidationError({"dataset": ["No such dataset of yours."]})
-        try:
-            version = registry.rollback(dataset=dataset, user=request.user)
-        except ServiceError as exc:
-            return Response({"error": str(exc)}, status=status.HTTP_409_CONFLICT)
-        return Response(self.get_serializer(version).data)
-
-    def destroy(self, request, pk=None):
-        try:
-            registry.delete_version(version=self.get_object())
-        except ServiceError as exc:
-            return Response({"error": str(exc)}, status=status.HTTP_409_CONFLICT)
-        return Response(status=status.HTTP_204_NO_CONTENT)
 
     @extend_schema(responses={(200, "application/zip"): OpenApiTypes.BINARY})
     @action(detail=True, methods=["get"])
     def download(self, request, pk=None):
         """The model folder as a zip that SentenceTransformer(unzipped_folder) loads."""
-        try:
-            export = registry.export_zip(version=self.get_object())
-        except ServiceError as exc:
-            return Response({"error": str(exc)}, status=status.HTTP_404_NOT_FOUND)
-        return temporary_file_response(export, "application/zip")
-
-    @extend_schema(
-        # Not "format": DRF reserves that query parameter for choosing a renderer.
-        parameters=[OpenApiParameter("as", str, enum=list(registry.EXPORT_FORMATS), default="jsonl")],
-        responses={(200, "application/octet-stream"): OpenApiTypes.BINARY},
-    )
-    @action(detail=True, methods=["get"])
-    def embeddings(self, request, pk=None):
-        """The version's stored vectors as Parquet, JSONL or CSV (key, title, embedding)."""
-        try:
-            export = registry.export_embeddings(version=self.get_object(), fmt=request.query_params.get("as", "jsonl"))
-        except ServiceError as exc:
-            return service_error_response(exc)
-        return temporary_file_response(export, "application/octet-stream")
-
-
-class EmbedSerializer(drf_serializers.Serializer):
-    texts = drf_serializers.ListField(child=drf_serializers.CharField(allow_blank=True, trim_whitespace=False))
-    version = drf_serializers.IntegerField(required=False, help_text="model version id (default: your production model)")
-
-
-class SimilaritySerializer(drf_serializers.Serializer):
-    pairs = drf_serializers.ListField(child=drf_serializers.ListField(child=drf_serializers.CharField(allow_blank=True)))
-    version = drf_serializers.IntegerField(required=False)
-
-
-def _serving_version(user, version_id):
-    qs = ModelVersion.objects.filter(owner=user)
-    if version_id is not None:
-        version = qs.filter(pk=version_id).first()
-        if version is None:
-            raise ValidationError({"version": [f"No model version {version_id} of yours."]})
-        return version
-    version = qs.filter(stage=ModelVersion.Stage.PRODUCTION).order_by("-promoted_at").first()
-    if version is None:
-        raise ValidationError({"version": ["You have no production model yet; pass a version id."]})
-    return version
-
-
-@extend_schema(request=EmbedSerializer, responses={200: dict})
-@api_view(["POST"])
-def embed(request):
-    """Texts -> normalized vectors with a model version (default: your latest production model)."""
-    from search import encoders
-
-    params = EmbedSerializer(data=request.data)
-    params.is_valid(raise_exception=True)
-    version = _serving_version(request.user, params.validated_data.get("version"))
-    try:
-        vectors = encoders.embed_texts(artifact_path=version.artifact_path, texts=params.validated_data["texts"])
-    except ServiceError as exc:
-        return service_error_response(exc)
-    return Response({"version": version.pk, "model": str(version), "dimensions": int(vectors.shape[1]),
-                     "embeddings": [[round(float(x), 7) for x in row] for row in vectors]})
-
-
-@extend_schema(request=SimilaritySerializer, responses={200: dict})
-@api_view(["POST"])
-def similarity(request):
-    """[text_a, text_b] pairs -> cosine similarity with a model version."""
-    from search import encoders
-
-    params = SimilaritySerializer(data=request.data)
-    params.is_valid(raise_exception=True)
-    version = _serving_version(request.user, params.validated_data.get("version"))
-    try:
-        scores = encoders.similarity(artifact_path=version.artifact_path, pairs=params.validated_data["pairs"])
-    except ServiceError as exc:
-        return service_error_response(exc)
-    return Response({"version": version.pk, "model": str(version), "scores": scores})
+        return temporary_file_response(registry.export_zip(version=self.get_object()), "application/zip")

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from django.conf import settings
 from django.contrib.postgres.search import SearchVector
 from django.db import IntegrityError, connection, transaction
 from django.db.models import Max
@@ -27,6 +28,7 @@ from training.errors import ServiceError
 from training.corpus import ticket_links
 from training.models import Dataset, DatasetVersion, Document, TrainingRun
 from training.pairs import Example, Ticket
+from training.signals import dataset_version_added
 
 STAGE_TABLE = "embedportal_import_stage"
 GIN_PENDING_LIST_LIMIT = "64MB"
@@ -35,9 +37,28 @@ PROGRESS_EVERY = 5000
 Progress = Callable[[str, int], None]
 # Rows per bulk_update when a links upload touches documents.
 LINK_UPDATE_BATCH = 1000
+# A preview checks this many rows and stops (its report says so): enough to
+# judge a file, while a web request never reads a million-row export.
+PREVIEW_CHECK_ROWS = 10_000
+# A compressed upload imported during a web request may expand to this many
+# times EMBEDPORTAL_BACKGROUND_IMPORT_MB. Uploads whose header declares more go
+# to a background job (imports.wants_background), so this stops only headers
+# that lie, with room for a concatenated gzip whose trailer covers its last part.
+REQUEST_EXPANSION = 2
 MAX_NAME_CHARS = 200
 # Bidirectional overrides reorder the text around them ("exe.txt" shown as "txt.exe").
 _BIDI_CONTROLS = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def expanded_limit(*, background: bool) -> int:
+    """Bytes a compressed upload may expand to: in a worker, EMBEDPORTAL_MAX_DECOMPRESSED_MB (default: the
+    plain upload limit, so compression lets no more data in than an uncompressed file could bring); during
+    a web request, at most REQUEST_EXPANSION x EMBEDPORTAL_BACKGROUND_IMPORT_MB."""
+    mb = 1024 * 1024
+    worker = int(getattr(settings, "EMBEDPORTAL_MAX_DECOMPRESSED_MB", settings.MAX_UPLOAD_MB)) * mb
+    if background:
+        return worker
+    return min(worker, settings.BACKGROUND_IMPORT_MB * REQUEST_EXPANSION * mb)
 
 
 # --- Creating and updating ---------------------------------------------------------
@@ -54,8 +75,11 @@ def import_dataset(
     mapping: dict[str, Any] | None = None,
     language: str = "english",
     progress: Progress | None = None,
+    background: bool = False,
 ) -> Dataset:
     """Create a dataset from an uploaded export (version 1), all or nothing.
+
+    background: True in a worker (a compressed file may expand further: expanded_limit).
 
     `language` is the PostgreSQL text-search configuration (stemming, stop
     words) of the dataset's keyword index; an unknown one is refused.
@@ -69,7 +93,8 @@ def import_dataset(
     check_new_dataset(owner=owner, name=name, kind=kind, language=language)
     report = importers.ImportReport()
     try:
-        upload = importers.read_upload(path, filename, report, kind=kind, mapping=mapping)
+        upload = importers.read_upload(path, filename, report, kind=kind, mapping=mapping,
+                                       max_bytes=expanded_limit(background=background))
         if upload.format == "jira_links":
             raise ServiceError(
                 f"file: {filename} holds duplicate links, not tickets. Import the tickets first, then add "
@@ -130,7 +155,7 @@ def check_name(name: str) -> None:
 
 def add_version(
     *, dataset: Dataset, path: Path, filename: str, strict: bool = False, mapping: dict[str, Any] | None = None,
-    progress: Progress | None = None,
+    progress: Progress | None = None, background: bool = False,
 ) -> DatasetVersion:
     """Upsert a newer export into an existing dataset and record it as a new version.
 
@@ -144,9 +169,10 @@ def add_version(
     use_mapping = mapping or dataset.column_mapping or None
     report = importers.ImportReport()
     try:
-        upload = importers.read_upload(path, filename, report, kind=dataset.kind, mapping=use_mapping)
+        upload = importers.read_upload(path, filename, report, kind=dataset.kind, mapping=use_mapping,
+                                       max_bytes=expanded_limit(background=background))
         if upload.format == "jira_links":
-            return import_links(dataset=dataset, path=path, filename=filename, strict=strict)
+            return import_links(dataset=dataset, path=path, filename=filename, strict=strict, background=background)
         with transaction.atomic():
             locked = Dataset.objects.select_for_update().get(pk=dataset.pk)
             version = _store_version(dataset=locked, upload=upload, report=report, filename=filename, strict=strict,
@@ -158,10 +184,7 @@ def add_version(
     except importers.UploadError as exc:
         raise ServiceError(str(exc)) from exc
     dataset.refresh_from_db()
-    if version.added or version.changed:
-        from search.services import refresh_indexes
-
-        refresh_indexes(dataset=dataset)
+    dataset_version_added.send(sender=Dataset, dataset=dataset, version=version)
     return version
 
 
@@ -280,7 +303,9 @@ def _store_version(
     return version
 
 
-def import_links(*, dataset: Dataset, path: Path, filename: str, strict: bool = False) -> DatasetVersion:
+def import_links(
+    *, dataset: Dataset, path: Path, filename: str, strict: bool = False, background: bool = False,
+) -> DatasetVersion:
     """Add the duplicate links of a separate links file (`Issue id, Duplicate id`) to a ticket dataset.
 
     Each link is stored on both tickets (outward on the first, inward on the
@@ -292,7 +317,7 @@ def import_links(*, dataset: Dataset, path: Path, filename: str, strict: bool = 
         raise ServiceError("file: duplicate links can only be added to a tickets dataset.")
     report = importers.ImportReport()
     try:
-        upload = importers.read_upload(path, filename, report)
+        upload = importers.read_upload(path, filename, report, max_bytes=expanded_limit(background=background))
         if upload.format != "jira_links":
             raise ServiceError(
                 f"file: {filename} is a {importers.FORMATS.get(upload.format, upload.format)} file, not duplicate "
@@ -360,9 +385,11 @@ def save_mapping(*, dataset: Dataset, mapping: dict[str, Any]) -> Dataset:
     Only the shape is checked here (known roles, the roles its kind needs);
     the columns are checked against the next file.
     """
-    columns = [c for role, c in mapping.items() if role != "attributes" and c]
+    # Only text can be a column; anything else is named by validate_mapping.
+    columns = [c for role, c in mapping.items() if role != "attributes" and isinstance(c, str) and c]
     attributes = mapping.get("attributes") or []
-    columns += [attributes] if isinstance(attributes, str) else list(attributes)
+    columns += [attributes] if isinstance(attributes, str) else [
+        a for a in (attributes if isinstance(attributes, list) else []) if isinstance(a, str)]
     try:
         clean = importers.validate_mapping(mapping, columns=columns, kind=dataset.kind)
     except importers.UploadError as exc:
@@ -383,29 +410,38 @@ def preview_file(
     mapping: dict[str, Any] | None = None,
     dataset: Dataset | None = None,
     rows: int = importers.PREVIEW_ROWS,
+    check_rows: int = PREVIEW_CHECK_ROWS,
 ) -> dict[str, Any]:
-    """Read and validate a file without storing anything: format, mapping, first rows, report.
+    """Read and validate the first `check_rows` rows of a file without storing anything.
 
-    A file that needs a column mapping gives needs_mapping and its columns
-    instead of rows; a file that cannot be read raises ServiceError.
+    Returns format, mapping, the first `rows` rows and the report of the rows
+    checked; "partial" is True when the file has more (the import reads them
+    all). A file that needs a column mapping gives needs_mapping and its
+    columns instead of rows; a file that cannot be read raises ServiceError.
+    Runs in a web request: compressed files expand at most expanded_limit(background=False).
     """
     if dataset is not None:
         kind = dataset.kind
         mapping = mapping or dataset.column_mapping or None
-    report = importers.ImportReport()
+    report = importers.ImportReport(row_limit=check_rows)
+    partial = False
+    sample: list[dict[str, Any]] = []
     try:
-        upload = importers.read_upload(path, filename, report, kind=kind, mapping=mapping)
-        sample: list[dict[str, Any]] = []
-        if upload.format == "jira_links":
-            for link in upload.documents:
-                report.accept(title=link.key, body=link.other)
-                if len(sample) < rows:
-                    sample.append({"row": link.row, "key": link.key, "title": link.key, "body": link.other,
-                                   "metadata": {}})
-        else:
-            for staged in importers.validate_rows(upload.documents, report):
-                if len(sample) < rows:
-                    sample.append(importers.preview_row(staged))
+        upload = importers.read_upload(path, filename, report, kind=kind, mapping=mapping,
+                                       max_bytes=expanded_limit(background=False))
+        try:
+            if upload.format == "jira_links":
+                for link in upload.documents:
+                    report.accept(title=link.key, body=link.other)
+                    if len(sample) < rows:
+                        sample.append({"row": link.row, "key": link.key, "title": link.key, "body": link.other,
+                                       "metadata": {}})
+            else:
+                for staged in importers.validate_rows(upload.documents, report):
+                    if len(sample) < rows:
+                        sample.append(importers.preview_row(staged))
+        except importers.RowLimitReached:
+            partial = True
     except importers.UploadError as exc:
         if exc.columns:
             _, guess = importers.suggest_mapping(exc.columns)
@@ -423,6 +459,8 @@ def preview_file(
         "rows": sample,
         "report": report.as_dict(),
         "all_errors": report.all_errors,
+        "partial": partial,
+        "rows_checked": report.rows_read,
     }
 
 

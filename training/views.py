@@ -344,68 +344,6 @@ def model_list(request: HttpRequest) -> HttpResponse:
 
 
 @login_required
-def model_detail(request: HttpRequest, pk: int) -> HttpResponse:
-    version = get_object_or_404(
-        ModelVersion.objects.select_related("dataset", "source_run", "dataset_version", "created_by", "promoted_by"),
-        pk=pk, owner=request.user,
-    )
-    card_path = Path(version.artifact_path) / "README.md"
-    context = {
-        "version": version,
-        "indexes": version.search_indexes.select_related("dataset"),
-        "card": card_path.read_text()[-20000:] if card_path.exists() else "",
-        "production": registry.production_version(dataset=version.dataset) if version.dataset else None,
-        "export_formats": registry.EXPORT_FORMATS,
-    }
-    return render(request, "training/model_detail.html", context)
-
-
-@login_required
-@require_POST
-def model_promote(request: HttpRequest, pk: int) -> HttpResponse:
-    version = get_object_or_404(ModelVersion, pk=pk, owner=request.user)
-    try:
-        version = registry.request_promotion(
-            version=version, user=request.user, require_not_worse=request.POST.get("require_not_worse") == "on"
-        )
-    except ServiceError as exc:
-        messages.error(request, str(exc))
-    else:
-        if version.stage == ModelVersion.Stage.PRODUCTION:
-            messages.success(request, f"{version} is now in production.")
-        else:
-            messages.info(request, f"{version} will serve search as soon as its index is complete; "
-                                   "the current production version answers until then.")
-    return redirect("model_detail", pk=pk)
-
-
-@login_required
-@require_POST
-def model_rollback(request: HttpRequest, pk: int) -> HttpResponse:
-    dataset = get_object_or_404(Dataset, pk=pk, owner=request.user)
-    try:
-        version = registry.rollback(dataset=dataset, user=request.user)
-    except ServiceError as exc:
-        messages.error(request, str(exc))
-        return redirect("model_list")
-    messages.success(request, f"Rolled back: {version} serves {dataset.name} again.")
-    return redirect("model_detail", pk=version.pk)
-
-
-@login_required
-@require_POST
-def model_delete(request: HttpRequest, pk: int) -> HttpResponse:
-    version = get_object_or_404(ModelVersion, pk=pk, owner=request.user)
-    try:
-        registry.delete_version(version=version)
-    except ServiceError as exc:
-        messages.error(request, str(exc))
-        return redirect("model_detail", pk=pk)
-    messages.success(request, f"Deleted {version}.")
-    return redirect("model_list")
-
-
-@login_required
 def model_download(request: HttpRequest, pk: int) -> HttpResponse:
     version = get_object_or_404(ModelVersion, pk=pk, owner=request.user)
     try:
@@ -416,12 +354,3 @@ def model_download(request: HttpRequest, pk: int) -> HttpResponse:
     return temporary_file_response(export, "application/zip")
 
 
-@login_required
-def model_export(request: HttpRequest, pk: int) -> HttpResponse:
-    version = get_object_or_404(ModelVersion, pk=pk, owner=request.user)
-    try:
-        export = registry.export_embeddings(version=version, fmt=request.GET.get("as", "jsonl"))
-    except ServiceError as exc:
-        messages.error(request, str(exc))
-        return redirect("model_detail", pk=pk)
-    return temporary_file_response(export, "application/octet-stream")

@@ -1,0 +1,34 @@
+"""How search reacts to what training announces (training.signals): vectors and promotions follow new facts."""
+
+from __future__ import annotations
+
+from django.dispatch import receiver
+
+from search import indexing, serving
+from search.vectors import store_embeddings
+from training.models import Document, ModelVersion
+from training.signals import dataset_version_added, model_version_registered
+
+
+@receiver(model_version_registered, dispatch_uid="search.store_run_vectors_and_first_promotion")
+def store_run_vectors_and_first_promotion(sender, *, version: ModelVersion, embeddings=None, **kwargs) -> None:
+    """Keep the run's corpus vectors as the version's (the index build embeds only what is missing),
+    and promote the first model of a dataset."""
+    if embeddings is not None:
+        doc_ids, vectors = embeddings
+        hashes = dict(Document.objects.filter(pk__in=doc_ids).values_list("pk", "content_hash"))
+        store_embeddings(
+            model_version=version, doc_ids=doc_ids, vectors=vectors,
+            content_hashes=[hashes.get(d, "") for d in doc_ids],
+        )
+    if version.dataset_id and not ModelVersion.objects.filter(
+        dataset_id=version.dataset_id, stage=ModelVersion.Stage.PRODUCTION
+    ).exists():
+        serving.request_promotion(version=version, user=version.owner)
+
+
+@receiver(dataset_version_added, dispatch_uid="search.refresh_indexes_of_new_dataset_version")
+def refresh_indexes_of_new_dataset_version(sender, *, dataset, version, **kwargs) -> None:
+    """New and changed documents get vectors; the indexes keep serving their current ones meanwhile."""
+    if version.added or version.changed:
+        indexing.refresh_indexes(dataset=dataset)

@@ -1,0 +1,14 @@
+"""Facts training announces; search reacts in search/receivers.py (training never imports search).
+
+Both are sent synchronously inside the sender's transaction, so a receiver's
+writes commit or roll back with the fact they react to.
+"""
+
+from django.dispatch import Signal
+
+# A dataset got a new version (upload, links upload, Jira sync): kwargs dataset, version.
+dataset_version_added = Signal()
+
+# A trained model was registered: kwargs version, embeddings = (document ids, vectors) or None —
+# the corpus vectors the run's held-out evaluation already computed, so they are not encoded again.
+model_version_registered = Signal()
