@@ -144,7 +144,7 @@ def _build(args, issues, vectors_by_key) -> dict:
     from django.contrib.auth import get_user_model
     from django.db import connection
 
-    from search import filters, hybrid, indexing, tuning
+    from search import indexing
     from search.models import SearchIndex
     from training import datasets, finetune
     from training.models import Document, ModelVersion
@@ -244,7 +244,7 @@ def transaction_atomic():
 
 
 def _latency(index, queries: list[str], query_vectors: np.ndarray) -> dict:
-    from search import filters, hybrid, indexing, tuning
+    from search import hybrid
 
     for q, v in zip(queries[:20], query_vectors[:20]):  # warm caches and the model
         hybrid.hybrid_search(index=index, query=q, k=10, query_vector=v.tolist())
@@ -276,7 +276,7 @@ def _latency(index, queries: list[str], query_vectors: np.ndarray) -> dict:
 def _recall(index, built: dict, query_vectors: np.ndarray) -> dict:
     from datetime import date
 
-    from search import filters, hybrid, indexing, tuning
+    from search import filters, hybrid
 
     ids, vectors, mask = built["big_ids"], built["big_vectors"], built["in_filter"]
     flt = filters.SearchFilters.of(created_from=date.fromisoformat(FILTER_FROM), created_to=date.fromisoformat(FILTER_TO))
@@ -392,7 +392,7 @@ def _load(index, owner, queries: list[str], *, seconds: int, clients: int, worke
 
 
 def _quality(index) -> dict:
-    from search import filters, hybrid, indexing, tuning
+    from search import tuning
 
     t0 = time.perf_counter()
     fusion = tuning.tune_fusion(index=index)  # the product default: 300 validation queries

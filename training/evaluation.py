@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import numpy as np
-from django.db import connection
 
 from training.corpus import MAX_EMBED_CHARS, ticket_links, ticket_text
 from training.fusion import reciprocal_rank_fusion
