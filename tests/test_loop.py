@@ -38,7 +38,7 @@ def test_loop_upload_train_index_search_through_real_worker(celery_worker, api, 
     assert isinstance(run["metrics"]["final_loss"], float)
     assert run["metrics"]["device"] == "cpu"
     assert run["metrics"]["loss"] == "mnrl"
-    assert run["attempts"] == 1
+    assert (run["attempt"], run["max_attempts"], run["phase"]) == (1, 3, "done")
     # The proof: held-out TEST queries of the slice, before and after, keyword and hybrid
     systems = run["evaluation"]["systems"]
     assert set(systems) == {"keyword", "base", "hybrid_base", "fine_tuned", "hybrid_fine_tuned"}

@@ -1,12 +1,24 @@
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 import pytest
+import redis
 from django.utils import timezone
 
+from embedportal import jobs
 from training import services
 from training.models import Dataset, Document, TrainingRun
+
+
+@pytest.fixture
+def gpu_queue(settings):
+    """The messages waiting on the broker's gpu queue (emptied before and after the test)."""
+    broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    broker.delete(settings.GPU_QUEUE)
+    yield lambda: [json.loads(raw) for raw in broker.lrange(settings.GPU_QUEUE, 0, -1)]
+    broker.delete(settings.GPU_QUEUE)
 
 
 @pytest.fixture
@@ -117,22 +129,28 @@ def test_start_run_refuses_loss_that_does_not_fit_ticket_pairs(api, dataset):
     assert TrainingRun.objects.count() == 0
 
 
-def test_reaper_requeues_stale_runs_and_fails_after_max_attempts(user, dataset, django_capture_on_commit_callbacks):
+@pytest.mark.django_db(transaction=True)
+def test_reaper_requeues_stale_runs_and_fails_after_max_attempts(user, dataset, gpu_queue):
+    # Given a silent run on its first attempt, one silent on its last, and one still beating
     old = timezone.now() - timedelta(seconds=600)
-    stale = TrainingRun.objects.create(owner=user, dataset=dataset, base_model="m", attempts=1,
-                                       status=TrainingRun.Status.RUNNING, heartbeat_at=old)
-    exhausted = TrainingRun.objects.create(owner=user, dataset=dataset, base_model="m", attempts=3,
-                                           status=TrainingRun.Status.RUNNING, heartbeat_at=old)
-    fresh = TrainingRun.objects.create(owner=user, dataset=dataset, base_model="m", attempts=1,
+    silent = {"status": TrainingRun.Status.RUNNING, "heartbeat_at": old, "phase": "training"}
+    stale = TrainingRun.objects.create(owner=user, dataset=dataset, base_model="m", attempt=1, **silent)
+    exhausted = TrainingRun.objects.create(owner=user, dataset=dataset, base_model="m", attempt=3, **silent)
+    fresh = TrainingRun.objects.create(owner=user, dataset=dataset, base_model="m", attempt=1,
                                        status=TrainingRun.Status.RUNNING, heartbeat_at=timezone.now())
-    with django_capture_on_commit_callbacks(execute=False) as callbacks:
-        assert services.reap_stale_runs(timeout_s=300) == {"requeued": 1, "failed": 1}
+    # When the one reaper runs
+    counts = jobs.reap(TrainingRun, timeout_s=300)
+    # Then the first is queued again (one message sent), the last failed with the phase it died in
+    assert counts == {"requeued": 1, "failed": 1, "resent": 0, "cancelled": 0}
     for run in (stale, exhausted, fresh):
         run.refresh_from_db()
-    assert stale.status == TrainingRun.Status.QUEUED
-    assert len(callbacks) == 1
+    assert (stale.status, stale.phase, stale.error) == (
+        TrainingRun.Status.QUEUED, "training", "Attempt 1 stopped reporting during 'training'; retrying.")
+    assert [message["headers"]["id"] for message in gpu_queue()] == [stale.task_id]
     assert exhausted.status == TrainingRun.Status.FAILED
-    assert "stopped reporting for over 300 s on 3 attempts" in exhausted.error
+    assert exhausted.error == (
+        "The worker stopped reporting during 'training' on attempt 3 of 3 (no heartbeat for 300 s). Check the "
+        "worker's log and memory, then start it again.")
     assert fresh.status == TrainingRun.Status.RUNNING
 
 

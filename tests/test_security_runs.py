@@ -14,6 +14,7 @@ from django.utils import timezone
 from django.utils.html import escape
 
 from tests.conftest import SHARED_DATA
+from embedportal import jobs
 from training import services
 from training.models import Dataset, Document, ModelVersion, TrainingRun
 
@@ -162,9 +163,9 @@ def test_run_whose_parent_version_was_deleted_fails_with_reason(api, user, datas
     run = services.start_run(owner=user, dataset=dataset, base_model=f"version:{parent_id}", enqueue=False)
     parent.delete()
     run = services.execute_run(run=run, device="cpu")
-    assert (run.status, run.attempts) == (TrainingRun.Status.FAILED, 1)
+    assert (run.status, run.attempt) == (TrainingRun.Status.FAILED, 1)
     assert run.error == (f"ServiceError: base_model: model version {parent_id} was deleted after the run was queued; "
-                         "start a new run from another version.")
+                         "start a new run from another version. (phase: pairs)")
 
 
 # --- 3. Heartbeats through every phase ---------------------------------------------------
@@ -183,7 +184,7 @@ class _Reaper(threading.Thread):
     def run(self) -> None:
         try:
             while not self._halt.wait(0.25):
-                self.results.append(services.reap_stale_runs())
+                self.results.append(jobs.reap(TrainingRun))
                 self.heartbeats.append(TrainingRun.objects.values_list("heartbeat_at", flat=True).get(pk=self.run_id))
         finally:
             connections.close_all()
@@ -206,7 +207,7 @@ def test_live_run_is_not_reaped_during_a_slow_evaluation(api, settings, user, sm
     def slow_evaluation(line: str) -> None:
         # The fine-tuned model's held-out encoding starts; 6 s of silence stands for the
         # ~11 minutes that 20k tickets take on 2 CPU cores.
-        if "encoding" in line and line.endswith(f"run-{run.pk}/model"):
+        if "encoding" in line and line.endswith(f"run-{run.pk}/attempt-1/model"):
             time.sleep(6)
 
     # When the run executes with a silent 6 s evaluation phase
@@ -217,11 +218,11 @@ def test_live_run_is_not_reaped_during_a_slow_evaluation(api, settings, user, sm
         reaper.stop()
     # Then the reaper never touched it, its heartbeat never went stale, and its result was kept
     assert len(reaper.results) >= 24
-    assert [r for r in reaper.results if r != {"requeued": 0, "failed": 0}] == []
+    assert [r for r in reaper.results if r != {"requeued": 0, "failed": 0, "resent": 0, "cancelled": 0}] == []
     beats = sorted(set(reaper.heartbeats))
     assert max((b - a).total_seconds() for a, b in zip(beats, beats[1:])) < 2
-    assert (run.status, run.attempts, run.error) == (TrainingRun.Status.SUCCEEDED, 1, "")
-    assert run.metrics["phase"] == "done"
+    assert (run.status, run.attempt, run.error) == (TrainingRun.Status.SUCCEEDED, 1, "")
+    assert run.phase == "done"
     assert run.model_version.source_run_id == run.pk
     assert run.evaluation["systems"]["fine_tuned"]["queries"] == run.evaluation["queries"]
 
@@ -230,8 +231,8 @@ def test_live_run_is_not_reaped_during_a_slow_evaluation(api, settings, user, sm
 def test_heartbeat_does_not_revive_a_finished_run(user, dataset):
     finished_at = timezone.now()
     run = TrainingRun.objects.create(owner=user, dataset=dataset, base_model="m", status=TrainingRun.Status.FAILED,
-                                     heartbeat_at=finished_at)
-    heartbeat = services.RunHeartbeat(run_id=run.pk, interval_s=0.05)
+                                     heartbeat_at=finished_at, attempt=1)
+    heartbeat = jobs._Heartbeat(jobs.Attempt(model=TrainingRun, pk=run.pk, number=1), every=0.05)
     heartbeat.start()
     time.sleep(0.3)
     heartbeat.stop()
@@ -251,15 +252,15 @@ def test_registration_failure_fails_the_run_once_with_its_reason(api, settings, 
     # When the run trains and registers
     run = services.execute_run(run=run, device="cpu")
     # Then it fails with the registration's reason, keeps no version, and is not retried
-    assert (run.status, run.attempts) == (TrainingRun.Status.FAILED, 1)
+    assert (run.status, run.attempt) == (TrainingRun.Status.FAILED, 1)
     assert run.error == (
         "registration failed: ServiceError: EMBEDPORTAL_ARTIFACT_STORE must look like s3://bucket/prefix, got "
-        f"'notes3://x'.\nThe trained model is kept in {settings.MODELS_DIR}/run-{run.pk}/model; fix the cause and "
-        "start a new run."
+        f"'notes3://x'.\nThe trained model is kept in {settings.MODELS_DIR}/run-{run.pk}/attempt-1/model; fix the "
+        "cause and start a new run. (phase: registration)"
     )
-    assert run.metrics["phase"] == "registering"
+    assert run.phase == "registration"
     assert ModelVersion.objects.count() == 0
-    assert services.reap_stale_runs(timeout_s=0) == {"requeued": 0, "failed": 0}
+    assert jobs.reap(TrainingRun, timeout_s=0) == {"requeued": 0, "failed": 0, "resent": 0, "cancelled": 0}
 
 
 # --- 8. Worker caps --------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from django.conf import settings
 from django.db import connection
 
 from tests.waiting import wait_for
+from embedportal import jobs
 from training import services
 from training.models import Dataset, ModelVersion, TrainingRun
 
@@ -95,15 +96,20 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(start_worker, user, datas
     assert Path(killed.checkpoint_path).is_dir()
 
     # Then the heartbeat reaper re-queues it and a new worker continues from the checkpoint
-    assert services.reap_stale_runs(timeout_s=0) == {"requeued": 1, "failed": 0}
+    assert jobs.reap(TrainingRun, timeout_s=0) == {"requeued": 1, "failed": 0, "resent": 0, "cancelled": 0}
     start_worker("second")
     done = wait_for(lambda: TrainingRun.objects.get(pk=run.pk), lambda r: r.is_terminal, timeout=240, every=0.2)
     assert done.status == TrainingRun.Status.SUCCEEDED, done.error
-    assert done.attempts == 2
+    assert done.attempt == 2
     assert done.metrics["resumed_from_step"] >= saved_step >= 5
     assert done.metrics["steps"] == 40
     assert f"resuming from {killed.checkpoint_path}" in done.log
-    assert ModelVersion.objects.filter(source_run=done).count() == 1
+    # And the second attempt read the first attempt's checkpoint but wrote only into its own folder
+    run_dir = Path(settings.MODELS_DIR) / f"run-{run.pk}"
+    assert Path(killed.checkpoint_path).parent.parent == run_dir / "attempt-1"
+    assert Path(done.checkpoint_path).parent.parent == run_dir / "attempt-2"
+    assert ModelVersion.objects.get(source_run=done).artifact_path == str(run_dir / "attempt-2" / "model")
+    assert not (run_dir / "attempt-1" / "model").exists()
 
 
 def test_cancel_stops_running_run_within_seconds_and_keeps_checkpoints(start_worker, user, dataset, tiny_model_dir):

@@ -11,6 +11,7 @@ from django.contrib.postgres.indexes import GinIndex
 from django.contrib.postgres.search import SearchVectorField
 from django.db import models
 
+from embedportal.jobs import Job
 from training.corpus import ticket_text
 
 
@@ -170,7 +171,15 @@ class ImportJob(models.Model):
         return self.status in self.TERMINAL
 
 
-class TrainingRun(models.Model):
+class TrainingRun(Job):
+    """A fine-tuning run and its job state (a Job of the one job system, embedportal.jobs).
+
+    `phase` says what the worker is doing (pairs, evaluation, training,
+    registration; "waiting for the queue" while the broker is unreachable),
+    `attempt` counts the claims (a resumed run has attempt > 1) and each
+    attempt works in its own folder, MODELS_DIR/run-<id>/attempt-<n>/.
+    """
+
     class Status(models.TextChoices):
         QUEUED = "queued", "Queued"
         RUNNING = "running", "Running"
@@ -179,6 +188,8 @@ class TrainingRun(models.Model):
         CANCELLED = "cancelled", "Cancelled"
 
     TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED})
+    task_name = "training.run_training"
+    kind_label = "training run"
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="training_runs")
     dataset = models.ForeignKey(Dataset, on_delete=models.PROTECT, related_name="training_runs")
@@ -188,9 +199,6 @@ class TrainingRun(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
-    # Written by the worker while it trains; the reaper fails runs whose
-    # heartbeat stopped (the worker died).
-    heartbeat_at = models.DateTimeField(null=True, blank=True)
     error = models.TextField(blank=True)
     # Live progress (step, total_steps, loss) and final figures (final_loss,
     # train_pairs, duration_s, device).
@@ -199,11 +207,7 @@ class TrainingRun(models.Model):
     evaluation = models.JSONField(default=dict, blank=True)
     # The run's own log, shown on its page (appended in batches by the worker).
     log = models.TextField(blank=True)
-    # How many times a worker claimed the run (a resumed run has attempts > 1).
-    attempts = models.PositiveSmallIntegerField(default=0)
-    # Set by cancel (UI/API); the worker checks it about once a second.
-    cancel_requested = models.BooleanField(default=False)
-    # Folder of the last complete checkpoint; a resumed run continues from it.
+    # Folder of the last complete checkpoint (inside some attempt's folder); the next attempt resumes from it.
     checkpoint_path = models.CharField(max_length=1000, blank=True)
 
     class Meta:
@@ -211,6 +215,11 @@ class TrainingRun(models.Model):
 
     def __str__(self) -> str:
         return f"Run #{self.pk} on {self.dataset_id} ({self.status})"
+
+    @classmethod
+    def timeout_s(cls) -> int:
+        # Runs keep their own setting (EMBEDPORTAL_RUN_HEARTBEAT_TIMEOUT_S), which operators already tune.
+        return int(settings.RUN_HEARTBEAT_TIMEOUT_S)
 
     @property
     def is_terminal(self) -> bool:

@@ -137,8 +137,8 @@ class TrainingRunSerializer(serializers.ModelSerializer):
         model = TrainingRun
         fields = [
             "id", "dataset", "base_model", "hyperparameters", "status", "created_at", "started_at",
-            "finished_at", "heartbeat_at", "error", "metrics", "model_version", "evaluation", "log", "attempts",
-            "checkpoint_path", "cancel_requested",
+            "finished_at", "heartbeat_at", "error", "metrics", "model_version", "evaluation", "log", "attempt",
+            "max_attempts", "phase", "progress", "checkpoint_path", "cancel_requested",
         ]
         read_only_fields = fields
 

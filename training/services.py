@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
 from django.conf import settings
-from django.db import connections, transaction
+from django.db import transaction
 from django.db.models import F, Value
-from django.db.models.functions import Coalesce, Concat
+from django.db.models.functions import Concat
 from django.utils import timezone
 
+from embedportal import jobs
 from training import artifacts, finetune, pairs, registry
 from training.errors import ServiceError
 from training.hyperparameters import Hyperparameters, parse
@@ -120,11 +119,11 @@ def start_run(
     """Validate and queue a training run; the worker picks it up after commit.
 
     Side effects: creates a queued TrainingRun and (unless enqueue=False, as the
-    `train` command does to run it in-process) enqueues `training.run_training`
-    once the transaction commits. Raises ServiceError or HyperparameterError.
+    `train` command does to run it in-process) sends `training.run_training`
+    once the transaction commits (jobs.enqueue: with the broker down the run
+    stays queued, "waiting for the queue", and the reaper sends it later).
+    Raises ServiceError or HyperparameterError.
     """
-    from training import tasks
-
     if dataset.owner_id != owner.pk:
         raise ServiceError("dataset: not found.")
     hyper = parse(hyperparameters)
@@ -137,75 +136,11 @@ def start_run(
         finetune.choose_loss(hyper.loss, shape)
     except ValueError as exc:
         raise ServiceError(str(exc)) from exc
-    with transaction.atomic():
-        run = TrainingRun.objects.create(
-            owner=owner, dataset=dataset, base_model=base_model, hyperparameters=hyper.as_dict()
-        )
-        if enqueue:
-            transaction.on_commit(lambda: tasks.run_training.delay(run_id=run.pk))
+    run = TrainingRun.objects.create(owner=owner, dataset=dataset, base_model=base_model, hyperparameters=hyper.as_dict())
+    if enqueue:
+        jobs.enqueue(run)
+        run.refresh_from_db()  # outside a transaction it was sent already: the phase says whether the broker took it
     return run
-
-
-def _claim(run: TrainingRun) -> bool:
-    """queued -> running, exactly once even if the task is delivered twice."""
-    now = timezone.now()
-    claimed = TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.QUEUED).update(
-        status=TrainingRun.Status.RUNNING, started_at=Coalesce("started_at", Value(now)), heartbeat_at=now,
-        attempts=F("attempts") + 1,
-    )
-    return claimed == 1
-
-
-def _finish(run: TrainingRun, status: str, **fields: Any) -> int:
-    """running -> status; 0 when the run is no longer running (reaped meanwhile)."""
-    return TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.RUNNING).update(
-        status=status, finished_at=timezone.now(), **fields
-    )
-
-
-# The reaper requeues a run whose heartbeat is older than RUN_HEARTBEAT_TIMEOUT_S (300 s by
-# default). Beating every quarter of that, and at least every 15 s, survives a missed beat or
-# two; one UPDATE of one row every 15 s costs the database nothing worth measuring.
-HEARTBEAT_MAX_INTERVAL_S = 15.0
-
-
-def heartbeat_interval_s() -> float:
-    return min(HEARTBEAT_MAX_INTERVAL_S, settings.RUN_HEARTBEAT_TIMEOUT_S / 4)
-
-
-class RunHeartbeat(threading.Thread):
-    """Writes the run's heartbeat_at every heartbeat_interval_s() on its own connection.
-
-    Started when the worker claims the run and stopped in a finally, so every phase
-    (pairs, hard negatives, evaluation, training, model card, registration, upload)
-    beats, even those that call into libraries for minutes without a callback. Only a
-    running row is touched: a finished or reaped run is never revived. A failed write
-    is logged and retried at the next beat (the connection is reopened).
-    """
-
-    def __init__(self, *, run_id: int, interval_s: float | None = None):
-        super().__init__(daemon=True, name=f"run-{run_id}-heartbeat")
-        self.run_id = run_id
-        self.interval_s = interval_s if interval_s is not None else heartbeat_interval_s()
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        try:
-            while not self._halt.is_set():
-                try:
-                    TrainingRun.objects.filter(pk=self.run_id, status=TrainingRun.Status.RUNNING).update(
-                        heartbeat_at=timezone.now()
-                    )
-                except Exception:  # a database blip: the next beat reconnects
-                    logger.exception("training run %s: heartbeat failed", self.run_id)
-                    connections.close_all()
-                self._halt.wait(self.interval_s)
-        finally:
-            connections.close_all()  # this thread's connection
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join(timeout=30)
 
 
 STRATEGY_SHAPES = {"tickets": finetune.PAIRS, "qa": finetune.PAIRS, "pairs": finetune.PAIRS,
@@ -252,44 +187,48 @@ def build_training_data(*, run: TrainingRun, hyper: Hyperparameters, log: Callab
     return pair_set, data, validation
 
 
+def run_folder(*, run: TrainingRun) -> Path:
+    """The run's folder; each attempt works in its own attempt-<n> inside it (jobs.Attempt.workdir)."""
+    return Path(settings.MODELS_DIR) / f"run-{int(run.pk)}"
+
+
 def execute_run(*, run: TrainingRun, device: str | None = None, echo: Callable[[str], None] | None = None) -> TrainingRun:
-    """Train a queued run to the end, evaluate it, and register its model version.
+    """Train a queued run to the end, evaluate it, and register its model version: one attempt of the job.
 
-    Side effects: queued -> running -> succeeded/failed/cancelled (attempts + 1);
-    a RunHeartbeat thread writes heartbeat_at through every phase; writes the
-    phase (metrics["phase"]), progress, validation history and the log into the
-    row in batches; keeps checkpoints under MODELS_DIR/run-N (a resumed run
-    continues from checkpoint_path); evaluates base and fine-tuned models on the
-    held-out TEST split into run.evaluation; saves the model with a model card;
-    creates a ModelVersion (production when the dataset has none) whose
-    embeddings are the evaluation's corpus vectors. A registration that fails
-    (e.g. the artifact upload) fails the run with "registration failed: ...".
-    A run that is not queued is left alone.
+    Claimed through embedportal.jobs (a redelivered message finds the run
+    running or finished and does nothing); the job system's heartbeat beats
+    through every phase. Side effects: queued -> running ->
+    succeeded/failed/cancelled (attempt + 1); writes the phase (pairs,
+    evaluation, training, model card, registration), progress, validation
+    history and the log into the row in batches, every write fenced by the
+    attempt (a reaped, stale attempt stops with LostClaim); keeps its
+    checkpoints and model under MODELS_DIR/run-N/attempt-<n>/ and resumes from
+    the previous attempt's checkpoint_path by reading it; evaluates base and
+    fine-tuned models on the held-out TEST split into run.evaluation; saves the
+    model with a model card; registers a ModelVersion (see register_trained_model).
+    A run that is not queued is left alone. Returns the run as it ended.
     """
-    if not _claim(run):
-        logger.info("run %s is %s, not queued; skipping", run.pk, run.status)
-        run.refresh_from_db()
-        return run
-    heartbeat = RunHeartbeat(run_id=run.pk)
-    heartbeat.start()
-    try:
-        return _execute_claimed(run=run, device=device, echo=echo)
-    finally:
-        heartbeat.stop()
+    jobs.run_job(TrainingRun, run.pk, lambda attempt: _train(attempt, device=device, echo=echo))
+    return TrainingRun.objects.filter(pk=run.pk).first() or run
 
 
-def _execute_claimed(*, run: TrainingRun, device: str | None, echo: Callable[[str], None] | None) -> TrainingRun:
+def _train(attempt: jobs.Attempt, *, device: str | None, echo: Callable[[str], None] | None) -> None:
+    """The body of one attempt (jobs.run_job finishes the run by how this returns or raises)."""
     from training.evaluate import HeldOutEvaluation
 
-    run.refresh_from_db()
+    run = TrainingRun.objects.select_related("dataset", "owner").get(pk=attempt.pk)
     hyper = Hyperparameters.from_stored(run.hyperparameters)
     device = finetune.pick_device(device or settings.TRAINING_DEVICE)
-    output_dir = Path(settings.MODELS_DIR) / f"run-{run.pk}"
-    progress = _ProgressWriter(run, echo=echo)
+    output_dir = attempt.workdir(run_folder(run=run))
+    progress = _ProgressWriter(run, attempt=attempt, echo=echo)
+    # Read only: this attempt writes its own checkpoints into its own folder.
     resume_from = run.checkpoint_path if run.checkpoint_path and Path(run.checkpoint_path).is_dir() else None
     try:
         progress.phase("pairs")
-        progress.log(f"attempt {run.attempts} on {device}" + (f", resuming from {resume_from}" if resume_from else ""))
+        if run.error:  # why the previous attempt stopped (the reaper's note), kept in the log
+            progress.log(run.error)
+        progress.log(f"attempt {attempt.number} of {run.max_attempts} on {device}"
+                     + (f", resuming from {resume_from}" if resume_from else ""))
         base_path = base_model_path(run=run)
         if VERSION_REF.match(run.base_model):
             progress.log(f"continuing from {run.base_model} ({base_path})")
@@ -298,7 +237,7 @@ def _execute_claimed(*, run: TrainingRun, device: str | None, echo: Callable[[st
         held_out = HeldOutEvaluation(dataset=run.dataset, log=progress.log) if hyper.evaluate and tickets else None
         evaluation = dict(run.evaluation or {})
         if held_out is not None and held_out.available and "base" not in evaluation.get("systems", {}):
-            progress.phase("evaluating base model")
+            progress.phase("evaluation of the base model")
             base = held_out.model(base_path, max_seq_length=hyper.max_seq_length, device=device)
             evaluation = {
                 "queries": len(held_out.eval_set.queries),
@@ -308,7 +247,7 @@ def _execute_claimed(*, run: TrainingRun, device: str | None, echo: Callable[[st
                     "hybrid_base": base.hybrid.summary(),
                 },
             }
-            TrainingRun.objects.filter(pk=run.pk).update(evaluation=evaluation)
+            attempt.update(evaluation=evaluation)
             progress.log(f"base model nDCG@10 {base.vector.metrics['ndcg@10']:.4f}")
         progress.phase("training")
         result = finetune.fine_tune(
@@ -326,7 +265,7 @@ def _execute_claimed(*, run: TrainingRun, device: str | None, echo: Callable[[st
         )
         tuned_embeddings = None
         if held_out is not None and held_out.available:
-            progress.phase("evaluating fine-tuned model")
+            progress.phase("evaluation of the fine-tuned model")
             tuned = held_out.model(str(output_dir / "model"), max_seq_length=hyper.max_seq_length, device=device)
             tuned_embeddings = tuned.embeddings
             # The base model's per-query results (cached in this process, recomputed after a resume).
@@ -351,66 +290,71 @@ def _execute_claimed(*, run: TrainingRun, device: str | None, echo: Callable[[st
             hyperparameters=hyper.as_dict(),
             metrics=evaluation.get("systems", {}),
         )
-    except finetune.TrainingCancelled:
+    except (jobs.Cancelled, finetune.TrainingCancelled):
+        progress.metrics["cancelled"] = True
         progress.log("cancelled; checkpoints kept")
-        progress.flush()
-        _finish(run, TrainingRun.Status.CANCELLED, metrics={**progress.metrics, "cancelled": True})
-        run.refresh_from_db()
-        return run
+        raise jobs.Cancelled() from None
+    except jobs.LostClaim:
+        raise  # another attempt owns the run now: write nothing more
     except Exception as exc:  # any failure ends the run with a reason a person can act on
         logger.exception("training run %s failed", run.pk)
         progress.log(f"failed: {type(exc).__name__}: {exc}")
-        progress.flush()
         error = explain_failure(exc)
         if resume_from:
             error += (f"\nThe run was resuming from {resume_from}; if that checkpoint is damaged, "
                       "start a new run (it begins from the base model).")
-        _finish(run, TrainingRun.Status.FAILED, error=error, metrics=progress.metrics)
-        run.refresh_from_db()
-        return run
+        raise jobs.JobFailed(error) from exc
 
     result_fields = {k: v for k, v in result.__dict__.items() if k != "validation_history"}
-    progress.metrics = {**progress.metrics, **result_fields}  # later flushes must not write the pre-result metrics
-    progress.phase("registering")
-    TrainingRun.objects.filter(pk=run.pk).update(evaluation=evaluation)
-    run.refresh_from_db()  # register_version reads the final metrics and evaluation from the run
-    return _register(run=run, progress=progress, output_dir=output_dir, dimensions=result.dimensions,
-                     embeddings=(held_out.eval_set.doc_ids, tuned_embeddings) if tuned_embeddings is not None else None)
+    progress.metrics = {**progress.metrics, **result_fields}
+    register_trained_model(
+        attempt=attempt, progress=progress, model_dir=output_dir / "model", dimensions=result.dimensions,
+        evaluation=evaluation,
+        embeddings=(held_out.eval_set.doc_ids, tuned_embeddings) if tuned_embeddings is not None else None,
+    )
 
 
-class _RunLost(Exception):
-    """The run stopped being ours (reaped and requeued) before it could be marked succeeded."""
+def register_trained_model(*, attempt: jobs.Attempt, model_dir: Path, dimensions: int, evaluation: dict | None = None,
+                           embeddings: tuple | None = None, progress: "_ProgressWriter | None" = None) -> ModelVersion:
+    """Register the attempt's trained model and finish the run as succeeded, fenced and all or nothing.
 
-
-def _register(*, run: TrainingRun, progress: "_ProgressWriter", output_dir: Path, dimensions: int,
-              embeddings: tuple | None) -> TrainingRun:
-    """Register the trained model and mark the run succeeded, all or nothing.
-
-    The run stays running (and beating) while the version is created and its
-    artifact uploaded; it becomes succeeded in the same transaction, so a
-    failure leaves no version behind and ends the run as failed with its own
-    reason instead of leaving it running for the reaper to retrain.
+    The fence: one transaction that first locks the run row while it is
+    running *with this attempt* (else LostClaim: a stale attempt never
+    registers a version) and holds the lock until the run is succeeded, so the
+    reaper cannot take the run back halfway. Side effects: writes the final
+    metrics and evaluation, creates the ModelVersion (registry.register_version,
+    which uploads the artifact when a store is configured), logs it, marks the
+    run succeeded. A failure leaves no version and raises JobFailed
+    ("registration failed: ..."): the run fails once, it is not retrained.
     """
+    run_qs = TrainingRun.objects.filter(pk=attempt.pk)
+    progress = progress or _ProgressWriter(run_qs.get(), attempt=attempt)
+    progress.phase("registration")
     try:
         with transaction.atomic():
+            run = (run_qs.select_for_update(of=("self",)).select_related("dataset", "owner")
+                   .filter(status=TrainingRun.Status.RUNNING, attempt=attempt.number).first())
+            if run is None:
+                attempt.lost = True
+                raise jobs.LostClaim(f"training run {attempt.pk} attempt {attempt.number} lost its claim")
+            fields = {"metrics": progress.metrics, **({"evaluation": evaluation} if evaluation is not None else {})}
+            attempt.update(phase="registration", **fields)
+            for name, value in fields.items():
+                setattr(run, name, value)  # register_version reads the final metrics and evaluation
             version = registry.register_version(
-                run=run, artifact_path=output_dir / "model", dimensions=dimensions, embeddings=embeddings,
+                run=run, artifact_path=Path(model_dir), dimensions=dimensions, embeddings=embeddings,
             )
-            progress.metrics["phase"] = "done"
-            if not _finish(run, TrainingRun.Status.SUCCEEDED, metrics=progress.metrics):
-                raise _RunLost
-    except _RunLost:
-        logger.warning("training run %s was no longer running when it finished; its result is dropped", run.pk)
+            progress.log(f"registered {version} ({version.get_stage_display()})")
+            attempt.finish(phase="done", error="")  # a retried run's "attempt 1 stopped..." is in its log
+    except jobs.LostClaim:
+        raise
     except Exception as exc:
-        logger.exception("training run %s: registration failed", run.pk)
-        progress.log(f"registration failed: {type(exc).__name__}: {exc}")
-        _finish(run, TrainingRun.Status.FAILED, metrics=progress.metrics,
-                error=f"registration failed: {type(exc).__name__}: {exc}\nThe trained model is kept in "
-                      f"{output_dir / 'model'}; fix the cause and start a new run.")
-    else:
-        progress.log(f"registered {version} ({version.get_stage_display()})")
-    run.refresh_from_db()
-    return run
+        logger.exception("training run %s: registration failed", attempt.pk)
+        reason = f"registration failed: {type(exc).__name__}: {exc}"
+        progress.log(reason)
+        raise jobs.JobFailed(f"{reason}\nThe trained model is kept in {model_dir}; fix the cause and "
+                             "start a new run.") from exc
+    return version
 
 
 def explain_failure(exc: Exception) -> str:
@@ -426,21 +370,36 @@ def explain_failure(exc: Exception) -> str:
     return text
 
 
-class _ProgressWriter:
-    """Batches progress and log lines into at most one UPDATE per PROGRESS_WRITE_INTERVAL_S."""
+# How often the worker reads the run's cancel flag between training steps: a person who
+# presses Cancel expects the run to stop within seconds, sooner than the heartbeat's beat.
+CANCEL_CHECK_INTERVAL_S = 1.0
 
-    def __init__(self, run: TrainingRun, echo: Callable[[str], None] | None = None):
+
+class _ProgressWriter:
+    """Batches progress and log lines into at most one UPDATE per PROGRESS_WRITE_INTERVAL_S.
+
+    Every write goes through the attempt (jobs.Attempt.update): fenced, so a
+    stale attempt raises LostClaim at its next write and stops. Without an
+    attempt (bench/train_speed.py measures fine_tune with this writer on an
+    unclaimed row) writes are plain.
+    """
+
+    def __init__(self, run: TrainingRun, *, attempt: jobs.Attempt | None = None,
+                 echo: Callable[[str], None] | None = None):
         self.run = run
+        self.attempt = attempt
         self.echo = echo
         self.metrics: dict[str, Any] = dict(run.metrics or {})
         self.metrics.setdefault("loss_history", [])
         self.metrics.setdefault("validation_history", [])
         self.metrics.pop("cancel_requested", None)
+        self.metrics.pop("phase", None)  # runs from before the job system kept their phase here
         self._log_lines: list[str] = []
         self._last_write = 0.0
         self._last_cancel_check = 0.0
         self._cancelled = False
         self._checkpoint = ""
+        self._progress: float | None = None
 
     def log(self, line: str) -> None:
         stamped = f"{timezone.now():%H:%M:%S} {line}"
@@ -457,12 +416,19 @@ class _ProgressWriter:
         else:
             self.metrics.update({k: v for k, v in point.items()})
             self.metrics["loss_history"].append([point["step"], round(point["loss"], 5)])
+            if point.get("total_steps"):
+                self._progress = round(min(1.0, point["step"] / point["total_steps"]), 4)
         self._maybe_write()
 
     def phase(self, name: str) -> None:
-        """What the run is doing now (shown with its progress); written at once."""
-        self.metrics["phase"] = name
-        self.flush()
+        """What the run is doing now (shown with its progress); written at once.
+
+        Also a safe point: a cancel or a lost claim the heartbeat saw stops the run here.
+        """
+        self._progress = None
+        self.flush(phase=name)
+        if self.attempt is not None:
+            self.attempt.check()
 
     def checkpoint(self, path: str) -> None:
         self._checkpoint = path
@@ -472,61 +438,43 @@ class _ProgressWriter:
         if time.monotonic() - self._last_write >= PROGRESS_WRITE_INTERVAL_S:
             self.flush()
 
-    def flush(self) -> None:
+    def flush(self, **extra: Any) -> None:
         self._last_write = time.monotonic()
-        fields: dict[str, Any] = {"metrics": self.metrics, "heartbeat_at": timezone.now()}
+        fields: dict[str, Any] = {"metrics": self.metrics, "progress": self._progress, **extra}
         if self._log_lines:
             fields["log"] = Concat(F("log"), Value("\n".join(self._log_lines) + "\n"))
             self._log_lines = []
         if self._checkpoint:
             fields["checkpoint_path"] = self._checkpoint
-        TrainingRun.objects.filter(pk=self.run.pk).update(**fields)
+        if self.attempt is None:
+            TrainingRun.objects.filter(pk=self.run.pk).update(heartbeat_at=timezone.now(), **fields)
+        else:
+            self.attempt.update(**fields)  # fenced: LostClaim when another attempt owns the run
 
     def cancel_requested(self) -> bool:
+        """fine_tune's should_stop, between steps: reads the cancel flag about once a second.
+
+        With an attempt it raises jobs.Cancelled (the user asked) or
+        jobs.LostClaim (the heartbeat found the run taken back) via attempt.check().
+        """
         now = time.monotonic()
-        if not self._cancelled and now - self._last_cancel_check >= 1.0:
+        if not self._cancelled and now - self._last_cancel_check >= CANCEL_CHECK_INTERVAL_S:
             self._last_cancel_check = now
-            # Cancellation is a flag the API/UI sets on the row; the worker sees it here.
+            # Cancellation is a flag the API/UI sets on the row (jobs.request_cancel).
             flag = TrainingRun.objects.filter(pk=self.run.pk).values_list("cancel_requested", flat=True).first()
             self._cancelled = bool(flag)
+        if self.attempt is not None:
+            self.attempt.cancel_seen = self.attempt.cancel_seen or self._cancelled
+            self.attempt.check()
         return self._cancelled
 
 
 def cancel_run(*, run: TrainingRun) -> TrainingRun:
-    """Cancel a queued run at once; ask a running one to stop at its next step (within ~1 s)."""
-    TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.QUEUED).update(
-        status=TrainingRun.Status.CANCELLED, finished_at=timezone.now()
-    )
-    TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.RUNNING).update(cancel_requested=True)
+    """Cancel a queued run at once; ask a running one to stop at its next step (within ~1 s).
+
+    Side effects: jobs.request_cancel (queued -> cancelled, or the running
+    run's cancel_requested flag, which the worker reads between steps).
+    """
+    jobs.request_cancel(run)
     run.refresh_from_db()
     return run
-
-
-MAX_ATTEMPTS = 3
-
-
-def reap_stale_runs(*, timeout_s: int | None = None) -> dict[str, int]:
-    """Runs whose worker stopped sending heartbeats: re-queue them to resume
-    from their last checkpoint, or fail them after MAX_ATTEMPTS.
-
-    Side effects: running -> queued (+ a new task after commit) or -> failed.
-    Returns {"requeued": n, "failed": m}.
-    """
-    from training import tasks
-
-    timeout_s = timeout_s if timeout_s is not None else settings.RUN_HEARTBEAT_TIMEOUT_S
-    cutoff = timezone.now() - timedelta(seconds=timeout_s)
-    stale = TrainingRun.objects.filter(status=TrainingRun.Status.RUNNING, heartbeat_at__lt=cutoff)
-    failed = stale.filter(attempts__gte=MAX_ATTEMPTS).update(
-        status=TrainingRun.Status.FAILED,
-        finished_at=timezone.now(),
-        error=f"The worker stopped reporting for over {timeout_s} s on {MAX_ATTEMPTS} attempts (it was killed "
-        "or lost its connection each time). Check the worker's memory and logs, then start the run again.",
-    )
-    requeued = 0
-    for pk in list(stale.filter(attempts__lt=MAX_ATTEMPTS).values_list("pk", flat=True)):
-        with transaction.atomic():
-            if stale.filter(pk=pk).update(status=TrainingRun.Status.QUEUED):
-                requeued += 1
-                transaction.on_commit(lambda pk=pk: tasks.run_training.delay(run_id=pk))
-    return {"requeued": requeued, "failed": failed}

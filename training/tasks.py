@@ -9,10 +9,10 @@ logger = logging.getLogger(__name__)
 
 
 @shared_task(name="training.run_training")
-def run_training(*, run_id: int) -> None:
-    run = TrainingRun.objects.select_related("dataset", "owner").filter(pk=run_id).first()
+def run_training(*, job_id: int) -> None:
+    run = TrainingRun.objects.filter(pk=job_id).first()
     if run is None:
-        logger.warning("training run %s is gone; nothing to do", run_id)
+        logger.warning("training run %s is gone; nothing to do", job_id)
         return
     services.execute_run(run=run)
 
@@ -31,11 +31,8 @@ def run_import(*, job_id: int) -> None:
 
 @shared_task(name="training.reap_stale_runs")
 def reap_stale_runs() -> None:
-    from django.conf import settings
-
-    from search.services import requeue_stale_builds
+    # Training runs are reaped by embedportal.reap_jobs (the one reaper); only import jobs are
+    # left here until they join the job system, then this task and its beat entry go.
     from training import imports
 
-    services.reap_stale_runs()
-    requeue_stale_builds(timeout_s=settings.RUN_HEARTBEAT_TIMEOUT_S)
     imports.reap_stale()
