@@ -42,8 +42,6 @@ def gpu_queue(settings):
 @pytest.fixture
 def broker(settings):
     """Switch the broker off (a closed port) and on again, for both the Celery app and the reaper."""
-    from kombu import pools
-
     from embedportal.celery import app
 
     original = app.conf.broker_url
@@ -52,12 +50,9 @@ def broker(settings):
         closed_port = sock.getsockname()[1]
 
     def use(url: str) -> None:
-        settings.CELERY_BROKER_URL = url  # jobs.broker_task_ids reads the setting
-        app.conf.broker_url = url
-        # The app keeps its connections in kombu's pools: drop them so the next send connects to `url`.
-        pools.reset()
-        app._pool = None
-        app.amqp._producer_pool = None
+        # jobs.send_now opens a connection of its own from the app's setting (no pooled connection to
+        # drop); jobs.broker_task_ids reads the Django setting.
+        app.conf.broker_url = settings.CELERY_BROKER_URL = url
 
     class Switch:
         def off(self) -> None:
