@@ -88,10 +88,13 @@ def strip_nul(value: Any) -> Any:
         source, target, slot = stack.pop()
         if isinstance(source, dict):
             copy: Any = {}
-            for key, child in source.items():
-                clean_key = key.replace("\x00", "") if isinstance(key, str) else key
+            # Pushed in reverse, so children are done in order: when two keys differ only by NUL,
+            # the later one wins, as it would in a dict built from the cleaned items.
+            items = [(key.replace("\x00", "") if isinstance(key, str) else key, child)
+                     for key, child in source.items()]
+            for clean_key, _ in items:
                 copy[clean_key] = None
-                stack.append((child, copy, clean_key))
+            stack.extend((child, copy, clean_key) for clean_key, child in reversed(items))
         elif isinstance(source, (list, tuple)):
             copy = [None] * len(source)
             for i, child in enumerate(source):

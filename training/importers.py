@@ -33,6 +33,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
 
+from embedportal import json_limits
+
 GZIP_MAGIC = b"\x1f\x8b"
 ZIP_MAGIC = b"PK\x03\x04"
 PARQUET_MAGIC = b"PAR1"
@@ -41,6 +43,15 @@ PARQUET_MAGIC = b"PAR1"
 # (the Hadoop JSON: 6.4 MB -> 46 MB).
 MAX_ZIP_RATIO = 200
 BOMB_SLACK_BYTES = 1 << 20
+# A whole JSON document (not JSON Lines) may nest this deep: a Jira issue
+# nests ~10 levels and its Atlassian Document Format description ~20 more.
+# Deeper documents are refused before any value is walked, so nothing below
+# (repr, json.dumps, the ADF reader) meets the interpreter's recursion limit.
+MAX_DOCUMENT_DEPTH = 64
+# A Parquet file may declare at most this many rows: a row costs a few bytes
+# on disk with run-length encoding, so the byte guards alone would let
+# billions of empty rows through, each one looked at in Python.
+MAX_PARQUET_ROWS = 20_000_000
 # Errors kept in the report shown on the page / returned by the API.
 MAX_REPORTED_ERRORS = 50
 # Errors kept with a dataset version for the CSV download.
@@ -126,6 +137,10 @@ class UploadError(ValueError):
         self.columns = columns or []
 
 
+class RowLimitReached(Exception):
+    """A report's row_limit was reached: the reading stops there (a preview has seen enough)."""
+
+
 @dataclass
 class ParsedDocument:
     external_key: str
@@ -166,6 +181,14 @@ class ImportReport:
     length_max: int = 0
     length_total: int = 0
     length_buckets: list[int] = field(default_factory=lambda: [0] * (len(LENGTH_BUCKETS) + 1))
+    # Previews stop after this many rows (RowLimitReached); imports read every row.
+    row_limit: int | None = None
+
+    def read_row(self) -> None:
+        """Count one row of the file; RowLimitReached instead once row_limit rows were read."""
+        if self.row_limit is not None and self.rows_read >= self.row_limit:
+            raise RowLimitReached(self.row_limit)
+        self.rows_read += 1
 
     def reject(self, *, row: int, field_name: str, reason: str, key: str = "") -> None:
         self.rows_rejected += 1
@@ -242,9 +265,11 @@ class Upload:
 class _GuardedReader(io.RawIOBase):
     """Counts the bytes a compressed payload expands to and maps damage to UploadError."""
 
-    def __init__(self, raw: IO[bytes], *, limit: int, filename: str, closers: tuple = ()):
+    def __init__(self, raw: IO[bytes], *, limit: int, filename: str, closers: tuple = (), cap: int | None = None):
         self._raw = raw
-        self._limit = limit
+        # The ratio limit, or the absolute cap (the caller's max_bytes) when that is lower.
+        self._by_cap = cap is not None and cap < limit
+        self._limit = cap if self._by_cap else limit
         self._filename = filename
         self._closers = closers
         self.produced = 0
@@ -260,6 +285,8 @@ class _GuardedReader(io.RawIOBase):
                 f"{self._filename}: the compressed file is damaged or truncated ({exc}). Export it again and re-upload."
             ) from None
         self.produced += n or 0
+        if self.produced > self._limit and self._by_cap:
+            raise UploadError(_expanded_too_far(self._filename, self._limit))
         if self.produced > self._limit:
             raise UploadError(
                 f"{self._filename}: the compressed file expands more than {MAX_ZIP_RATIO}x, above the limit "
@@ -275,8 +302,49 @@ class _GuardedReader(io.RawIOBase):
         super().close()
 
 
-def open_payload(path: Path, filename: str) -> IO[bytes]:
-    """Open a plain, gzip or zip file as a buffered binary stream of its (first) payload."""
+def _expanded_too_far(filename: str, cap: int) -> str:
+    return (f"{filename}: the compressed file expands to more than {cap // 1048576} MB, the limit for a compressed "
+            "upload here (EMBEDPORTAL_MAX_DECOMPRESSED_MB; during a web request, twice "
+            "EMBEDPORTAL_BACKGROUND_IMPORT_MB). Upload it uncompressed, or split it into smaller files.")
+
+
+def declared_expanded_size(source: Path | IO[bytes]) -> int | None:
+    """What a compressed file says it expands to (gzip trailer, zip member headers); None for other files.
+
+    source: a path or a seekable binary file (left at the position it had).
+    Only a hint for deciding where to import (headers can lie; the guarded
+    readers count what really comes out). A gzip trailer holds the size
+    modulo 4 GiB of its last member only.
+    """
+    fh = open(source, "rb") if isinstance(source, Path) else source
+    start = fh.tell()
+    try:
+        fh.seek(0)
+        head = fh.read(4)
+        if head.startswith(GZIP_MAGIC):
+            fh.seek(-4, io.SEEK_END)
+            return int.from_bytes(fh.read(4), "little")
+        if head.startswith(ZIP_MAGIC):
+            fh.seek(0)
+            with zipfile.ZipFile(fh) as archive:
+                return sum(m.file_size for m in archive.infolist() if not m.is_dir())
+        return None
+    except (OSError, zipfile.BadZipFile, EOFError):  # damaged, which reading it will say
+        return None
+    finally:
+        if isinstance(source, Path):
+            fh.close()
+        else:
+            fh.seek(start)
+
+
+def open_payload(path: Path, filename: str, max_bytes: int | None = None) -> IO[bytes]:
+    """Open a plain, gzip or zip file as a buffered binary stream of its (first) payload.
+
+    A compressed payload may expand at most MAX_ZIP_RATIO times its size and,
+    when max_bytes is given, to at most max_bytes: past either, reading
+    raises UploadError naming the file.
+    """
     with open(path, "rb") as fh:
         head = fh.read(4)
     if not head:
@@ -285,13 +353,14 @@ def open_payload(path: Path, filename: str) -> IO[bytes]:
     if head.startswith(GZIP_MAGIC):
         raw = gzip.open(path, "rb")
         limit = size * MAX_ZIP_RATIO + BOMB_SLACK_BYTES
-        return io.BufferedReader(_GuardedReader(raw, limit=limit, filename=filename), buffer_size=1 << 16)
+        return io.BufferedReader(_GuardedReader(raw, limit=limit, filename=filename, cap=max_bytes),
+                                 buffer_size=1 << 16)
     if head.startswith(ZIP_MAGIC):
-        return _open_zip_member(path, filename)
+        return _open_zip_member(path, filename, max_bytes)
     return open(path, "rb", buffering=1 << 20)
 
 
-def _open_zip_member(path: Path, filename: str) -> IO[bytes]:
+def _open_zip_member(path: Path, filename: str, max_bytes: int | None = None) -> IO[bytes]:
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
@@ -309,6 +378,9 @@ def _open_zip_member(path: Path, filename: str) -> IO[bytes]:
             f"{filename}: {member.filename} expands {member.file_size // max(member.compress_size, 1)}x, "
             f"above the {MAX_ZIP_RATIO}x limit for compressed uploads. Upload the file uncompressed."
         )
+    if max_bytes is not None and member.file_size > max_bytes:
+        archive.close()
+        raise UploadError(_expanded_too_far(f"{filename}: {member.filename}", max_bytes))
     try:
         stream = archive.open(member)
     except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError) as exc:
@@ -316,12 +388,12 @@ def _open_zip_member(path: Path, filename: str) -> IO[bytes]:
         raise UploadError(f"{filename}: cannot read {member.filename} in the archive ({exc}).") from None
     # The declared sizes can lie: count what really comes out.
     limit = max(member.compress_size, 1) * MAX_ZIP_RATIO + BOMB_SLACK_BYTES
-    guarded = _GuardedReader(stream, limit=limit, filename=filename, closers=(archive,))
+    guarded = _GuardedReader(stream, limit=limit, filename=filename, closers=(archive,), cap=max_bytes)
     return io.BufferedReader(guarded, buffer_size=1 << 16)
 
 
-def _read_all(path: Path, filename: str) -> bytes:
-    with open_payload(path, filename) as stream:
+def _read_all(path: Path, filename: str, max_bytes: int | None = None) -> bytes:
+    with open_payload(path, filename, max_bytes) as stream:
         return stream.read()
 
 
@@ -395,20 +467,23 @@ def parse_date(value: str) -> str:
 
 
 def read_upload(
-    path: Path, filename: str, report: ImportReport, *, kind: str = "", mapping: dict[str, Any] | None = None
+    path: Path, filename: str, report: ImportReport, *, kind: str = "", mapping: dict[str, Any] | None = None,
+    max_bytes: int | None = None,
 ) -> Upload:
     """Recognise the file and return its rows as an iterator of ParsedDocument.
 
     kind: what the caller expects ("" = whatever the file is); mapping: which
     column plays which role, for files that are not a known export (a known
-    export is read as such unless a mapping is given).
+    export is read as such unless a mapping is given); max_bytes: how far a
+    compressed file (gzip, zip, Parquet pages) may expand, besides the
+    MAX_ZIP_RATIO guard.
     """
-    with open_payload(path, filename) as stream:
+    with open_payload(path, filename, max_bytes) as stream:
         head = stream.read(SNIFF_BYTES)
     if not head.strip():
         raise UploadError(f"{filename}: the file is empty. Upload an export with at least one row.")
     if head.startswith(PARQUET_MAGIC):
-        upload = _read_parquet(path, filename, report, kind=kind, mapping=mapping)
+        upload = _read_parquet(path, filename, report, kind=kind, mapping=mapping, max_bytes=max_bytes)
     else:
         encoding = detect_encoding(head)
         if not encoding.startswith("utf-16") and b"\x00" in head[:8192]:
@@ -418,9 +493,11 @@ def read_upload(
         report.encoding = encoding
         text_head = head.decode(encoding, errors="replace").lstrip("\ufeff \t\r\n")
         if text_head.startswith(("{", "[")):
-            upload = _read_json_family(path, filename, report, text_head, encoding, kind=kind, mapping=mapping)
+            upload = _read_json_family(path, filename, report, text_head, encoding, kind=kind, mapping=mapping,
+                                       max_bytes=max_bytes)
         else:
-            upload = _read_csv(path, filename, report, text_head, encoding, kind=kind, mapping=mapping)
+            upload = _read_csv(path, filename, report, text_head, encoding, kind=kind, mapping=mapping,
+                               max_bytes=max_bytes)
     report.detected_format = upload.format
     report.columns = upload.columns
     report.mapping = upload.mapping
@@ -433,16 +510,19 @@ def _is_jsonl(text_head: str) -> bool:
         return False
     try:
         json.loads(first)
-    except ValueError:
+    except json.JSONDecodeError:
         return False
+    except (RecursionError, ValueError):
+        pass  # one object on the line, too deep or with a too long number: its row is rejected as such
+
     return rest.lstrip().startswith("{") or not rest.strip()
 
 
-def _read_json_family(path, filename, report, text_head, encoding, *, kind, mapping) -> Upload:
+def _read_json_family(path, filename, report, text_head, encoding, *, kind, mapping, max_bytes=None) -> Upload:
     if _is_jsonl(text_head):
-        return _tabular(filename, report, _jsonl_records(path, filename, encoding), kind=kind, mapping=mapping,
-                        fmt_hint="jsonl")
-    payload = _load_json(path, filename, encoding)
+        return _tabular(filename, report, _jsonl_records(path, filename, encoding, max_bytes), kind=kind,
+                        mapping=mapping, fmt_hint="jsonl")
+    payload = _load_json(path, filename, encoding, max_bytes)
     if isinstance(payload, dict) and isinstance(payload.get("root"), dict) and "qapair" in payload["root"]:
         _check_kind(filename, "stackfaq", kind)
         return Upload("stackfaq", "qa", [], {}, _stackfaq(payload["root"]["qapair"], filename, report))
@@ -463,20 +543,28 @@ def _read_json_family(path, filename, report, text_head, encoding, *, kind, mapp
     )
 
 
-def _load_json(path: Path, filename: str, encoding: str) -> Any:
-    raw = _read_all(path, filename)
+def _load_json(path: Path, filename: str, encoding: str, max_bytes: int | None = None) -> Any:
+    raw = _read_all(path, filename, max_bytes)
     # Undecodable bytes become lone surrogates; validate_rows rejects the rows holding them.
     text = raw.decode(encoding, errors="replace" if encoding.startswith("utf-16") else "surrogateescape")
     del raw
     try:
-        return json.loads(text.lstrip("\ufeff"))
+        payload = json.loads(text.lstrip("\ufeff"))
     except json.JSONDecodeError as exc:
         raise UploadError(
             f"{filename}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}). "
             "Upload the response of Jira's /rest/api/2/search, a list of issues, or one issue."
         ) from None
     except RecursionError:
-        raise UploadError(f"{filename}: the JSON is nested too deeply to be an export.") from None
+        payload = None  # refused below, with the same message as a deep document json could read
+    except ValueError as exc:  # not a JSONDecodeError: an integer above Python's 4,300-digit limit
+        raise UploadError(f"{filename}: a number in the JSON is too long to read ({str(exc).split(';')[0]}); "
+                          "export it as text.") from None
+    else:
+        if not json_limits.depth_exceeds(payload, MAX_DOCUMENT_DEPTH):
+            return payload
+    raise UploadError(f"{filename}: the JSON nests more than {MAX_DOCUMENT_DEPTH} levels deep, deeper than any "
+                      "export; check that this is the export file.")
 
 
 def _jira_issue_list(payload: Any) -> list | None:
@@ -503,7 +591,7 @@ def _check_kind(filename: str, fmt: str, kind: str) -> None:
 
 def _jira_issues(issues: list, report: ImportReport) -> Iterator[ParsedDocument]:
     for row, issue in enumerate(issues, start=1):
-        report.rows_read += 1
+        report.read_row()
         doc = _jira_issue(issue, row, report)
         if doc is not None:
             yield doc
@@ -589,7 +677,7 @@ def _stackfaq(pairs: Any, filename: str, report: ImportReport) -> Iterator[Parse
     if not isinstance(pairs, list) or not pairs:
         raise UploadError(f"{filename}: root.qapair holds no question.")
     for row, item in enumerate(pairs, start=1):
-        report.rows_read += 1
+        report.read_row()
         if not isinstance(item, dict):
             report.reject(row=row, field_name="qapair", reason="not a JSON object")
             continue
@@ -612,19 +700,19 @@ def _stackfaq(pairs: Any, filename: str, report: ImportReport) -> Iterator[Parse
 # --- Tabular: CSV, JSONL, list of objects, Parquet -----------------------------------------
 
 
-def _jsonl_records(path: Path, filename: str, encoding: str):
+def _jsonl_records(path: Path, filename: str, encoding: str, max_bytes: int | None = None):
     columns: list[str] = []
     seen: set[str] = set()
 
     def records() -> Iterator[tuple[int, Any]]:
-        with _text_stream(open_payload(path, filename), encoding) as text:
+        with _text_stream(open_payload(path, filename, max_bytes), encoding) as text:
             for line_no, line in enumerate(text, start=1):
                 if not line.strip():
                     continue
                 try:
-                    yield line_no, json.loads(line)
-                except ValueError as exc:
-                    yield line_no, UploadError(f"not valid JSON ({exc})")
+                    yield line_no, json_limits.loads(line, what=f"line {line_no}")
+                except json_limits.JSONLimitError as exc:
+                    yield line_no, UploadError(str(exc).partition(": ")[2])
 
     # Columns: the keys of the first 100 objects, in order.
     iterator = records()
@@ -643,6 +731,11 @@ def _jsonl_records(path: Path, filename: str, encoding: str):
         yield from buffered
         yield from iterator
 
+    if not columns:
+        bad = next(((row, item) for row, item in buffered if isinstance(item, UploadError)), None)
+        if bad is not None:
+            raise UploadError(f"{filename}: no usable row in the file (first problem: row {bad[0]}, field (row): "
+                              f"{bad[1]}).")
     return columns, replay()
 
 
@@ -656,7 +749,7 @@ def _records_with_columns(records: Iterator[tuple[int, Any]]):
     return columns, iter(items)
 
 
-def _read_parquet(path, filename, report, *, kind, mapping) -> Upload:
+def _read_parquet(path, filename, report, *, kind, mapping, max_bytes=None) -> Upload:
     import pyarrow.parquet as pq  # pyarrow: the reference Parquet reader, streams row groups
 
     try:
@@ -664,19 +757,62 @@ def _read_parquet(path, filename, report, *, kind, mapping) -> Upload:
     except Exception as exc:  # pyarrow raises ArrowInvalid/OSError for anything unreadable
         raise UploadError(f"{filename}: not a readable Parquet file ({exc}).") from None
     columns = list(parquet.schema_arrow.names)
+    # Parquet pages are compressed: check what the footer declares before decoding anything,
+    # then count what the batches really hold (dictionary and run-length encodings expand further).
+    limit = path.stat().st_size * MAX_ZIP_RATIO + BOMB_SLACK_BYTES
+    if max_bytes is not None:
+        limit = min(limit, max_bytes)
+    meta = parquet.metadata
+    if meta.num_rows > MAX_PARQUET_ROWS:
+        raise UploadError(f"{filename}: the Parquet file declares {meta.num_rows:,} rows, above the "
+                          f"{MAX_PARQUET_ROWS:,} limit of one upload. Split it into smaller files.")
+    declared = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    if declared > limit:
+        raise UploadError(_expanded_too_far(filename, limit))
 
     def records() -> Iterator[tuple[int, Any]]:
         row = 0
+        decoded = 0
         try:
             for batch in parquet.iter_batches(batch_size=5000):
+                decoded += _decoded_bytes(batch)
+                if decoded > limit:
+                    raise UploadError(_expanded_too_far(filename, limit))
                 for item in batch.to_pylist():
                     row += 1
                     yield row, item
+        except UploadError:
+            raise
         except Exception as exc:  # a damaged row group: say where it broke off
             raise UploadError(f"{filename}: the Parquet file is damaged after row {row} ({exc}).") from None
 
     report.encoding = "parquet"
     return _tabular(filename, report, (columns, records()), kind=kind, mapping=mapping, fmt_hint="parquet")
+
+
+def _decoded_bytes(batch) -> int:
+    """Bytes a record batch holds once its dictionary columns are expanded (to_pylist expands them).
+
+    batch.nbytes counts a dictionary's values once: 20,000 rows pointing at
+    one 1,000-character value are 80 KB there and 20 MB as Python strings.
+    Computed from the value lengths, without expanding anything.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    total = 0
+    for column in batch.columns:
+        if not pa.types.is_dictionary(column.type):
+            total += column.nbytes
+            continue
+        values = column.dictionary
+        total += column.indices.nbytes
+        if pa.types.is_string(values.type) or pa.types.is_large_string(values.type) or \
+                pa.types.is_binary(values.type) or pa.types.is_large_binary(values.type):
+            total += pc.sum(pc.take(pc.binary_length(values), column.indices)).as_py() or 0
+        elif len(values):
+            total += values.nbytes // len(values) * len(column)
+    return total
 
 
 def _sniff_delimiter(filename: str, text_head: str) -> str:
@@ -688,10 +824,10 @@ def _sniff_delimiter(filename: str, text_head: str) -> str:
     return best if counts[best] else ","
 
 
-def _read_csv(path, filename, report, text_head, encoding, *, kind, mapping) -> Upload:
+def _read_csv(path, filename, report, text_head, encoding, *, kind, mapping, max_bytes=None) -> Upload:
     delimiter = _sniff_delimiter(filename, text_head)
     report.delimiter = delimiter
-    stream = _text_stream(open_payload(path, filename), encoding)
+    stream = _text_stream(open_payload(path, filename, max_bytes), encoding)
     reader = csv.reader(stream, delimiter=delimiter)
     try:
         header = next(reader)
@@ -728,6 +864,15 @@ def _read_csv(path, filename, report, text_head, encoding, *, kind, mapping) -> 
                 if not any(c.strip() for c in cells):
                     continue  # blank line
                 row += 1
+                if cells[0].strip().lstrip("\ufeff") == header[0] and (
+                    [c.strip().lstrip("\ufeff") for c in cells] == header
+                ):
+                    # Files joined end to end (cat a.csv.gz b.csv.gz: gzip reads both members as one
+                    # stream) repeat their header: never a document, always worth telling.
+                    report.read_row()
+                    report.reject(row=row, field_name="(row)", reason="repeats the header row (two files joined "
+                                  "together?); remove this line or upload the files one by one")
+                    continue
                 yield row, cells
         finally:
             stream.close()
@@ -824,7 +969,10 @@ def validate_mapping(mapping: dict[str, Any], *, columns: list[str], kind: str) 
     out: dict[str, Any] = {}
     for role, column in mapping.items():
         if role == "attributes":
-            names = [column] if isinstance(column, str) else list(column or [])
+            names = [column] if isinstance(column, str) else column or []
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise UploadError("mapping: attributes must be a column name or a list of column names (text), "
+                                  f"got {json.dumps(column)[:80]}.")
             missing = [n for n in names if n not in known]
             if missing:
                 raise UploadError(f"mapping: attribute column {missing[0]!r} is not in the file "
@@ -836,6 +984,8 @@ def validate_mapping(mapping: dict[str, Any], *, columns: list[str], kind: str) 
             raise UploadError(f"mapping: unknown role {role!r}; roles are {', '.join(ROLES)} and attributes.")
         if not column:
             continue
+        if not isinstance(column, str):
+            raise UploadError(f"mapping: the {role} column must be a column name (text), got {json.dumps(column)[:80]}.")
         if column not in known:
             raise UploadError(f"mapping: the {role} column {column!r} is not in the file "
                               f"(columns: {', '.join(columns[:30])}).")
@@ -846,38 +996,82 @@ def validate_mapping(mapping: dict[str, Any], *, columns: list[str], kind: str) 
     return out
 
 
-def _cell(value: Any) -> str:
+class CellError(ValueError):
+    """A cell that cannot be read as text (nested too deeply); its row is rejected naming the column."""
+
+
+def _scalar_text(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, str):
         return value.strip()
-    if isinstance(value, (list, tuple)):
-        return ", ".join(_cell(v) for v in value if _cell(v))
+    if isinstance(value, dict) and json_limits.depth_exceeds(value):
+        raise CellError(f"nested more than {json_limits.MAX_DEPTH} levels deep; give it as text")
     return str(value)
+
+
+def _cell(value: Any) -> str:
+    """A cell as text: lists (nested too) flattened to "a, b, c" without empty items.
+
+    One pass over the items with an explicit stack: linear in the size of the
+    cell, and a list nested deeper than json_limits.MAX_DEPTH is a CellError
+    (the recursive version called itself twice per item: 23 levels cost 7 s).
+    """
+    if not isinstance(value, (list, tuple)):
+        return _scalar_text(value)
+    parts: list[str] = []
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, tuple)):
+            if depth > json_limits.MAX_DEPTH:
+                raise CellError(f"a list nested more than {json_limits.MAX_DEPTH} levels deep; flatten it")
+            stack.extend((child, depth + 1) for child in reversed(item))
+            continue
+        text = _scalar_text(item)
+        if text:
+            parts.append(text)
+    return ", ".join(parts)
 
 
 def _mapped_rows(records, mapping, kind, report, *, empty_message) -> Iterator[ParsedDocument]:
     any_row = False
     for row, item in records:
         any_row = True
-        report.rows_read += 1
+        report.read_row()
         if isinstance(item, UploadError):
             report.reject(row=row, field_name="(row)", reason=str(item))
             continue
         if not isinstance(item, dict):
             report.reject(row=row, field_name="(row)", reason="not an object with named fields")
             continue
-        doc = _mapped_row(row, item, mapping, kind, report)
+        try:
+            doc = _mapped_row(row, item, mapping, kind, report)
+        except _BadCell as exc:
+            report.reject(row=row, field_name=exc.column, reason=exc.reason)
+            continue
         if doc is not None:
             yield doc
     if not any_row and empty_message:
         raise UploadError(empty_message)
 
 
+class _BadCell(Exception):
+    def __init__(self, column: str, reason: str):
+        super().__init__(reason)
+        self.column, self.reason = column, reason
+
+
 def _mapped_row(row: int, item: dict, mapping: dict, kind: str, report: ImportReport) -> ParsedDocument | None:
-    title = _cell(item.get(mapping["title"]))
-    body = _cell(item.get(mapping["body"])) if "body" in mapping else ""
-    key = _cell(item.get(mapping["key"])) if "key" in mapping else ""
+    def cell(column: str) -> str:
+        try:
+            return _cell(item.get(column))
+        except CellError as exc:
+            raise _BadCell(column, str(exc)) from None
+
+    title = cell(mapping["title"])
+    body = cell(mapping["body"]) if "body" in mapping else ""
+    key = cell(mapping["key"]) if "key" in mapping else ""
     for role, value in (("title", title), ("body", body), ("key", key)):
         if len(value) > MAX_CELL_CHARS:
             report.reject(row=row, key=key[:255], field_name=mapping[role],
@@ -893,21 +1087,21 @@ def _mapped_row(row: int, item: dict, mapping: dict, kind: str, report: ImportRe
         return None
     metadata: dict[str, Any] = {}
     if "label" in mapping:
-        metadata["label"] = _cell(item.get(mapping["label"]))
+        metadata["label"] = cell(mapping["label"])
         if kind == "labelled" and not metadata["label"]:
             report.reject(row=row, key=key[:255], field_name=mapping["label"], reason="empty label")
             return None
     if "group" in mapping:
-        metadata["group"] = _cell(item.get(mapping["group"]))
+        metadata["group"] = cell(mapping["group"])
     if "date" in mapping:
-        metadata["date"] = parse_date(_cell(item.get(mapping["date"])))
+        metadata["date"] = parse_date(cell(mapping["date"]))
     if "negative" in mapping:
-        metadata["negative"] = _cell(item.get(mapping["negative"]))
+        metadata["negative"] = cell(mapping["negative"])
         if kind == "triplets" and not metadata["negative"]:
             report.reject(row=row, key=key[:255], field_name=mapping["negative"], reason="empty negative")
             return None
     if "score" in mapping:
-        raw = _cell(item.get(mapping["score"]))
+        raw = cell(mapping["score"])
         if raw:
             try:
                 metadata["score"] = float(raw)
@@ -918,7 +1112,7 @@ def _mapped_row(row: int, item: dict, mapping: dict, kind: str, report: ImportRe
                 report.reject(row=row, key=key[:255], field_name=mapping["score"], reason="not a finite number")
                 return None
     if mapping.get("attributes"):
-        metadata["attributes"] = {name: _cell(item.get(name)) for name in mapping["attributes"]}
+        metadata["attributes"] = {name: cell(name) for name in mapping["attributes"]}
     if not key:
         key = _derived_key(kind, title, body, metadata)
     return ParsedDocument(key[:255], title, body, metadata, row=row)
@@ -961,7 +1155,7 @@ def _jira_csv(header: list[str], rows, filename: str, report: ImportReport) -> I
     any_row = False
     for row, cells in rows:
         any_row = True
-        report.rows_read += 1
+        report.read_row()
         if len(cells) > width and any(c.strip() for c in cells[width:]):
             report.reject(row=row, field_name="(row)", reason=f"{len(cells)} cells, the header has {width} columns")
             continue
@@ -1017,7 +1211,7 @@ def _links_rows(header: list[str], rows, report: ImportReport) -> Iterator[LinkR
     else:
         a, b = lowered.index("issue id"), lowered.index("duplicate id")
     for row, cells in rows:
-        report.rows_read += 1
+        report.read_row()
         cells = cells + [""] * (len(header) - len(cells))
         key, other = cells[a].strip(), cells[b].strip()
         if not key or not other:
@@ -1047,6 +1241,10 @@ def validate_rows(documents: Iterable[ParsedDocument], report: ImportReport) -> 
         key = doc.external_key.replace("\x00", "")
         title = _clean_text(doc.title)
         body = _clean_text(doc.body)
+        if json_limits.depth_exceeds(doc.metadata):
+            report.reject(row=doc.row, key=key.encode("utf-8", "replace").decode("utf-8"), field_name="metadata",
+                          reason=f"a value nests more than {json_limits.MAX_DEPTH} levels deep; flatten it")
+            continue
         metadata_json = canonical_json(doc.metadata)
         problem = None
         for name, value in (("key", key), ("title", title), ("body", body), ("metadata", metadata_json)):
@@ -1090,8 +1288,14 @@ def _clean_text(value: str) -> str:
 
 
 def canonical_json(metadata: dict[str, Any]) -> str:
-    """Metadata as stored and hashed: sorted keys (jsonb reorders them anyway), no NUL."""
-    return json.dumps(metadata, ensure_ascii=False, sort_keys=True, separators=(",", ":")).replace("\\u0000", "")
+    """Metadata as stored and hashed: sorted keys (jsonb reorders them anyway), no NUL.
+
+    NUL is removed from the values, not from the serialised text: there a
+    person's literal backslash-u0000 was cut in half, leaving JSON that
+    PostgreSQL refused at import time (a 500 after a clean preview).
+    The caller bounds the depth (json_limits.depth_exceeds).
+    """
+    return json.dumps(json_limits.strip_nul(metadata), ensure_ascii=False, sort_keys=True, separators=(",", ":"))
 
 
 def content_hash(key: str, title: str, body: str, metadata_json: str) -> str:

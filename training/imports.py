@@ -28,10 +28,11 @@ from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.db import connections, transaction
 from django.utils import timezone
 
-from training import datasets
+from training import datasets, importers
 from training.errors import ServiceError
 from training.models import Dataset, ImportJob
 
@@ -40,17 +41,44 @@ logger = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3
 STAGED_TTL = timedelta(days=1)
 HEARTBEAT_EVERY_S = 5.0
+# Files kept on disk for one user (previews kept to import, queued and running
+# imports), in MB. 4 GB holds two uploads at the default 2 GB upload limit.
+DEFAULT_STAGED_QUOTA_MB = 4096
+_HOLDING_FILES = (ImportJob.Status.STAGED, ImportJob.Status.QUEUED, ImportJob.Status.RUNNING)
 
 
 def _is_big(size_bytes: int) -> bool:
     return size_bytes > settings.BACKGROUND_IMPORT_MB * 1024 * 1024
 
 
+def _expands_big(source) -> bool:
+    """A compressed file (path or open upload) whose header declares more than a web request may expand
+    (datasets.expanded_limit)."""
+    if source is None or (isinstance(source, Path) and not source.exists()):
+        return False
+    declared = importers.declared_expanded_size(source)
+    if declared is None:
+        return False
+    size = source.stat().st_size if isinstance(source, Path) else _stream_size(source)
+    if declared > size * importers.MAX_ZIP_RATIO + importers.BOMB_SLACK_BYTES:
+        return False  # a claim the bomb guard refuses anyway (or a truncated file): read it now, fail fast
+    return declared > datasets.expanded_limit(background=False)
+
+
+def _stream_size(stream) -> int:
+    position = stream.tell()
+    try:
+        return stream.seek(0, os.SEEK_END)
+    finally:
+        stream.seek(position)
+
+
 def wants_background(upload, requested: bool | None = None) -> bool:
-    """True when the upload should be imported by a job: asked for, or above the size threshold."""
+    """True when the upload should be imported by a job: asked for, above the size threshold, or compressed
+    and declaring that it expands beyond what a web request may (so an honest big .gz never meets that cap)."""
     if requested is not None:
         return requested
-    return _is_big(getattr(upload, "size", 0) or 0)
+    return _is_big(getattr(upload, "size", 0) or 0) or _expands_big(getattr(upload, "file", None))
 
 
 def _stage(upload) -> tuple[Path, int]:
@@ -72,18 +100,45 @@ def _stage(upload) -> tuple[Path, int]:
     return target, target.stat().st_size
 
 
+def staged_quota_bytes() -> int:
+    return int(getattr(settings, "EMBEDPORTAL_STAGED_UPLOAD_QUOTA_MB", DEFAULT_STAGED_QUOTA_MB)) * 1024 * 1024
+
+
 def stage(
     *, owner, upload, dataset: Dataset | None = None, name: str = "", kind: str = "", strict: bool = False,
     mapping: dict | None = None, language: str = "english",
 ) -> ImportJob:
-    """Keep an upload on disk as a STAGED job (a preview the user may import next, without uploading again)."""
-    path, size = _stage(upload)
-    return ImportJob.objects.create(
-        owner=owner, action=ImportJob.Action.VERSION if dataset else ImportJob.Action.CREATE, dataset=dataset,
-        name=dataset.name if dataset else name.strip(), kind=kind, language=language, strict=strict,
-        mapping=mapping, filename=(upload.name or "upload")[:255], file_path=str(path), size_bytes=size,
-        status=ImportJob.Status.STAGED,
-    )
+    """Keep an upload on disk as a STAGED job (a preview the user may import next, without uploading again).
+
+    The files a user has on disk (staged, queued and running imports) may
+    take at most EMBEDPORTAL_STAGED_UPLOAD_QUOTA_MB together: above it the
+    upload is refused (ServiceError naming the file) and nothing is kept.
+    Staged files expire after STAGED_TTL (reap_stale).
+    """
+    size = getattr(upload, "size", 0) or 0
+    quota = staged_quota_bytes()
+    with transaction.atomic():
+        # One user's uploads check the quota one at a time (the row lock), so two cannot both slip under it.
+        get_user_model().objects.select_for_update().filter(pk=owner.pk).first()
+        held = sum(ImportJob.objects.filter(owner=owner, status__in=_HOLDING_FILES).values_list("size_bytes",
+                                                                                                flat=True))
+        if held + size > quota:
+            raise ServiceError(
+                f"file: {upload.name} ({size / 1048576:.1f} MB) does not fit: your kept and running uploads take "
+                f"{held / 1048576:.1f} MB of your {quota // 1048576} MB (EMBEDPORTAL_STAGED_UPLOAD_QUOTA_MB). "
+                "Import or wait for them, or let unused previews expire (after a day)."
+            )
+        path, size = _stage(upload)
+        try:
+            return ImportJob.objects.create(
+                owner=owner, action=ImportJob.Action.VERSION if dataset else ImportJob.Action.CREATE,
+                dataset=dataset, name=dataset.name if dataset else name.strip(), kind=kind, language=language,
+                strict=strict, mapping=mapping, filename=(upload.name or "upload")[:255], file_path=str(path),
+                size_bytes=size, status=ImportJob.Status.STAGED,
+            )
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
 
 
 def stage_and_preview(*, owner, upload, dataset: Dataset | None = None, name: str = "", kind: str = "",
@@ -118,7 +173,7 @@ def start(*, job: ImportJob, background: bool | None = None, name: str = "") -> 
     elif job.dataset_id is None:
         raise ServiceError("dataset: the dataset of this upload was deleted; nothing was imported.")
     if background is None:
-        background = _is_big(job.size_bytes)
+        background = _is_big(job.size_bytes) or _expands_big(Path(job.file_path))
     from training import tasks
 
     with transaction.atomic():
@@ -129,7 +184,7 @@ def start(*, job: ImportJob, background: bool | None = None, name: str = "") -> 
         if background:
             transaction.on_commit(lambda: tasks.run_import.delay(job_id=job.pk))
     job.refresh_from_db()
-    return job if background else execute(job=job)
+    return job if background else execute(job=job, background=False)
 
 
 def _check_new_dataset(job: ImportJob) -> None:
@@ -196,8 +251,12 @@ class _Heartbeat(threading.Thread):
         self.join(timeout=30)
 
 
-def execute(*, job: ImportJob) -> ImportJob:
-    """Run a queued job (the task calls this). A job already claimed or ended is left alone."""
+def execute(*, job: ImportJob, background: bool = True) -> ImportJob:
+    """Run a queued job (the task calls this). A job already claimed or ended is left alone.
+
+    background=False when run inside a web request (start() of a small file):
+    a compressed file then expands only as far as a request may (datasets.expanded_limit).
+    """
     now = timezone.now()
     claimed = ImportJob.objects.filter(pk=job.pk, status=ImportJob.Status.QUEUED).update(
         status=ImportJob.Status.RUNNING, started_at=now, heartbeat_at=now, phase="reading", rows_read=0,
@@ -216,14 +275,14 @@ def execute(*, job: ImportJob) -> ImportJob:
         if job.action == ImportJob.Action.CREATE:
             dataset = datasets.import_dataset(
                 owner=job.owner, name=job.name, kind=job.kind, path=path, filename=job.filename, strict=job.strict,
-                mapping=job.mapping, language=job.language, progress=heartbeat.update,
+                mapping=job.mapping, language=job.language, progress=heartbeat.update, background=background,
             )
             result = {"dataset": dataset, "version": dataset.versions.first()}
         else:
             if job.dataset is None:
                 raise ServiceError("dataset: the dataset of this upload was deleted; nothing was imported.")
             version = datasets.add_version(dataset=job.dataset, path=path, filename=job.filename, strict=job.strict,
-                                           mapping=job.mapping, progress=heartbeat.update)
+                                           mapping=job.mapping, progress=heartbeat.update, background=background)
             result = {"dataset": job.dataset, "version": version}
     except ServiceError as exc:
         _finish(job, heartbeat, status=ImportJob.Status.FAILED, error=str(exc))
