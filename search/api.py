@@ -145,6 +145,8 @@ class IndexJobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
     """Jobs over your indexes (duplicate scans, fusion tuning, evaluations): status, phase, progress, result."""
 
     serializer_class = serializers.IndexJobSerializer
+    parser_classes = API_PARSERS
+    pagination_class = BoundedLimitOffsetPagination
 
     def get_queryset(self):
         return IndexJob.objects.filter(owner=self.request.user).order_by("-created_at", "-id")

@@ -296,7 +296,7 @@ def test_list_pages_are_clamped_to_200_rows(api, many_datasets, query, count):
 
 
 @pytest.mark.parametrize("url", ["/api/datasets/", "/api/imports/", "/api/runs/", "/api/models/", "/api/indexes/",
-                                 "/api/duplicates/"])
+                                 "/api/duplicates/", "/api/index-jobs/"])
 def test_every_list_endpoint_takes_a_huge_limit_and_offset(api, url):
     for query in ("limit=99999999999999999999", "offset=99999999999999999999", "limit=-1"):
         response = api.get(f"{url}?{query}")
