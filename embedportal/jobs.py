@@ -354,6 +354,7 @@ def reap(model: type[Job], *, timeout_s: int | None = None) -> dict[str, int]:
         Q(heartbeat_at__lt=cutoff) | Q(heartbeat_at__isnull=True)
     )
     out = {"requeued": 0, "failed": 0, "resent": 0, "cancelled": 0}
+    requeued: set[int] = set()
     for pk in list(stale.values_list("pk", flat=True)):
         with transaction.atomic():
             row = stale.select_for_update().filter(pk=pk).first()
@@ -369,6 +370,7 @@ def reap(model: type[Job], *, timeout_s: int | None = None) -> dict[str, int]:
                     error=f"Attempt {row.attempt} stopped reporting during '{died_in}'; retrying.",
                 )
                 enqueue(row)
+                requeued.add(pk)
                 out["requeued"] += 1
             else:
                 model.objects.filter(pk=pk).update(
@@ -378,12 +380,13 @@ def reap(model: type[Job], *, timeout_s: int | None = None) -> dict[str, int]:
                            f"memory, then start it again."),
                 )
                 out["failed"] += 1
-    out["resent"] = _resend_lost(model, now)
+    # Jobs re-queued just now are sent by their enqueue (after commit), not twice here.
+    out["resent"] = _resend_lost(model, now, skip=requeued)
     return out
 
 
-def _resend_lost(model: type[Job], now) -> int:
-    queued = model.objects.filter(status=model.QUEUED).filter(
+def _resend_lost(model: type[Job], now, *, skip: set[int]) -> int:
+    queued = model.objects.filter(status=model.QUEUED).exclude(pk__in=skip).filter(
         Q(enqueued_at__isnull=True) | Q(enqueued_at__lt=now - timedelta(seconds=RESEND_GRACE_S))
     )
     rows = list(queued.values_list("pk", "task_id", "phase"))
