@@ -108,7 +108,7 @@ class Job(models.Model):
 
     @classmethod
     def timeout_s(cls) -> int:
-        return int(cls.heartbeat_timeout_s or getattr(settings, "JOB_HEARTBEAT_TIMEOUT_S", settings.RUN_HEARTBEAT_TIMEOUT_S))
+        return int(cls.heartbeat_timeout_s or settings.JOB_HEARTBEAT_TIMEOUT_S)
 
     @property
     def is_finished(self) -> bool:

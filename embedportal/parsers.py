@@ -21,13 +21,13 @@ from rest_framework.settings import api_settings
 
 from embedportal import json_limits
 
-# 256 texts of 8,192 characters (the /api/embed limits) are 2 MB as ASCII
-# JSON and up to 12.6 MB when every character is sent as a \uXXXX escape.
-DEFAULT_MAX_BODY_MB = 16
+# settings.MAX_JSON_BODY_MB defaults to 16: 256 texts of 8,192 characters (the
+# /api/embed limits) are 2 MB as ASCII JSON and up to 12.6 MB when every
+# character is sent as a \uXXXX escape.
 
 
 def max_body_bytes() -> int:
-    return int(getattr(settings, "EMBEDPORTAL_MAX_JSON_BODY_MB", DEFAULT_MAX_BODY_MB) * 1024 * 1024)
+    return int(settings.MAX_JSON_BODY_MB * 1024 * 1024)
 
 
 class RequestBodyTooLarge(APIException):

@@ -196,6 +196,13 @@ MAX_UPLOAD_MB = env_int("EMBEDPORTAL_MAX_UPLOAD_MB", 2048)
 # instead of inside the request; the staged files live in UPLOADS_DIR, which
 # web and worker processes must share (docker-compose: the var volume).
 BACKGROUND_IMPORT_MB = env_int("EMBEDPORTAL_BACKGROUND_IMPORT_MB", 32)
+# Largest JSON or form body an API request may send (the largest /api/embed request fits).
+MAX_JSON_BODY_MB = env_int("EMBEDPORTAL_MAX_JSON_BODY_MB", 16)
+# How far a compressed upload (gzip, zip, Parquet) may expand in a worker; in a web request twice
+# BACKGROUND_IMPORT_MB (bigger ones go to a background import).
+MAX_DECOMPRESSED_MB = env_int("EMBEDPORTAL_MAX_DECOMPRESSED_MB", MAX_UPLOAD_MB)
+# Kept (previewed), queued and running uploads of one user together; kept ones expire after a day.
+STAGED_UPLOAD_QUOTA_MB = env_int("EMBEDPORTAL_STAGED_UPLOAD_QUOTA_MB", 4096)
 UPLOADS_DIR = Path(env_str("EMBEDPORTAL_UPLOADS_DIR", str(VAR_DIR / "uploads"))).resolve()
 
 # --- Product --------------------------------------------------------------------
@@ -260,7 +267,14 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    # Every list: limit clamped to 1-200, offset bounded, non-numbers a 400 naming the parameter.
+    "DEFAULT_PAGINATION_CLASS": "embedportal.pagination.BoundedLimitOffsetPagination",
+    # JSON and form bodies are read up to MAX_JSON_BODY_MB (413 above it) before parsing.
+    "DEFAULT_PARSER_CLASSES": [
+        "embedportal.parsers.BoundedJSONParser",
+        "embedportal.parsers.BoundedFormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
     "PAGE_SIZE": 50,
     "EXCEPTION_HANDLER": "embedportal.api_errors.exception_handler",
     # Scope of the ScopedRateThrottle on /api/auth/token/ (embedportal/urls.py), per

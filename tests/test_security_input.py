@@ -327,7 +327,7 @@ def test_any_pagination_parameters_give_a_bounded_page_or_a_400_naming_them(api,
 
 
 def test_a_json_body_above_the_cap_is_refused_unread(api, settings):
-    settings.EMBEDPORTAL_MAX_JSON_BODY_MB = 1
+    settings.MAX_JSON_BODY_MB = 1
     message = ("The request body is larger than the 1 MB limit for JSON and form data "
                "(EMBEDPORTAL_MAX_JSON_BODY_MB); send less per request, or upload a file.")
     big = json.dumps({"texts": ["x" * 1000] * 1100})
@@ -387,7 +387,7 @@ def test_an_honest_gzip_that_expands_past_the_request_cap_goes_to_a_background_j
 
 
 def test_the_worker_cap_stops_a_gzip_that_expands_past_the_decompressed_limit(user, settings, tmp_path):
-    settings.EMBEDPORTAL_MAX_DECOMPRESSED_MB = 2
+    settings.MAX_DECOMPRESSED_MB = 2
     path = tmp_path / "x.csv.gz"
     path.write_bytes(gzip.compress(_rows_csv(90_000)))
     with pytest.raises(ServiceError) as exc:
@@ -434,7 +434,7 @@ def test_a_preview_checks_a_bounded_number_of_rows(api):
 
 
 def test_kept_uploads_count_against_a_per_user_quota(api, other_user, settings, tmp_path):
-    settings.EMBEDPORTAL_STAGED_UPLOAD_QUOTA_MB = 1
+    settings.STAGED_UPLOAD_QUOTA_MB = 1
     settings.UPLOADS_DIR = tmp_path / "uploads"
     content = _rows_csv(16_000)  # 0.6 MB
     first = api.post("/api/datasets/preview/", {"file": SimpleUploadedFile("a.csv", content), "keep": "true",

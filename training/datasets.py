@@ -55,7 +55,7 @@ def expanded_limit(*, background: bool) -> int:
     plain upload limit, so compression lets no more data in than an uncompressed file could bring); during
     a web request, at most REQUEST_EXPANSION x EMBEDPORTAL_BACKGROUND_IMPORT_MB."""
     mb = 1024 * 1024
-    worker = int(getattr(settings, "EMBEDPORTAL_MAX_DECOMPRESSED_MB", settings.MAX_UPLOAD_MB)) * mb
+    worker = int(settings.MAX_DECOMPRESSED_MB) * mb
     if background:
         return worker
     return min(worker, settings.BACKGROUND_IMPORT_MB * REQUEST_EXPANSION * mb)

@@ -42,8 +42,8 @@ MAX_ATTEMPTS = 3
 STAGED_TTL = timedelta(days=1)
 HEARTBEAT_EVERY_S = 5.0
 # Files kept on disk for one user (previews kept to import, queued and running
-# imports), in MB. 4 GB holds two uploads at the default 2 GB upload limit.
-DEFAULT_STAGED_QUOTA_MB = 4096
+# imports) count against settings.STAGED_UPLOAD_QUOTA_MB: its default, 4 GB,
+# holds two uploads at the default 2 GB upload limit.
 _HOLDING_FILES = (ImportJob.Status.STAGED, ImportJob.Status.QUEUED, ImportJob.Status.RUNNING)
 
 
@@ -101,7 +101,7 @@ def _stage(upload) -> tuple[Path, int]:
 
 
 def staged_quota_bytes() -> int:
-    return int(getattr(settings, "EMBEDPORTAL_STAGED_UPLOAD_QUOTA_MB", DEFAULT_STAGED_QUOTA_MB)) * 1024 * 1024
+    return int(settings.STAGED_UPLOAD_QUOTA_MB) * 1024 * 1024
 
 
 def stage(
