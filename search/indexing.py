@@ -75,6 +75,9 @@ def run_build(*, index_id: int) -> None:
 
         serving.on_index_ready(index=index)  # a pending promotion switches now, atomically
         _tune_after_build(index)
+        from search.clustering import assignment  # needs this index's new vectors: after the build, not at the signal
+
+        assignment.after_index_build(index=index)
 
 
 def _build(attempt: jobs.Attempt) -> None:

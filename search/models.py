@@ -175,3 +175,169 @@ class DuplicatePair(models.Model):
 
     def __str__(self) -> str:
         return f"{self.document_a_id} ~ {self.document_b_id} ({self.similarity:.3f}, {self.decision})"
+
+
+# --- Clustering (search.clustering) ---------------------------------------------------
+
+
+class ClusteringRun(Job):
+    """A clustering of an index's vectors: a job, and once it succeeds a versioned clustering model.
+
+    The fitted model (KMeans centroids, or the PCA reducer plus HDBSCAN's
+    prediction data) is an artifact on disk (`artifact_path`, an .npz
+    without pickles); `version` counts the runs of a dataset. New tickets of
+    the dataset are assigned to this run's clusters without refitting
+    (ClusterAssignmentJob); "recluster" is a new run.
+    """
+
+    class Method(models.TextChoices):
+        KMEANS = "kmeans", "KMeans"
+        HDBSCAN = "hdbscan", "HDBSCAN"
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+        CANCELLED = "cancelled", "Cancelled"
+
+    task_name = "search.run_clustering"
+    kind_label = "clustering run"
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="clustering_runs")
+    index = models.ForeignKey(SearchIndex, on_delete=models.CASCADE, related_name="clustering_runs")
+    # The index's dataset, kept here so "the latest clustering of a dataset" is one indexed lookup.
+    dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="clustering_runs")
+    version = models.PositiveIntegerField()
+    method = models.CharField(max_length=16, choices=Method.choices)
+    # What was asked (validated by search.clustering.runs.clean_params): k or "auto", ranges, sizes, seed...
+    params = models.JSONField(default=dict, blank=True)
+    # What came out: chosen k and silhouette scores, reduction, noise share, timings, counts.
+    result = models.JSONField(default=dict, blank=True)
+    # The dataset's version number the fit saw; later versions' tickets are assigned, not fitted.
+    dataset_version = models.PositiveIntegerField(null=True, blank=True)
+    artifact_path = models.CharField(max_length=1000, blank=True)
+    # The run whose clusters this one was matched against (names carried over by member overlap).
+    previous = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    # Dirty flag: the dataset got tickets since; the next ready index build queues their assignment.
+    needs_assignment = models.BooleanField(default=False)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["dataset", "status", "-created_at"], name="clustering_run_latest")]
+        constraints = [
+            models.UniqueConstraint(fields=["dataset", "version"], name="clustering_run_unique_version"),
+            # One unfinished run per index: a second is refused while one is under way.
+            models.UniqueConstraint(fields=["index"], condition=models.Q(status__in=["queued", "running"]),
+                                    name="clustering_run_one_active_per_index"),
+        ]
+
+    def __str__(self) -> str:
+        return f"Clustering v{self.version} of {self.dataset_id} ({self.get_method_display()}, {self.status})"
+
+
+class Cluster(models.Model):
+    """One cluster of a run: its readable label (c-TF-IDF terms), representatives and dominant Jira fields."""
+
+    run = models.ForeignKey(ClusteringRun, on_delete=models.CASCADE, related_name="clusters")
+    # The fitted model's label (0..k-1): the row of its centroid in the artifact.
+    number = models.PositiveIntegerField()
+    # A person's name for it; carried to the matching cluster of the next run.
+    name = models.CharField(max_length=200, blank=True)
+    # [[term, score], ...], best first (class-based TF-IDF over the members' text).
+    terms = models.JSONField(default=list, blank=True)
+    # Document ids, most representative first (nearest the centroid / highest membership).
+    representatives = models.JSONField(default=list, blank=True)
+    # {"component": [[value, share], ...], "issue_type": [...], "priority": [...]}
+    fields = models.JSONField(default=dict, blank=True)
+    size = models.PositiveIntegerField(default=0)
+    # The cluster of the previous run it was matched to, and their Jaccard overlap.
+    matched = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    match_overlap = models.FloatField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["run", "-size", "number"]
+        constraints = [models.UniqueConstraint(fields=["run", "number"], name="cluster_unique_number_per_run")]
+
+    def __str__(self) -> str:
+        return self.label
+
+    @property
+    def auto_label(self) -> str:
+        return " · ".join(term for term, _ in self.terms[:4]) or f"cluster {self.number}"
+
+    @property
+    def label(self) -> str:
+        return self.name or self.auto_label
+
+
+class ClusterAssignment(models.Model):
+    """A document's cluster in a run (null: an outlier), how strongly, and how it got there."""
+
+    class Source(models.TextChoices):
+        FIT = "fit", "Fitted"
+        ASSIGNED = "assigned", "Assigned later (not refitted)"
+
+    run = models.ForeignKey(ClusteringRun, on_delete=models.CASCADE, related_name="assignments")
+    document = models.ForeignKey(Document, on_delete=models.CASCADE, related_name="cluster_assignments")
+    cluster = models.ForeignKey(Cluster, null=True, blank=True, on_delete=models.CASCADE, related_name="members")
+    # HDBSCAN's membership probability, or cosine similarity to the KMeans centroid; null where none.
+    strength = models.FloatField(null=True, blank=True)
+    source = models.CharField(max_length=16, choices=Source.choices, default=Source.FIT)
+    # An HDBSCAN outlier moved to its nearest cluster by "assign outliers" (BERTopic's reduce_outliers).
+    moved_from_noise = models.BooleanField(default=False)
+    # Position on the run's 2-D map (null for rows outside the drawn sample).
+    x = models.FloatField(null=True, blank=True)
+    y = models.FloatField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["run", "document"]
+        constraints = [models.UniqueConstraint(fields=["run", "document"], name="cluster_assignment_unique")]
+        indexes = [
+            models.Index(fields=["cluster", "-strength"], name="cluster_assignment_members"),
+            models.Index(fields=["document"], name="cluster_assignment_document"),
+        ]
+
+
+class ClusterAssignmentJob(Job):
+    """Batch inference with a finished run's model: new tickets to clusters, or outliers to the nearest cluster."""
+
+    class Kind(models.TextChoices):
+        NEW_DOCUMENTS = "new", "Assign new tickets"
+        OUTLIERS = "outliers", "Assign outliers to the nearest cluster"
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+        CANCELLED = "cancelled", "Cancelled"
+
+    task_name = "search.assign_to_clusters"
+    kind_label = "cluster assignment"
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="cluster_jobs")
+    run = models.ForeignKey(ClusteringRun, on_delete=models.CASCADE, related_name="assignment_jobs")
+    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.NEW_DOCUMENTS)
+    result = models.JSONField(default=dict, blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(fields=["run", "kind"], condition=models.Q(status__in=["queued", "running"]),
+                                    name="cluster_job_one_active_per_kind"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.get_kind_display()} for run {self.run_id} ({self.status})"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from django.dispatch import receiver
 
 from search import indexing, serving
+from search.clustering import assignment
 from search.vectors import store_embeddings
 from training.models import Document, ModelVersion
 from training.signals import dataset_version_added, model_version_registered
@@ -32,3 +33,15 @@ def refresh_indexes_of_new_dataset_version(sender, *, dataset, version, **kwargs
     """New and changed documents get vectors; the indexes keep serving their current ones meanwhile."""
     if version.added or version.changed:
         indexing.refresh_indexes(dataset=dataset)
+
+
+@receiver(dataset_version_added, dispatch_uid="search.assign_new_tickets_to_clusters")
+def assign_new_tickets_to_clusters(sender, *, dataset, version, **kwargs) -> None:
+    """New tickets join the dataset's current clustering without a refit, once they have vectors.
+
+    Connected after the index refresh above, so the index is already queued
+    again: the run is flagged here and the build's end queues the assignment
+    (search.clustering.assignment explains the order).
+    """
+    if version.added:
+        assignment.mark_new_tickets(dataset=dataset)

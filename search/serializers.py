@@ -1,11 +1,13 @@
 from rest_framework import serializers
 
 from search.duplicates import DEFAULT_DUPLICATE_THRESHOLD
-from search.filters import FILTER_PARAMS, SearchFilters
+from search.filters import FILTER_PARAMS, FILTERS, MAX_ID, SearchFilters
 from training.fusion import RRF_K
 from search.hybrid import FUSION_METHODS, MAX_K, MAX_QUERY_CHARS, MODES, RRF_K_RANGE
 from search.models import DuplicatePair, IndexJob, SearchIndex
 from search.tuning import EVALUATION_MAX_QUERIES, MAX_EVALUATION_QUERIES
+
+FILTERS_BY_PARAM = {f.param: f for f in FILTERS}
 
 
 class SearchIndexSerializer(serializers.ModelSerializer):
@@ -43,8 +45,10 @@ class SearchIndexCreateSerializer(serializers.Serializer):
 
 
 def _values(field_name: str) -> serializers.ListField:
+    integer = FILTERS_BY_PARAM[field_name].integer
+    child = serializers.IntegerField(min_value=1, max_value=MAX_ID) if integer else serializers.CharField(max_length=200)
     return serializers.ListField(
-        child=serializers.CharField(max_length=200), required=False, default=list, max_length=50,
+        child=child, required=False, default=list, max_length=50,
         help_text=f"Repeat the parameter to match any of several values ({field_name}=A&{field_name}=B).",
     )
 

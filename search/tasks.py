@@ -3,6 +3,7 @@
 from celery import shared_task
 
 from search import index_jobs, indexing
+from search.clustering import assignment, runs
 
 
 @shared_task(name="search.build_index")
@@ -13,3 +14,13 @@ def build_index(*, job_id: int) -> None:
 @shared_task(name="search.run_index_job")
 def run_index_job(*, job_id: int) -> None:
     index_jobs.run(job_id=job_id)
+
+
+@shared_task(name="search.run_clustering")
+def run_clustering(*, job_id: int) -> None:
+    runs.run(job_id=job_id)
+
+
+@shared_task(name="search.assign_to_clusters")
+def assign_to_clusters(*, job_id: int) -> None:
+    assignment.run(job_id=job_id)

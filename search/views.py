@@ -20,7 +20,7 @@ from embedportal import jobs
 from embedportal.errors import ServiceError
 from search import duplicates, hybrid, indexing, serializers, serving, tuning
 from search.filters import FILTERS, filter_options
-from search.models import DuplicatePair, IndexJob, SearchIndex
+from search.models import Cluster, DuplicatePair, IndexJob, SearchIndex
 from training.downloads import temporary_file_response
 from training.models import Dataset, Document, ModelVersion
 from training.registry import production_version
@@ -84,13 +84,23 @@ def _filter_context(index: SearchIndex | None, data: dict) -> dict:
     options = filter_options(dataset=index.dataset) if index else {}
     fields = []
     for f in FILTERS:
-        chosen = set(data.get(f.param, []))
+        chosen = {str(v) for v in data.get(f.param, [])}
         values = options.get(f.param, [])
+        if f.param == "cluster" and index is not None:
+            values = values + _other_clusters(index, chosen - {v for v, _, _ in values})
         if values:
             fields.append({"name": f.param, "label": f.label,
-                           "options": [(value, count, value in chosen) for value, count in values]})
+                           "options": [(value, count, value in chosen, label) for value, count, label in values]})
     active = any(data.get(f.param) for f in FILTERS) or data.get("created_from") or data.get("created_to")
     return {"filter_fields": fields, "filters_active": bool(active)}
+
+
+def _other_clusters(index: SearchIndex, ids: set[str]) -> list[tuple[str, int, str]]:
+    """Chosen clusters of an earlier run of the same dataset ("search within this cluster" from its page)."""
+    if not ids:
+        return []
+    rows = Cluster.objects.filter(pk__in=[int(i) for i in ids], run__dataset_id=index.dataset_id).select_related("run")
+    return [(str(c.pk), c.size, f"{c.label} (clustering v{c.run.version})") for c in rows]
 
 
 @login_required

@@ -1,0 +1,376 @@
+"""Clustering runs: start one on a ready index, fit it as a job, store clusters and assignments fenced.
+
+A run is a ClusteringRun (a Job of embedportal.jobs, default queue, CPU):
+loading vectors -> choosing k / reducing -> fitting -> (outliers to the
+nearest cluster) -> labelling -> the map -> saving. Every row is written in
+one transaction that starts with the attempt's fenced update, so a stale
+attempt (reaped, then woken) can never leave a row: its update raises
+LostClaim and the transaction rolls back. The same params and seed give the
+same clusters (seeded samples, KMeans random_state, PCA by eigendecomposition,
+HDBSCAN has no randomness).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+from django.conf import settings
+from django.db import IntegrityError, connection, transaction
+from django.db.models import Max
+from django.db.models.functions import Left
+from django.utils import timezone
+
+from embedportal import jobs
+from embedportal.errors import ConflictError, ServiceError
+from search.clustering import fitting, labels
+from search.models import Cluster, ClusterAssignment, ClusteringRun, Embedding, SearchIndex
+from training.corpus import ticket_text
+from training.models import Dataset, Document
+
+logger = logging.getLogger(__name__)
+
+METHODS = tuple(ClusteringRun.Method.values)
+REDUCTIONS = ("pca", "none")
+# Bounds of the parameters a person may set (the API and the form show the same).
+K_BOUNDS = (2, 200)
+DEFAULT_K_RANGE = (5, 40)
+SAMPLE_BOUNDS = (200, 20_000)
+DEFAULT_SAMPLE = 5_000
+MIN_CLUSTER_SIZE_BOUNDS = (2, 10_000)
+MIN_SAMPLES_BOUNDS = (1, 1_000)
+DEFAULT_MIN_SAMPLES = 5
+DIMS_BOUNDS = (2, 100)
+DEFAULT_DIMS = 10
+SEED_BOUNDS = (0, 2**31 - 1)
+DEFAULT_SEED = 42
+# Points drawn on the map: a seeded sample when the dataset is larger.
+MAP_POINTS = 20_000
+MIN_DOCUMENTS = 10
+# Jaccard overlap of members above which a new cluster is "the same" as one of the previous run (name carried).
+MATCH_MIN_JACCARD = 0.3
+# Silhouette of the result, on a seeded sample (shown on the run page).
+RESULT_SILHOUETTE_SAMPLE = 5_000
+PARAM_NAMES = ("k", "k_min", "k_max", "sample_size", "min_cluster_size", "min_samples", "reduction", "dims",
+               "assign_outliers", "seed")
+
+
+def _int(params: dict, name: str, bounds: tuple[int, int], default: int | None) -> int | None:
+    value = params.get(name, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ServiceError(f"{name}: must be a whole number, got {value!r}.")
+    if not bounds[0] <= value <= bounds[1]:
+        raise ServiceError(f"{name}: must be between {bounds[0]} and {bounds[1]}, got {value}.")
+    return value
+
+
+def clean_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The run's parameters with defaults filled in; ServiceError("<field>: why") for anything off.
+
+    kmeans: k (2-200 or "auto"), k_min/k_max (the auto range), sample_size (silhouette sample).
+    hdbscan: min_cluster_size (None: 0.5% of the documents, 5-500), min_samples,
+    reduction ("pca" or "none"), dims (PCA components), assign_outliers.
+    Both: seed.
+    """
+    if method not in METHODS:
+        raise ServiceError(f"method: must be one of {', '.join(METHODS)}, got {method!r}.")
+    unknown = sorted(set(params) - set(PARAM_NAMES))
+    if unknown:
+        raise ServiceError(f"{unknown[0]}: not a clustering parameter (known: {', '.join(PARAM_NAMES)}).")
+    out: dict[str, Any] = {"seed": _int(params, "seed", SEED_BOUNDS, DEFAULT_SEED)}
+    if method == ClusteringRun.Method.KMEANS:
+        k = params.get("k", "auto")
+        if k in ("auto", None, ""):
+            k_min = _int(params, "k_min", K_BOUNDS, DEFAULT_K_RANGE[0])
+            k_max = _int(params, "k_max", K_BOUNDS, DEFAULT_K_RANGE[1])
+            if k_min >= k_max:
+                raise ServiceError(f"k_max: must be above k_min ({k_min}), got {k_max}.")
+            out.update(k="auto", k_min=k_min, k_max=k_max,
+                       sample_size=_int(params, "sample_size", SAMPLE_BOUNDS, DEFAULT_SAMPLE))
+        else:
+            out["k"] = _int(params, "k", K_BOUNDS, None)
+        return out
+    reduction = params.get("reduction", "pca")
+    if reduction not in REDUCTIONS:
+        raise ServiceError(f"reduction: must be one of {', '.join(REDUCTIONS)}, got {reduction!r}.")
+    assign_outliers = params.get("assign_outliers", False)
+    if not isinstance(assign_outliers, bool):
+        raise ServiceError(f"assign_outliers: must be true or false, got {assign_outliers!r}.")
+    out.update(
+        min_cluster_size=_int(params, "min_cluster_size", MIN_CLUSTER_SIZE_BOUNDS, None),
+        min_samples=_int(params, "min_samples", MIN_SAMPLES_BOUNDS, DEFAULT_MIN_SAMPLES),
+        reduction=reduction, dims=_int(params, "dims", DIMS_BOUNDS, DEFAULT_DIMS) if reduction == "pca" else None,
+        assign_outliers=assign_outliers,
+    )
+    return out
+
+
+def auto_min_cluster_size(n: int) -> int:
+    """0.5% of the documents, at least 5 and at most 500: ~20-60 groups a person can read through."""
+    return int(min(500, max(5, round(n * 0.005))))
+
+
+def start_clustering(*, index: SearchIndex, owner, method: str, params: dict[str, Any] | None = None) -> ClusteringRun:
+    """Validate, create the run (the dataset's next clustering version) and queue it after commit.
+
+    Refused (409) while another run of this index is queued or running; the
+    index must be ready (every document embedded).
+    """
+    cleaned = clean_params(method, dict(params or {}))
+    if index.status != SearchIndex.Status.READY:
+        raise ServiceError(f"index: this index is {index.status}; clustering needs a ready index.")
+    try:
+        with transaction.atomic():
+            # The dataset's row lock serialises version numbers of concurrent starts.
+            Dataset.objects.select_for_update().filter(pk=index.dataset_id).first()
+            number = (ClusteringRun.objects.filter(dataset_id=index.dataset_id).aggregate(n=Max("version"))["n"] or 0) + 1
+            run = ClusteringRun.objects.create(owner=owner, index=index, dataset_id=index.dataset_id, version=number,
+                                               method=method, params=cleaned)
+    except IntegrityError:
+        raise ConflictError("A clustering run of this index is already queued or running.") from None
+    jobs.enqueue(run)
+    return run
+
+
+def recluster(*, run: ClusteringRun, owner) -> ClusteringRun:
+    """Fit anew with the same method and parameters on the index's current vectors (names carried by overlap)."""
+    return start_clustering(index=run.index, owner=owner, method=run.method, params=run.params)
+
+
+def run(*, job_id: int) -> None:
+    """The worker's side (search.tasks calls this): claim, fit with a heartbeat, finish by what happened."""
+    jobs.run_job(ClusteringRun, job_id, _fit)
+
+
+def latest_run(*, dataset: Dataset) -> ClusteringRun | None:
+    """The dataset's current clustering: its latest succeeded run."""
+    return (ClusteringRun.objects.filter(dataset=dataset, status=ClusteringRun.Status.SUCCEEDED)
+            .order_by("-created_at", "-id").first())
+
+
+def rename_cluster(*, cluster: Cluster, name: str) -> Cluster:
+    """Give a cluster a person's name ("" goes back to its terms); kept by the matching cluster of the next run."""
+    if not isinstance(name, str):
+        raise ServiceError("name: must be text.")
+    name = " ".join(name.split())
+    if len(name) > 200:
+        raise ServiceError(f"name: at most 200 characters, got {len(name)}.")
+    cluster.name = name
+    cluster.save(update_fields=["name"])
+    return cluster
+
+
+# --- The job ------------------------------------------------------------------------
+
+
+def load_vectors(index: SearchIndex) -> tuple[np.ndarray, np.ndarray]:
+    """(document ids ascending, their normalised vectors) of the index's dataset under its model version."""
+    rows = (Embedding.objects.filter(model_version_id=index.model_version_id, document__dataset_id=index.dataset_id)
+            .order_by("document_id").values_list("document_id", "embedding"))
+    ids: list[int] = []
+    vectors: list[np.ndarray] = []
+    for doc_id, vector in rows.iterator(chunk_size=5000):
+        ids.append(doc_id)
+        vectors.append(np.asarray(vector, dtype=np.float32))
+    if not ids:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, int(index.model_version.dimensions)), dtype=np.float32)
+    return np.asarray(ids, dtype=np.int64), fitting.normalise(np.vstack(vectors))
+
+
+def load_texts(doc_ids: np.ndarray) -> tuple[list[str], list[dict]]:
+    """Text (title + the start of the body) and metadata of the documents, in doc_ids order."""
+    position = {int(d): i for i, d in enumerate(doc_ids)}
+    texts: list[str] = [""] * len(doc_ids)
+    metadata: list[dict] = [{}] * len(doc_ids)
+    rows = (Document.objects.filter(pk__in=[int(d) for d in doc_ids])
+            .values_list("pk", "title", Left("body", labels.MAX_LABEL_CHARS), "metadata"))
+    for pk, title, body, meta in rows.iterator(chunk_size=5000):
+        i = position[pk]
+        texts[i] = ticket_text(title, body or "")
+        metadata[i] = meta or {}
+    return texts, metadata
+
+
+def _fit(attempt: jobs.Attempt) -> None:
+    run = ClusteringRun.objects.select_related("index__model_version", "dataset").get(pk=attempt.pk)
+    params, seed = run.params, int(run.params.get("seed", DEFAULT_SEED))
+    timings: dict[str, float] = {}
+    started = clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = round(now - clock, 2)
+        clock = now
+
+    attempt.set_phase("loading vectors", 0.0)
+    doc_ids, vectors = load_vectors(run.index)
+    if len(doc_ids) < MIN_DOCUMENTS:
+        raise jobs.JobFailed(f"Clustering needs at least {MIN_DOCUMENTS} documents with vectors; "
+                             f"this index has {len(doc_ids)}.")
+    lap("load_vectors")
+    result: dict[str, Any] = {"documents": int(len(doc_ids)), "method": run.method}
+    if run.method == ClusteringRun.Method.KMEANS:
+        k = params["k"]
+        if k == "auto":
+            attempt.set_phase("choosing k by silhouette", 0.05)
+            k, scores = fitting.choose_k(vectors, k_min=params["k_min"], k_max=params["k_max"],
+                                         sample_size=params["sample_size"], seed=seed, check=attempt.check)
+            result.update(k_range=[params["k_min"], params["k_max"]], silhouette_by_k={str(n): s for n, s in scores.items()},
+                          silhouette_sample=int(min(len(doc_ids), params["sample_size"])))
+            lap("choose_k")
+        attempt.set_phase("fitting KMeans", 0.3)
+        fitted = fitting.fit_kmeans(vectors, k=min(int(k), len(doc_ids)), seed=seed)
+        lap("fit")
+    else:
+        min_cluster_size = params.get("min_cluster_size") or auto_min_cluster_size(len(doc_ids))
+        attempt.set_phase("reducing (PCA) and fitting HDBSCAN" if params["reduction"] == "pca" else "fitting HDBSCAN", 0.1)
+        fitted = fitting.fit_hdbscan(vectors, min_cluster_size=min_cluster_size, min_samples=params["min_samples"],
+                                     reduction=params["reduction"], dims=params["dims"] or DEFAULT_DIMS, seed=seed,
+                                     check=attempt.check)
+        lap("fit")
+    attempt.check()
+    result.update(fitted.info, clusters=fitted.n_clusters)
+    if fitted.n_clusters == 0:
+        raise jobs.JobFailed("HDBSCAN found no cluster (every document is an outlier): lower min_cluster_size "
+                             "or min_samples and run it again.")
+    model = fitted.model
+    labels_, strengths = fitted.labels, fitted.strengths
+    moved = np.zeros(len(doc_ids), dtype=bool)
+    noise = labels_ == fitting.NOISE
+    result["noise_share"] = round(float(noise.mean()), 4)
+    if run.method == ClusteringRun.Method.HDBSCAN and params.get("assign_outliers") and noise.any():
+        attempt.set_phase("assigning outliers to the nearest cluster", 0.5)
+        labels_, strengths = labels_.copy(), strengths.copy()
+        labels_[noise], strengths[noise] = fitting.nearest_clusters(model, vectors[noise])
+        moved = noise
+        result["outliers_moved"] = int(noise.sum())
+    result["noise_share_after_assignment"] = round(float((labels_ == fitting.NOISE).mean()), 4)
+    result["silhouette"] = _silhouette(vectors, labels_, seed)
+    lap("outliers_and_silhouette")
+
+    attempt.set_phase("labelling clusters (c-TF-IDF)", 0.6)
+    texts, metadata = load_texts(doc_ids)
+    n_clusters = fitted.n_clusters
+    terms = labels.class_tfidf(texts, labels_, n_clusters)
+    attempt.check()
+    member = labels_ >= 0
+    similarity = np.full(len(doc_ids), -1.0, dtype=np.float32)
+    similarity[member] = np.einsum("ij,ij->i", vectors[member], model["centroids"][labels_[member]])
+    reps = labels.representatives(labels_, strengths, similarity, n_clusters)
+    shares = labels.field_shares(metadata, labels_, n_clusters)
+    sizes = np.bincount(labels_[member], minlength=n_clusters)
+    lap("label")
+
+    attempt.set_phase("drawing the map", 0.8)
+    model.update(fitting.fit_map(vectors, seed=seed))
+    drawn = fitting.sample_rows(len(doc_ids), MAP_POINTS, seed)
+    xy = np.full((len(doc_ids), 2), np.nan, dtype=np.float32)
+    xy[drawn] = fitting.project(model, vectors[drawn])
+    folder = attempt.workdir(settings.MODELS_DIR / "clustering" / f"run-{int(run.pk)}")
+    artifact = fitting.save_model(model, folder / "model.npz")
+    lap("map_and_artifact")
+
+    version_number = run.dataset.versions.aggregate(n=Max("number"))["n"]
+    attempt.set_phase("saving", 0.9)
+    with transaction.atomic():
+        # Fenced first: a stale attempt stops here and writes nothing.
+        attempt.update(phase="saving", progress=0.9)
+        ClusterAssignment.objects.filter(run=run).delete()
+        Cluster.objects.filter(run=run).delete()
+        clusters = Cluster.objects.bulk_create([
+            Cluster(run=run, number=c, terms=terms[c], size=int(sizes[c]), fields=shares[c],
+                    representatives=[int(doc_ids[i]) for i in reps[c]])
+            for c in range(n_clusters)
+        ])
+        cluster_ids = np.asarray([c.pk for c in clusters], dtype=np.int64)
+        _copy_assignments(run.pk, doc_ids, labels_, strengths, moved, xy, cluster_ids, source="fit")
+        previous = match_previous(run=run, clusters=clusters)
+        lap("save")
+        result.update(timings=timings, seconds=round(time.perf_counter() - started, 2),
+                      matched_previous=previous.pk if previous else None)
+        attempt.update(result=result, artifact_path=str(artifact), dataset_version=version_number,
+                       previous=previous, needs_assignment=False)
+
+
+def _silhouette(vectors: np.ndarray, labels_: np.ndarray, seed: int) -> float | None:
+    """Cosine silhouette of the clustered (non-outlier) rows on a seeded sample; None under 2 clusters."""
+    from sklearn.metrics import silhouette_score
+
+    rows = np.flatnonzero(labels_ >= 0)
+    rows = rows[fitting.sample_rows(len(rows), RESULT_SILHOUETTE_SAMPLE, seed)]
+    if len(set(labels_[rows].tolist())) < 2:
+        return None
+    return round(float(silhouette_score(vectors[rows], labels_[rows], metric="cosine")), 4)
+
+
+def _copy_assignments(run_id: int, doc_ids: np.ndarray, labels_: np.ndarray, strengths: np.ndarray,
+                      moved: np.ndarray, xy: np.ndarray, cluster_ids: np.ndarray, *, source: str) -> int:
+    """COPY one assignment row per document (100k rows in ~2 s, bulk_create takes ~20 s); inside the caller's transaction."""
+    now = timezone.now()
+
+    def value(x: float) -> float | None:
+        return None if np.isnan(x) else float(x)
+
+    with connection.cursor() as cursor:
+        with cursor.cursor.copy(
+            "COPY search_clusterassignment (run_id, document_id, cluster_id, strength, source, moved_from_noise, "
+            "x, y, created_at) FROM STDIN"
+        ) as copy:
+            for i in range(len(doc_ids)):
+                label = int(labels_[i])
+                copy.write_row((int(run_id), int(doc_ids[i]), int(cluster_ids[label]) if label >= 0 else None,
+                                value(strengths[i]), source, bool(moved[i]), value(xy[i, 0]), value(xy[i, 1]), now))
+    return len(doc_ids)
+
+
+def match_previous(*, run: ClusteringRun, clusters: list[Cluster]) -> ClusteringRun | None:
+    """Match this run's clusters to the dataset's previous run by member overlap; carry names over.
+
+    Pairs are chosen by the Hungarian method on Jaccard overlap (one-to-one);
+    a pair at or above MATCH_MIN_JACCARD is "the same cluster": its `matched`
+    and `match_overlap` are set and a person's name is kept. Call inside the
+    run's saving transaction, after its assignments are written.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    previous = (ClusteringRun.objects.filter(dataset_id=run.dataset_id, status=ClusteringRun.Status.SUCCEEDED)
+                .exclude(pk=run.pk).order_by("-created_at", "-id").first())
+    if previous is None or not clusters:
+        return previous
+    old = list(previous.clusters.all())
+    if not old:
+        return previous
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT n.cluster_id, o.cluster_id, count(*) FROM search_clusterassignment n "
+            "JOIN search_clusterassignment o ON o.document_id = n.document_id AND o.run_id = %s "
+            "WHERE n.run_id = %s AND n.cluster_id IS NOT NULL AND o.cluster_id IS NOT NULL GROUP BY 1, 2",
+            [previous.pk, run.pk],
+        )
+        overlaps = cursor.fetchall()
+    if not overlaps:
+        return previous
+    new_at = {c.pk: i for i, c in enumerate(clusters)}
+    old_at = {c.pk: j for j, c in enumerate(old)}
+    shared = np.zeros((len(clusters), len(old)))
+    for new_id, old_id, count in overlaps:
+        shared[new_at[new_id], old_at[old_id]] = count
+    new_sizes = np.asarray([c.size for c in clusters], dtype=float)[:, None]
+    old_sizes = np.asarray([c.size for c in old], dtype=float)[None, :]
+    jaccard = shared / np.maximum(new_sizes + old_sizes - shared, 1.0)
+    rows, cols = linear_sum_assignment(-jaccard)
+    changed = []
+    for i, j in zip(rows, cols):
+        if jaccard[i, j] >= MATCH_MIN_JACCARD:
+            cluster = clusters[i]
+            cluster.matched = old[j]
+            cluster.match_overlap = round(float(jaccard[i, j]), 4)
+            cluster.name = old[j].name or cluster.name
+            changed.append(cluster)
+    Cluster.objects.bulk_update(changed, ["matched", "match_overlap", "name"])
+    return previous
