@@ -17,7 +17,8 @@ makes it survive faults:
   folders) or flip a status.
 - **A heartbeat thread runs for the whole life of an attempt**, whatever the
   phase, on its own database connection (the job's own transaction may hold
-  its writes back for minutes). It also reads the cancel flag.
+  its writes back for minutes). It also reads the cancel flag, and writes the
+  progress a job inside one long transaction hands it (`Attempt.report`).
 - **One reaper for all kinds** (`reap_all`, run by beat every minute): a
   RUNNING job whose heartbeat is older than its kind's timeout is re-queued
   (resuming from its checkpoint where the kind has one) until max_attempts,
@@ -82,6 +83,8 @@ class Job(models.Model):
     task_name: ClassVar[str] = ""
     # Seconds without a heartbeat after which the reaper takes the job back.
     heartbeat_timeout_s: ClassVar[int | None] = None  # None: settings.JOB_HEARTBEAT_TIMEOUT_S
+    # Seconds between two beats; None: four times per timeout, at most every 15 s (heartbeat_every).
+    heartbeat_every_s: ClassVar[float | None] = None
     # Shown to people as "what kind of job".
     kind_label: ClassVar[str] = "job"
 
@@ -204,6 +207,9 @@ class Attempt:
     cancel_seen: bool = False
     _phase: str = ""
     _extra: dict[str, Any] = field(default_factory=dict)
+    # Fields handed to the heartbeat thread by report(), written (fenced) on its next beat.
+    _reported: dict[str, Any] = field(default_factory=dict)
+    _reported_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def _mine(self):
@@ -219,6 +225,23 @@ class Attempt:
 
     def set_phase(self, phase: str, progress: float | None = None) -> None:
         self.update(phase=phase[:64], progress=progress)
+
+    def report(self, **fields: Any) -> None:
+        """Hand fields (phase, rows read...) to the heartbeat thread, which writes them fenced on its next beat.
+
+        For a job that works inside one long transaction: an update() from its
+        own connection would stay invisible until commit and would hold the job
+        row's lock against the heartbeat. Raises nothing; check() tells a lost claim.
+        """
+        if "phase" in fields:
+            self._phase = fields["phase"]
+        with self._reported_lock:
+            self._reported.update(fields)
+
+    def _take_reported(self) -> dict[str, Any]:
+        with self._reported_lock:
+            taken, self._reported = self._reported, {}
+        return taken
 
     def check(self) -> None:
         """Raise LostClaim or Cancelled if the heartbeat saw either; call at safe points in long loops."""
@@ -236,6 +259,7 @@ class Attempt:
     def finish(self, status: str | None = None, **fields: Any) -> bool:
         """Move to a terminal status (SUCCEEDED by default), fenced; False when the claim was lost."""
         status = status or self.model.SUCCEEDED
+        fields = {**self._take_reported(), **fields}  # what the heartbeat had not written yet
         return bool(self._mine.update(status=status, finished_at=timezone.now(), heartbeat_at=timezone.now(),
                                       **({"progress": 1.0} if status == self.model.SUCCEEDED else {}), **fields))
 
@@ -268,7 +292,8 @@ def claim(model: type[Job], pk: int) -> Attempt | None:
 
 
 class _Heartbeat(threading.Thread):
-    """Touches heartbeat_at every `every` seconds while the attempt owns the job; reads the cancel flag."""
+    """Touches heartbeat_at every `every` seconds while the attempt owns the job, with what the attempt
+    reported since the last beat; reads the cancel flag."""
 
     def __init__(self, attempt: Attempt, every: float):
         super().__init__(name=f"heartbeat-{attempt.model.__name__}-{attempt.pk}", daemon=True)
@@ -280,7 +305,7 @@ class _Heartbeat(threading.Thread):
         try:
             while not self._halt.wait(self.every):
                 mine = self.attempt._mine
-                if not mine.update(heartbeat_at=timezone.now()):
+                if not mine.update(heartbeat_at=timezone.now(), **self.attempt._take_reported()):
                     self.attempt.lost = True
                     return
                 if mine.filter(cancel_requested=True).exists():
@@ -296,8 +321,8 @@ class _Heartbeat(threading.Thread):
 
 
 def heartbeat_every(model: type[Job]) -> float:
-    """Beat four times per timeout, at most every 15 s."""
-    return max(0.2, min(15.0, model.timeout_s() / 4))
+    """The kind's heartbeat_every_s, else four times per timeout, at most every 15 s."""
+    return model.heartbeat_every_s or max(0.2, min(15.0, model.timeout_s() / 4))
 
 
 def run_job(model: type[Job], pk: int, body: Callable[[Attempt], Any]) -> Attempt | None:
@@ -435,14 +460,30 @@ def broker_task_ids() -> set[str] | None:
     return ids
 
 
+# Chores that run with every reaper pass (expiring kept uploads...). This module imports no app, so an
+# app registers its chore here from its AppConfig.ready() instead of adding a beat entry of its own.
+_housekeeping: list[Callable[[], Any]] = []
+
+
+def register_housekeeping(chore: Callable[[], Any]) -> None:
+    """Run `chore()` after every reaper pass (reap_all); registering it twice runs it once."""
+    if chore not in _housekeeping:
+        _housekeeping.append(chore)
+
+
 def reap_all() -> dict[str, dict[str, int]]:
-    """Run the reaper for every job kind; the beat task calls this every minute."""
+    """Run the reaper for every job kind, then the registered housekeeping; the beat task calls this every minute."""
     out = {}
     for model in job_models():
         try:
             out[model._meta.label] = reap(model)
         except Exception:  # one kind's trouble must not stop the others from being reaped
             logger.exception("reaping %s failed", model._meta.label)
+    for chore in _housekeeping:
+        try:
+            chore()
+        except Exception:  # nor one chore's trouble the next chore
+            logger.exception("housekeeping %s failed", getattr(chore, "__qualname__", chore))
     close_old_connections()
     return out
 

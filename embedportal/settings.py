@@ -253,8 +253,8 @@ CELERY_WORKER_SEND_TASK_EVENTS = True
 CELERY_TASK_SEND_SENT_EVENT = True
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_BEAT_SCHEDULE = {
-    "reap-stale-runs": {"task": "training.reap_stale_runs", "schedule": 60.0},
-    # The one reaper of embedportal.jobs: re-queues silent jobs, re-sends lost messages.
+    # The one reaper of embedportal.jobs: re-queues silent jobs, re-sends lost messages, then runs the
+    # apps' housekeeping (expired previews, files of ended imports).
     "reap-jobs": {"task": "embedportal.reap_jobs", "schedule": 60.0},
 }
 CELERY_TIMEZONE = TIME_ZONE

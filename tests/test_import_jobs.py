@@ -1,19 +1,31 @@
-"""Background import jobs for big uploads: page, API, a real worker, failures, the reaper."""
+"""Background import jobs for big uploads: page, API, a real worker, failures, the one job system's reaper."""
 
 from __future__ import annotations
 
-import time
+import base64
+import json
+import os
+import signal
+import threading
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import redis
+from django.conf import settings as django_settings
 from django.core.files.uploadedfile import SimpleUploadedFile
+from django.db import connection, connections, transaction
 from django.utils import timezone
 from rest_framework.test import APIClient
 
+from embedportal import jobs
+from embedportal.celery import app as celery_app
+from tests.test_worker_process import start_worker  # noqa: F401  (a fixture: real worker processes)
 from tests.waiting import wait_for
 from training import imports
 from training.models import Dataset, ImportJob
+
+DEAD_BROKER = "redis://127.0.0.1:1/0"  # nothing listens on port 1: "Redis is down"
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +48,7 @@ def test_api_background_upload_is_imported_by_a_real_worker(celery_worker, api, 
     assert job["status"] in ("queued", "running", "succeeded") and job["url"] == f"/api/imports/{job['id']}/"
     done = wait_for(lambda: api.get(job["url"]).json(), lambda j: j["status"] in ("succeeded", "failed"), timeout=120)
     assert done["status"] == "succeeded", done
-    assert done["rows_read"] == 200 and done["phase"] == "done" and done["attempts"] == 1
+    assert (done["rows_read"], done["phase"], done["attempt"], done["error"]) == (200, "done", 1, "")
     dataset = Dataset.objects.get(pk=done["dataset"])
     assert dataset.name == "hadoop-bg" and dataset.documents.count() == 200
     assert done["version"] == dataset.versions.get().pk
@@ -135,43 +147,189 @@ def test_jobs_are_owner_scoped(api, other_user, small_jira_file):
     assert other.get("/api/imports/").json()["results"] == []
 
 
-@pytest.mark.django_db
-def test_reaper_requeues_a_job_whose_worker_vanished_then_fails_it(user, uploads_dir):
+@pytest.mark.django_db(transaction=True)  # reap_all closes old connections
+def test_reaper_fails_an_import_after_its_last_attempt_and_removes_its_file_but_leaves_previews(user, uploads_dir):
+    # Given a running import on its last attempt whose worker went silent, and a fresh kept preview
     uploads_dir.mkdir(parents=True)
     staged = uploads_dir / "x.upload"
     staged.write_text("{}")
-    stale = timezone.now() - timedelta(minutes=30)
-    job = ImportJob.objects.create(owner=user, name="n", filename="f.json", file_path=str(staged),
-                                   status=ImportJob.Status.RUNNING, heartbeat_at=stale, attempts=1)
-    fresh = ImportJob.objects.create(owner=user, name="m", filename="g.json", file_path=str(staged),
-                                     status=ImportJob.Status.RUNNING, heartbeat_at=timezone.now(), attempts=1)
-    assert imports.reap_stale(timeout_s=300) == [job.pk]
+    job = ImportJob.objects.create(owner=user, name="n", filename="f.json", file_path=str(staged), phase="merging",
+                                   status=ImportJob.Status.RUNNING, heartbeat_at=timezone.now() - timedelta(hours=1),
+                                   attempt=3)
+    preview = imports.stage(owner=user, upload=SimpleUploadedFile("a.csv", b"Summary\nx\n"), name="p")
+    # When the one reaper runs (with its housekeeping)
+    reaped = jobs.reap_all()
+    # Then the import failed with the phase it died in, its file is gone, and the preview is untouched
+    assert reaped["training.ImportJob"] == {"requeued": 0, "failed": 1, "resent": 0, "cancelled": 0}
     job.refresh_from_db()
-    fresh.refresh_from_db()
-    assert job.status == "queued" and fresh.status == "running"
-    ImportJob.objects.filter(pk=job.pk).update(status=ImportJob.Status.RUNNING, heartbeat_at=stale,
-                                               attempts=imports.MAX_ATTEMPTS)
-    assert imports.reap_stale(timeout_s=300) == []
-    job.refresh_from_db()
-    assert job.status == "failed" and "stopped answering 3 times" in job.error and not staged.exists()
+    assert job.status == "failed" and job.error.startswith("The worker stopped reporting during 'merging' on "
+                                                           "attempt 3 of 3")
+    assert not staged.exists()
+    preview.refresh_from_db()
+    assert preview.status == "staged" and Path(preview.file_path).exists()
+
+
+@pytest.fixture
+def broker_down(settings):
+    """Point the Celery app (and the reaper's broker reads) at a port where nothing listens; yields "bring it back"."""
+    before = celery_app.conf.broker_url
+
+    def back_up() -> None:
+        celery_app.conf.broker_url = settings.CELERY_BROKER_URL = before
+
+    celery_app.conf.broker_url = settings.CELERY_BROKER_URL = DEAD_BROKER
+    yield back_up
+    back_up()
+
+
+@pytest.fixture
+def default_queue():
+    """The messages on the broker's default queue (emptied before and after the test)."""
+    broker = redis.Redis.from_url(django_settings.CELERY_BROKER_URL)
+    broker.delete("default")
+    yield lambda: [json.loads(raw) for raw in broker.lrange("default", 0, -1)]
+    broker.delete("default")
 
 
 @pytest.mark.django_db(transaction=True)
-def test_heartbeat_thread_writes_progress_on_its_own_connection(user):
-    job = ImportJob.objects.create(owner=user, name="n", filename="f.json", file_path="/nonexistent",
-                                   status=ImportJob.Status.RUNNING)
-    beat = imports._Heartbeat(job.pk)
-    beat.start()
-    beat.update("merging", 123_456)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        job.refresh_from_db()
-        if job.rows_read == 123_456:
-            break
-        time.sleep(0.2)
-    beat.stop()
-    assert (job.phase, job.rows_read) == ("merging", 123_456) and job.heartbeat_at is not None
-    assert not beat.is_alive()
+def test_import_committed_while_redis_is_down_waits_for_the_queue_then_runs(api, web, small_jira_file, default_queue,
+                                                                            broker_down, uploads_dir):
+    # Given Redis is down, when a big upload is sent
+    with open(small_jira_file, "rb") as fh:
+        answer = api.post("/api/datasets/", {"name": "later", "file": fh, "background": "true"}, format="multipart")
+    # Then it is accepted and the job says it waits for the queue, on the API and on its page
+    assert answer.status_code == 202, answer.content
+    body = answer.json()
+    assert (body["status"], body["phase"], body["waiting_for_queue"]) == ("queued", "waiting for the queue", True)
+    page = web.get(f"/imports/{body['id']}/").content.decode()
+    assert "waiting for the queue (the broker cannot be reached; it is sent when it answers)" in page
+    # And the reaper cannot send it while Redis is still down
+    assert jobs.reap(ImportJob) == {"requeued": 0, "failed": 0, "resent": 0, "cancelled": 0}
+    # When Redis is back, then the reaper's next pass sends the import task once
+    broker_down()
+    assert jobs.reap(ImportJob)["resent"] == 1
+    job = ImportJob.objects.get(pk=body["id"])
+    assert (job.status, job.phase) == ("queued", "")
+    [message] = default_queue()
+    assert (message["headers"]["id"], message["headers"]["task"]) == (job.task_id, "training.run_import")
+    assert json.loads(base64.b64decode(message["body"]))[1] == {"job_id": job.pk}
+    assert jobs.reap(ImportJob)["resent"] == 0
+    # And the worker that takes it imports the file
+    done = imports.execute(job=job)
+    assert (done.status, done.attempt, done.phase, done.rows_read) == ("succeeded", 1, "done", 200)
+    assert done.dataset.name == "later" and done.dataset.documents.count() == 200
+    assert _staged(uploads_dir) == []
+
+
+def _newer_export(small_jira_file: Path, hadoop_issues: list, tmp_path: Path) -> Path:
+    """The slice again with one summary changed and 10 issues added."""
+    known = json.loads(small_jira_file.read_text())["issues"]
+    newer = known[:150]
+    newer[0] = {**newer[0], "fields": {**newer[0]["fields"], "summary": "Changed summary"}}
+    keys = {i["key"] for i in known}
+    path = tmp_path / "newer.json"
+    path.write_text(json.dumps({"issues": newer + [i for i in hadoop_issues if i["key"] not in keys][-10:]}))
+    return path
+
+
+def _lock_waiters() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_locks WHERE NOT granted")
+        return cursor.fetchone()[0]
+
+
+class _DatasetLock:
+    """Holds a row lock on a dataset from a connection of its own until released, as a slow writer would."""
+
+    def __init__(self, dataset_id: int):
+        self._held, self._release = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._hold, args=(dataset_id,), daemon=True)
+        self._thread.start()
+        assert self._held.wait(10)
+
+    def _hold(self, dataset_id: int) -> None:
+        try:
+            with transaction.atomic():
+                # NO KEY: new rows may still point at the dataset (an upload's ImportJob), as with a slow update.
+                Dataset.objects.select_for_update(no_key=True).get(pk=dataset_id)
+                self._held.set()
+                self._release.wait(120)
+        finally:
+            connections.close_all()
+
+    def release(self) -> None:
+        self._release.set()
+        self._thread.join(30)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_stale_attempts_import_rolls_back_and_stores_nothing(api, small_jira_file, hadoop_issues, tmp_path,
+                                                               uploads_dir, default_queue):
+    # Given a dataset and a background upload of a newer export, whose first attempt is inside its
+    # transaction (waiting for the dataset's lock) when the reaper takes the job back
+    with open(small_jira_file, "rb") as fh:
+        dataset_id = api.post("/api/datasets/", {"name": "v", "file": fh}, format="multipart").json()["id"]
+    with open(_newer_export(small_jira_file, hadoop_issues, tmp_path), "rb") as fh:
+        job_id = api.post(f"/api/datasets/{dataset_id}/upload/", {"file": fh, "background": "true"},
+                          format="multipart").json()["id"]
+    job = ImportJob.objects.get(pk=job_id)
+    lock = _DatasetLock(dataset_id)
+    first: list = []
+
+    def first_attempt() -> None:
+        try:
+            first.append(imports.execute(job=job))
+        finally:
+            connections.close_all()
+
+    worker = threading.Thread(target=first_attempt)
+    worker.start()
+    wait_for(_lock_waiters, lambda waiting: waiting >= 1, timeout=30, every=0.1)
+    assert jobs.reap(ImportJob, timeout_s=0)["requeued"] == 1  # as if its heartbeat had stopped
+    # When the stale attempt gets the lock and goes on
+    lock.release()
+    worker.join(60)
+    # Then it stored nothing: no second version, no changed document, and the job is left to the next attempt
+    [stale] = first
+    assert (stale.status, stale.attempt) == ("queued", 1)
+    assert list(Dataset.objects.get(pk=dataset_id).versions.values_list("number", flat=True)) == [1]
+    assert Dataset.objects.get(pk=dataset_id).documents.filter(title="Changed summary").count() == 0
+    assert Path(job.file_path).exists()  # the next attempt reads it
+    # And the next attempt imports the version once
+    done = imports.execute(job=job)
+    assert (done.status, done.attempt, done.error) == ("succeeded", 2, "")
+    assert (done.version.number, done.version.added, done.version.changed, done.version.unchanged) == (2, 10, 1, 149)
+    assert list(Dataset.objects.get(pk=dataset_id).versions.values_list("number", flat=True)) == [2, 1]
+    assert not Path(job.file_path).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_reaper_resumes_a_killed_import_and_the_dataset_has_each_row_once(api, start_worker, small_jira_file,
+                                                                              hadoop_issues, tmp_path, uploads_dir):
+    # Given a worker process inside an import's transaction (waiting for the dataset's lock)
+    with open(small_jira_file, "rb") as fh:
+        dataset_id = api.post("/api/datasets/", {"name": "v", "file": fh}, format="multipart").json()["id"]
+    lock = _DatasetLock(dataset_id)
+    worker = start_worker("importer")
+    with open(_newer_export(small_jira_file, hadoop_issues, tmp_path), "rb") as fh:
+        job_id = api.post(f"/api/datasets/{dataset_id}/upload/", {"file": fh, "background": "true"},
+                          format="multipart").json()["id"]
+    wait_for(lambda: (ImportJob.objects.get(pk=job_id).status, _lock_waiters()),
+             lambda seen: seen == ("running", 1), timeout=120, every=0.2)
+    # When the worker is killed outright, and the reaper finds its heartbeat silent
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+    lock.release()
+    assert jobs.reap(ImportJob, timeout_s=0) == {"requeued": 1, "failed": 0, "resent": 0, "cancelled": 0}
+    # Then the next attempt imports the file, and every row is in the dataset once
+    job = imports.execute(job=ImportJob.objects.get(pk=job_id))
+    assert (job.status, job.attempt, job.phase, job.rows_read) == ("succeeded", 2, "done", 160)
+    dataset = Dataset.objects.get(pk=dataset_id)
+    assert list(dataset.versions.values_list("number", flat=True)) == [2, 1]
+    assert (job.version.added, job.version.changed, job.version.unchanged) == (10, 1, 149)
+    keys = list(dataset.documents.values_list("external_key", flat=True))
+    assert len(keys) == len(set(keys)) == 210
+    assert _staged(uploads_dir) == []
 
 
 @pytest.mark.django_db
@@ -214,11 +372,11 @@ def test_api_preview_keep_then_start(api, small_jira_file, uploads_dir):
     assert api.post(f"{staged['url']}start/", {}, format="json").status_code == 400  # already started
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)  # reap_all closes old connections
 def test_stale_previews_are_discarded_by_the_reaper(user, uploads_dir):
     job = imports.stage(owner=user, upload=SimpleUploadedFile("a.csv", b"Summary\nx\n"), name="n")
     ImportJob.objects.filter(pk=job.pk).update(created_at=timezone.now() - timedelta(days=2))
-    imports.reap_stale(timeout_s=300)
+    jobs.reap_all()  # its housekeeping: imports.expire_staged
     assert not ImportJob.objects.exists() and _staged(uploads_dir) == []
 
 

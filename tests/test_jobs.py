@@ -5,14 +5,16 @@ from __future__ import annotations
 import pytest
 import redis
 from django.conf import settings
+from django.db import transaction
 from rest_framework.test import APIClient
 
 from embedportal import jobs
 from embedportal.celery import app as celery_app
 from search import duplicates, indexing
 from search.models import IndexJob, SearchIndex
+from tests.waiting import wait_for
 from training.datasets import refresh_search_vectors
-from training.models import Dataset, Document, ModelVersion
+from training.models import Dataset, Document, ModelVersion, TrainingRun
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -136,3 +138,50 @@ def test_index_job_list_endpoint_query_count_is_flat(api, index, user, count, dj
     with django_assert_num_queries(3):
         body = api.get("/api/index-jobs/").json()
     assert body["count"] == count
+
+
+def test_reported_progress_is_written_by_the_heartbeat_while_the_jobs_transaction_is_open(user, settings):
+    # Given a job whose body works inside one long transaction, with a beat every 0.25 s
+    settings.RUN_HEARTBEAT_TIMEOUT_S = 1
+    dataset = Dataset.objects.create(owner=user, name="d")
+    run = TrainingRun.objects.create(owner=user, dataset=dataset, base_model="m")
+    seen = []
+
+    def body(attempt: jobs.Attempt) -> None:
+        with transaction.atomic():
+            Document.objects.create(dataset=dataset, external_key="K-1", title="uncommitted work")
+            # When it reports its phase from inside the transaction
+            attempt.report(phase="merging", progress=0.5)
+            # Then the row shows it before the transaction commits (read committed: the heartbeat's own commit)
+            seen.append(wait_for(lambda: TrainingRun.objects.values_list("phase", "progress").get(pk=run.pk),
+                                 lambda row: row == ("merging", 0.5), timeout=10, every=0.05))
+            attempt.report(phase="last words")
+
+    jobs.run_job(TrainingRun, run.pk, body)
+    # And what the heartbeat had not written yet is written by finish()
+    run.refresh_from_db()
+    assert seen == [("merging", 0.5)]
+    assert (run.status, run.phase, run.progress) == ("succeeded", "last words", 1.0)
+
+
+def test_a_stale_attempts_report_is_not_written_and_marks_it_lost(user, settings):
+    # Given a running job that the reaper took back and a second attempt claimed
+    settings.RUN_HEARTBEAT_TIMEOUT_S = 1
+    dataset = Dataset.objects.create(owner=user, name="d")
+    run = TrainingRun.objects.create(owner=user, dataset=dataset, base_model="m")
+    outcome = []
+
+    def body(attempt: jobs.Attempt) -> None:
+        assert jobs.reap(TrainingRun, timeout_s=0)["requeued"] == 1
+        live = jobs.claim(TrainingRun, run.pk)
+        # When the stale attempt reports progress
+        attempt.report(phase="stale", progress=0.9)
+        # Then its heartbeat finds the fence gone, writes nothing, and the next safe point stops it
+        outcome.append(wait_for(lambda: attempt.lost, bool, timeout=10, every=0.05))
+        outcome.append(live.number)
+        attempt.check()
+
+    jobs.run_job(TrainingRun, run.pk, body)
+    run.refresh_from_db()
+    assert outcome == [True, 2]
+    assert (run.status, run.attempt, run.phase, run.progress) == ("running", 2, "starting", None)  # the reaper's note

@@ -20,7 +20,7 @@ class DatasetVersionAdmin(admin.ModelAdmin):
 
 @admin.register(ImportJob)
 class ImportJobAdmin(admin.ModelAdmin):
-    list_display = ["id", "filename", "name", "action", "owner", "status", "phase", "rows_read", "attempts",
+    list_display = ["id", "filename", "name", "action", "owner", "status", "phase", "rows_read", "attempt",
                     "created_at", "finished_at"]
     list_filter = ["status", "action"]
     search_fields = ["filename", "name"]

@@ -249,7 +249,7 @@ class ImportJobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewset
                                 name=payload.validated_data["name"])
         except ServiceError as exc:
             return service_error_response(exc)
-        done = job.status in (ImportJob.Status.SUCCEEDED, ImportJob.Status.FAILED)
+        done = job.is_terminal
         return Response(self.get_serializer(job).data, status=status.HTTP_200_OK if done else status.HTTP_202_ACCEPTED)
 
 

@@ -4,3 +4,10 @@ from django.apps import AppConfig
 class TrainingConfig(AppConfig):
     name = "training"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from embedportal import jobs
+        from training import imports
+
+        # Previews nobody imported expire, and files of ended imports go, with every reaper pass.
+        jobs.register_housekeeping(imports.expire_staged)

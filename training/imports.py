@@ -8,13 +8,15 @@ with the job, whose page and API show the phase, rows read and the outcome.
 
 The job runs the same services as a small upload (datasets.import_dataset /
 add_version), so validation, strict mode, upsert by key, versions and the
-all-or-nothing guarantee are identical. While it runs, a thread on its own
-database connection writes the heartbeat and progress (the import's own
-transaction is not committed until the end, so its writes are invisible).
-A job whose worker died (no heartbeat for RUN_HEARTBEAT_TIMEOUT_S) is
-re-queued by the beat reaper, up to MAX_ATTEMPTS, then failed with the reason;
-nothing of an interrupted attempt was stored. The staged file is removed when
-the job ends.
+all-or-nothing guarantee are identical. It runs on the one job system
+(embedportal.jobs): claimed, beaten, reaped and retried like every other
+kind. The import is one long transaction, so its progress goes to the
+heartbeat thread (Attempt.report), which writes it on its own connection;
+and right before that transaction commits the job row is locked and the
+attempt checked (the fence), so a stale attempt, reaped while still alive,
+rolls its whole import back instead of storing a second version. The staged
+file is removed when the job ends; previews nobody imported expire after a
+day (expire_staged, run with the reaper).
 """
 
 from __future__ import annotations
@@ -22,25 +24,23 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import threading
 import uuid
 from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.db import connections, transaction
+from django.db import transaction
 from django.utils import timezone
 
+from embedportal import jobs
 from training import datasets, importers
 from training.errors import ServiceError
 from training.models import Dataset, ImportJob
 
 logger = logging.getLogger(__name__)
 
-MAX_ATTEMPTS = 3
 STAGED_TTL = timedelta(days=1)
-HEARTBEAT_EVERY_S = 5.0
 # Files kept on disk for one user (previews kept to import, queued and running
 # imports) count against settings.STAGED_UPLOAD_QUOTA_MB: its default, 4 GB,
 # holds two uploads at the default 2 GB upload limit.
@@ -113,7 +113,7 @@ def stage(
     The files a user has on disk (staged, queued and running imports) may
     take at most EMBEDPORTAL_STAGED_UPLOAD_QUOTA_MB together: above it the
     upload is refused (ServiceError naming the file) and nothing is kept.
-    Staged files expire after STAGED_TTL (reap_stale).
+    Staged files expire after STAGED_TTL (expire_staged).
     """
     size = getattr(upload, "size", 0) or 0
     quota = staged_quota_bytes()
@@ -174,15 +174,14 @@ def start(*, job: ImportJob, background: bool | None = None, name: str = "") -> 
         raise ServiceError("dataset: the dataset of this upload was deleted; nothing was imported.")
     if background is None:
         background = _is_big(job.size_bytes) or _expands_big(Path(job.file_path))
-    from training import tasks
-
     with transaction.atomic():
         if not ImportJob.objects.filter(pk=job.pk, status=ImportJob.Status.STAGED).update(
             status=ImportJob.Status.QUEUED
         ):
             raise ServiceError(f"import #{job.pk} was already started.")
         if background:
-            transaction.on_commit(lambda: tasks.run_import.delay(job_id=job.pk))
+            # Sent after commit; with the broker down the job waits for the queue and the reaper sends it.
+            jobs.enqueue(job)
     job.refresh_from_db()
     return job if background else execute(job=job, background=False)
 
@@ -220,121 +219,95 @@ def discard(*, job: ImportJob) -> None:
     ImportJob.objects.filter(pk=job.pk, status=ImportJob.Status.STAGED).delete()
 
 
-class _Heartbeat(threading.Thread):
-    """Writes heartbeat_at, phase and rows_read on its own connection until stopped."""
-
-    def __init__(self, job_id: int):
-        super().__init__(daemon=True, name=f"import-{job_id}-heartbeat")
-        self.job_id = job_id
-        self.phase = "reading"
-        self.rows = 0
-        self._halt = threading.Event()
-
-    def update(self, phase: str, rows: int) -> None:
-        self.phase, self.rows = phase, rows
-
-    def run(self) -> None:
-        try:
-            while True:
-                ImportJob.objects.filter(pk=self.job_id, status=ImportJob.Status.RUNNING).update(
-                    heartbeat_at=timezone.now(), phase=self.phase, rows_read=self.rows
-                )
-                if self._halt.wait(HEARTBEAT_EVERY_S):
-                    return
-        except Exception:  # the import goes on; the reaper may requeue it, which the claim tolerates
-            logger.exception("import job %s: heartbeat failed", self.job_id)
-        finally:
-            connections.close_all()  # this thread's connection
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join(timeout=30)
-
-
 def execute(*, job: ImportJob, background: bool = True) -> ImportJob:
-    """Run a queued job (the task calls this). A job already claimed or ended is left alone.
+    """Run one attempt of a queued job (the task calls this). A job already claimed or ended is left alone.
 
     background=False when run inside a web request (start() of a small file):
     a compressed file then expands only as far as a request may (datasets.expanded_limit).
+    Side effects: queued -> running -> succeeded/failed/cancelled through
+    embedportal.jobs.run_job; on success the dataset (or its new version) and
+    the job's outcome commit together; the staged file is removed once the job
+    has ended (not when this attempt lost its claim: the live attempt reads it).
+    Returns the job as it stands afterwards.
     """
-    now = timezone.now()
-    claimed = ImportJob.objects.filter(pk=job.pk, status=ImportJob.Status.QUEUED).update(
-        status=ImportJob.Status.RUNNING, started_at=now, heartbeat_at=now, phase="reading", rows_read=0,
-        attempts=job.attempts + 1, error="",
-    )
-    job.refresh_from_db()
-    if not claimed:
-        return job
+    jobs.run_job(ImportJob, job.pk, lambda attempt: _import(attempt, background=background))
+    ended = ImportJob.objects.select_related("owner", "dataset", "version").filter(pk=job.pk).first()
+    if ended is None or ended.is_terminal:  # gone with its dataset, or finished
+        Path(job.file_path).unlink(missing_ok=True)
+    return ended or job
+
+
+def _import(attempt: jobs.Attempt, *, background: bool) -> None:
+    """The body of one attempt; jobs.run_job finishes the job by how this returns or raises."""
+    job = ImportJob.objects.select_related("owner", "dataset").get(pk=attempt.pk)
+    attempt.update(phase="reading", rows_read=0, progress=None, error="")
     path = Path(job.file_path)
-    heartbeat = _Heartbeat(job.pk)
-    heartbeat.start()
-    result: dict = {}
+
+    def progress(phase: str, rows: int) -> None:
+        # Inside the import's transaction: the heartbeat thread writes it (its own connection).
+        attempt.report(phase=phase, rows_read=rows)
+        attempt.check()  # a cancel, or a claim the heartbeat found taken back, stops (and rolls back) here
+
     try:
         if not path.exists():
             raise ServiceError(f"file: the staged upload {job.filename} is gone from {path.parent}; upload it again.")
-        if job.action == ImportJob.Action.CREATE:
-            dataset = datasets.import_dataset(
-                owner=job.owner, name=job.name, kind=job.kind, path=path, filename=job.filename, strict=job.strict,
-                mapping=job.mapping, language=job.language, progress=heartbeat.update, background=background,
-            )
-            result = {"dataset": dataset, "version": dataset.versions.first()}
-        else:
-            if job.dataset is None:
-                raise ServiceError("dataset: the dataset of this upload was deleted; nothing was imported.")
-            version = datasets.add_version(dataset=job.dataset, path=path, filename=job.filename, strict=job.strict,
-                                           mapping=job.mapping, progress=heartbeat.update, background=background)
-            result = {"dataset": job.dataset, "version": version}
+        with transaction.atomic():
+            if job.action == ImportJob.Action.CREATE:
+                dataset = datasets.import_dataset(
+                    owner=job.owner, name=job.name, kind=job.kind, path=path, filename=job.filename,
+                    strict=job.strict, mapping=job.mapping, language=job.language, progress=progress,
+                    background=background,
+                )
+                version = dataset.versions.first()
+            else:
+                if job.dataset is None:
+                    raise ServiceError("dataset: the dataset of this upload was deleted; nothing was imported.")
+                dataset = job.dataset
+                version = datasets.add_version(dataset=dataset, path=path, filename=job.filename, strict=job.strict,
+                                               mapping=job.mapping, progress=progress, background=background)
+            _hold_fence(attempt)
+            attempt.finish(phase="done", error="", dataset=dataset, version=version,
+                           rows_read=(version.report or {}).get("rows_read", 0) if version else 0)
+    except (jobs.LostClaim, jobs.Cancelled):
+        raise
     except ServiceError as exc:
-        _finish(job, heartbeat, status=ImportJob.Status.FAILED, error=str(exc))
+        raise jobs.JobFailed(str(exc)) from exc
     except Exception as exc:  # unexpected: the reason is shown, nothing was stored (one transaction)
-        logger.exception("import job %s failed", job.pk)
-        _finish(job, heartbeat, status=ImportJob.Status.FAILED,
-                error=f"{type(exc).__name__}: {exc}. Nothing was imported; try again or report this.")
-    else:
-        version = result["version"]
-        _finish(job, heartbeat, status=ImportJob.Status.SUCCEEDED, dataset=result["dataset"], version=version,
-                rows=(version.report or {}).get("rows_read", heartbeat.rows) if version else heartbeat.rows)
-    job.refresh_from_db()
-    return job
+        logger.exception("import job %s failed", attempt.pk)
+        raise jobs.JobFailed(f"{type(exc).__name__}: {exc}. Nothing was imported; try again or report this.") from exc
 
 
-def _finish(job: ImportJob, heartbeat: _Heartbeat, *, status: str, error: str = "", dataset=None, version=None,
-            rows: int | None = None) -> None:
-    heartbeat.stop()
-    fields = {"status": status, "error": error, "finished_at": timezone.now(), "phase": "done"}
-    if dataset is not None:
-        fields["dataset"] = dataset
-    if version is not None:
-        fields["version"] = version
-    if rows is not None:
-        fields["rows_read"] = rows
-    ImportJob.objects.filter(pk=job.pk).update(**fields)
-    Path(job.file_path).unlink(missing_ok=True)
+def _hold_fence(attempt: jobs.Attempt) -> None:
+    """Lock the job row inside the import's transaction and check that this attempt still owns it.
 
-
-def reap_stale(*, timeout_s: int | None = None) -> list[int]:
-    """Re-queue running jobs whose heartbeat stopped (worker gone); fail them after MAX_ATTEMPTS.
-
-    Previews staged more than STAGED_TTL ago are discarded. Returns the ids re-queued. Safe to run from several beats: each change is a
-    conditional UPDATE on the old heartbeat.
+    Raises LostClaim (a stale attempt: reaped and re-queued, or the job was
+    deleted with its dataset) or Cancelled, and the whole import rolls back.
+    The lock holds until commit, so the reaper cannot take the job back
+    between this check and the commit of the dataset version.
     """
-    from training import tasks
+    row = (ImportJob.objects.select_for_update().filter(pk=attempt.pk)
+           .values("status", "attempt", "cancel_requested").first())
+    if row is None or row["status"] != ImportJob.Status.RUNNING or row["attempt"] != attempt.number:
+        attempt.lost = True
+        raise jobs.LostClaim(f"import {attempt.pk} attempt {attempt.number} lost its claim; nothing is stored")
+    if row["cancel_requested"]:
+        raise jobs.Cancelled()
 
-    timeout = timeout_s if timeout_s is not None else settings.RUN_HEARTBEAT_TIMEOUT_S
-    cutoff = timezone.now() - timedelta(seconds=timeout)
-    for staged in ImportJob.objects.filter(status=ImportJob.Status.STAGED,
-                                           created_at__lt=timezone.now() - STAGED_TTL):
+
+def expire_staged() -> int:
+    """Housekeeping run with the reaper (embedportal.jobs.reap_all): staged files nobody needs leave the disk.
+
+    Previews kept more than STAGED_TTL ago and never imported are discarded;
+    the files of jobs that ended within STAGED_TTL are removed (a job the
+    reaper failed or a queued job that was cancelled never reached execute's
+    own cleanup). Returns how many previews expired.
+    """
+    now = timezone.now()
+    expired = 0
+    for staged in ImportJob.objects.filter(status=ImportJob.Status.STAGED, created_at__lt=now - STAGED_TTL):
         discard(job=staged)  # a preview nobody imported within a day
-    requeued = []
-    for job in ImportJob.objects.filter(status=ImportJob.Status.RUNNING, heartbeat_at__lt=cutoff):
-        stale = ImportJob.objects.filter(pk=job.pk, status=ImportJob.Status.RUNNING, heartbeat_at=job.heartbeat_at)
-        if job.attempts >= MAX_ATTEMPTS or not Path(job.file_path).exists():
-            reason = (f"the worker stopped answering {job.attempts} times (killed or out of memory); nothing was "
-                      "imported. Try a smaller file or give the worker more memory.")
-            if stale.update(status=ImportJob.Status.FAILED, finished_at=timezone.now(), phase="done", error=reason):
-                Path(job.file_path).unlink(missing_ok=True)
-        elif stale.update(status=ImportJob.Status.QUEUED, phase="", error=""):
-            logger.warning("import job %s: worker vanished; re-queued (attempt %s)", job.pk, job.attempts + 1)
-            transaction.on_commit(lambda pk=job.pk: tasks.run_import.delay(job_id=pk))
-            requeued.append(job.pk)
-    return requeued
+        expired += 1
+    ended = ImportJob.objects.filter(status__in=ImportJob.TERMINAL, finished_at__gte=now - STAGED_TTL)
+    for file_path in ended.exclude(file_path="").values_list("file_path", flat=True):
+        Path(file_path).unlink(missing_ok=True)
+    return expired

@@ -110,14 +110,17 @@ class DatasetVersion(models.Model):
         return f"{self.dataset_id} v{self.number}"
 
 
-class ImportJob(models.Model):
+class ImportJob(Job):
     """A big upload imported in the background: the staged file, the job's state and its result.
 
     Uploads above EMBEDPORTAL_BACKGROUND_IMPORT_MB (or sent with
     background=true) are streamed to disk, recorded here and imported by the
     `training.run_import` task through the same service as a small upload
-    (training.imports), so the request returns at once. The import itself is
-    all-or-nothing: a failed or interrupted job leaves the dataset as it was.
+    (training.imports), so the request returns at once. A Job of the one job
+    system (embedportal.jobs): claimed, fenced, beaten and reaped like every
+    other kind; STAGED (a kept preview) is before all that and the reaper
+    leaves it alone. The import itself is all-or-nothing: a failed,
+    interrupted or stale attempt leaves the dataset as it was.
     """
 
     class Status(models.TextChoices):
@@ -127,12 +130,17 @@ class ImportJob(models.Model):
         RUNNING = "running", "Running"
         SUCCEEDED = "succeeded", "Succeeded"
         FAILED = "failed", "Failed"
+        CANCELLED = "cancelled", "Cancelled"
 
     class Action(models.TextChoices):
         CREATE = "create", "New dataset"
         VERSION = "version", "New version of a dataset"
 
-    TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED})
+    TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED})
+    task_name = "training.run_import"
+    kind_label = "import"
+    # Rows read so far reach the page within seconds, not only every 15 s.
+    heartbeat_every_s = 5.0
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="import_jobs")
     action = models.CharField(max_length=16, choices=Action.choices, default=Action.CREATE)
@@ -150,14 +158,11 @@ class ImportJob(models.Model):
     file_path = models.CharField(max_length=1024)
     size_bytes = models.BigIntegerField(default=0)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
-    # What the job is doing: reading (validating + staging rows), merging (into the dataset), done.
-    phase = models.CharField(max_length=32, blank=True)
+    # phase (Job): reading (validating + staging rows), merging (into the dataset), done.
     rows_read = models.BigIntegerField(default=0)
     error = models.TextField(blank=True)
-    attempts = models.PositiveSmallIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
-    heartbeat_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:

@@ -177,12 +177,13 @@ class ModelVersionSerializer(serializers.ModelSerializer):
 
 class ImportJobSerializer(serializers.ModelSerializer):
     url = serializers.SerializerMethodField()
+    waiting_for_queue = serializers.BooleanField(read_only=True)
 
     class Meta:
         model = ImportJob
         fields = ["id", "url", "action", "dataset", "version", "name", "filename", "size_bytes", "strict", "status",
-                  "phase", "rows_read", "error", "attempts", "created_at", "started_at", "heartbeat_at",
-                  "finished_at"]
+                  "phase", "rows_read", "error", "attempt", "max_attempts", "cancel_requested", "waiting_for_queue",
+                  "created_at", "started_at", "heartbeat_at", "finished_at"]
         read_only_fields = fields
 
     def get_url(self, job) -> str:
