@@ -69,7 +69,9 @@ def run_build(*, index_id: int) -> None:
     attempt = jobs.run_job(SearchIndex, index_id, _build)
     if attempt is None:
         return
-    index = SearchIndex.objects.select_related("model_version").get(pk=index_id)
+    index = SearchIndex.objects.select_related("model_version").filter(pk=index_id).first()
+    if index is None:  # deleted with its dataset while it was built: the attempt stopped at its fence
+        return
     if index.status == SearchIndex.Status.READY and index.attempt == attempt.number:
         from search import serving  # serving creates indexes through this module: imported here, not at the top
 

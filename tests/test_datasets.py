@@ -6,6 +6,7 @@ import csv
 import gzip
 import io
 import json
+from pathlib import Path
 
 import pytest
 from django.utils import timezone
@@ -392,15 +393,66 @@ def test_dataset_versions_query_count(api, user, django_assert_num_queries, coun
     assert [v["number"] for v in response.json()] == list(range(count, 0, -1))
 
 
-def test_delete_dataset_refused_while_run_active(api, user):
-    from training.models import TrainingRun
+@pytest.mark.django_db(transaction=True)  # files are removed after commit
+def test_delete_dataset_cancels_its_jobs_and_removes_its_staged_files_and_unused_run_folders(api, user, settings,
+                                                                                              tmp_path):
+    from embedportal import jobs
+    from training import imports
+    from training.models import ImportJob, ModelVersion, TrainingRun
 
+    # Given a dataset with a queued run, a staged upload (a kept preview) on disk, a finished run whose folder
+    # nothing uses any more, and a finished run whose model version is registered
+    settings.UPLOADS_DIR = tmp_path / "uploads"
+    settings.MODELS_DIR = tmp_path / "models"
     ds = Dataset.objects.create(owner=user, name="busy")
-    TrainingRun.objects.create(owner=user, dataset=ds, base_model="m", status=TrainingRun.Status.RUNNING)
+    queued = TrainingRun.objects.create(owner=user, dataset=ds, base_model="m")
+    staged = imports.stage(owner=user, upload=SimpleUploadedFile("v2.csv", b"Summary\nx\n"), dataset=ds)
+    failed = TrainingRun.objects.create(owner=user, dataset=ds, base_model="m", status=TrainingRun.Status.FAILED)
+    registered = TrainingRun.objects.create(owner=user, dataset=ds, base_model="m",
+                                            status=TrainingRun.Status.SUCCEEDED)
+    for run in (failed, registered):
+        (settings.MODELS_DIR / f"run-{run.pk}" / "attempt-1" / "model").mkdir(parents=True)
+        (settings.MODELS_DIR / f"run-{run.pk}" / "attempt-1" / "model" / "model.safetensors").write_bytes(b"w")
+    version = ModelVersion.objects.create(
+        owner=user, name="busy", version=1, base_model="m", dimensions=32, source_run=registered, dataset=ds,
+        artifact_path=str(settings.MODELS_DIR / f"run-{registered.pk}" / "attempt-1" / "model"))
+    assert Path(staged.file_path).exists()
+    # When the dataset is deleted through the API
     response = api.delete(f"/api/datasets/{ds.pk}/")
-    assert response.status_code == 409
-    assert "unfinished training run" in response.json()["error"]
-    assert Dataset.objects.filter(pk=ds.pk).exists()
+    # Then it answers 204, the rows are gone, and a worker that later gets the queued run's message does nothing
+    assert (response.status_code, response.content) == (204, b"")
+    assert (Dataset.objects.count(), TrainingRun.objects.count(), ImportJob.objects.count()) == (0, 0, 0)
+    assert jobs.claim(TrainingRun, queued.pk) is None
+    # And the staged upload and the unused run folder are removed; the registered version keeps its folder
+    assert not Path(staged.file_path).exists()
+    assert sorted(p.name for p in settings.MODELS_DIR.iterdir()) == [f"run-{registered.pk}"]
+    version.refresh_from_db()
+    assert (version.dataset_id, version.source_run_id, Path(version.artifact_path).is_dir()) == (None, None, True)
+
+
+def test_workers_of_a_deleted_datasets_import_and_index_build_lose_their_fence(user, settings, tmp_path):
+    from embedportal import jobs
+    from search.models import SearchIndex
+    from training import imports
+    from training.models import ImportJob, ModelVersion
+
+    # Given an import of a new version and a search index build, both running (claimed by a worker)
+    settings.UPLOADS_DIR = tmp_path / "uploads"
+    ds = Dataset.objects.create(owner=user, name="d")
+    job = imports.stage(owner=user, upload=SimpleUploadedFile("v2.csv", b"Summary\nx\n"), dataset=ds)
+    ImportJob.objects.filter(pk=job.pk).update(status=ImportJob.Status.QUEUED)
+    version = ModelVersion.objects.create(owner=user, name="m", version=1, base_model="m", dimensions=32,
+                                          artifact_path="/nonexistent")
+    index = SearchIndex.objects.create(owner=user, dataset=ds, model_version=version)
+    importing, building = jobs.claim(ImportJob, job.pk), jobs.claim(SearchIndex, index.pk)
+    # When the dataset is deleted (search's index goes by cascade)
+    datasets.delete_dataset(dataset=ds)
+    # Then each worker's next fenced write stops it, and neither can finish the deleted job
+    for attempt in (importing, building):
+        with pytest.raises(jobs.LostClaim):
+            attempt.update(phase="merging")
+        assert attempt.finish() is False
+    assert (SearchIndex.objects.count(), ImportJob.objects.count(), ModelVersion.objects.count()) == (0, 0, 1)
 
 
 # --- Pages ---------------------------------------------------------------------------------

@@ -211,10 +211,8 @@ class DatasetViewSet(
         return Response(result)
 
     def destroy(self, request, pk=None):
-        try:
-            datasets.delete_dataset(dataset=self.get_object())
-        except ServiceError as exc:
-            return Response({"error": str(exc)}, status=status.HTTP_409_CONFLICT)
+        """Delete the dataset; its unfinished runs and imports are cancelled, its staged files and run folders go."""
+        datasets.delete_dataset(dataset=self.get_object())
         return Response(status=status.HTTP_204_NO_CONTENT)
 
     def _version(self, request, dataset: Dataset) -> DatasetVersion:

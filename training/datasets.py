@@ -12,6 +12,8 @@ goes wrong rolls the whole upload back, so the dataset keeps what it had.
 
 from __future__ import annotations
 
+import os
+import shutil
 import tempfile
 import unicodedata
 from contextlib import contextmanager
@@ -21,12 +23,13 @@ from typing import Any, Callable, Iterator
 from django.conf import settings
 from django.contrib.postgres.search import SearchVector
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Max
+from django.db.models import Max, Q
 
+from embedportal import jobs
 from training import importers
 from training.errors import ServiceError
 from training.corpus import ticket_links
-from training.models import Dataset, DatasetVersion, Document, TrainingRun
+from training.models import Dataset, DatasetVersion, Document, ImportJob, ModelVersion, TrainingRun
 from training.pairs import Example, Ticket
 from training.signals import dataset_version_added
 
@@ -511,13 +514,50 @@ def refresh_search_vectors(*, dataset: Dataset) -> None:
 
 
 def delete_dataset(*, dataset: Dataset) -> None:
-    """Delete a dataset and its documents; refused while a run uses it."""
-    active = dataset.training_runs.exclude(status__in=TrainingRun.TERMINAL).count()
-    if active:
-        raise ServiceError(f"This dataset is used by {active} unfinished training run(s); cancel them first.")
+    """Delete a dataset and what was made from it; its jobs are cancelled and its files removed.
+
+    Side effects: every unfinished training run and import job of the dataset
+    is cancelled (jobs.request_cancel, committed first, so a running worker
+    stops at its next safe point: a run within a second, an import at its next
+    progress report or at its fence, rolling back). Then, in one transaction,
+    the dataset is deleted with its documents, versions, import jobs and
+    training runs; search's indexes, scans and clusterings of it go by cascade.
+    A worker still busy with any of these finds its row gone at its next
+    fenced write or heartbeat (LostClaim) and stops without writing. After
+    commit, the staged uploads of its import jobs and the run folders
+    (MODELS_DIR/run-<id>) that no remaining model version's artifact lies in
+    are removed. Model versions trained on it stay (their dataset becomes empty).
+    """
+    from training.services import run_folder
+
+    unfinished = [*dataset.training_runs.exclude(status__in=TrainingRun.TERMINAL),
+                  *dataset.import_jobs.exclude(status__in=ImportJob.TERMINAL)]
+    for job in unfinished:
+        jobs.request_cancel(job)
     with transaction.atomic():
-        dataset.training_runs.all().delete()
+        # NO KEY: waits for an import merging into the dataset (FOR UPDATE) to reach its fence and roll back,
+        # without blocking a run that registers its model version meanwhile (a foreign key to the dataset).
+        Dataset.objects.select_for_update(no_key=True).filter(pk=dataset.pk).first()
+        staged = [Path(p) for p in dataset.import_jobs.exclude(file_path="").values_list("file_path", flat=True)]
+        folders = [run_folder(run=run) for run in dataset.training_runs.only("pk")]
+        dataset.training_runs.all().delete()  # protected: they go first, the rest by cascade
         dataset.delete()
+        transaction.on_commit(lambda: _remove_files(staged=staged, run_folders=folders))
+
+
+def _remove_files(*, staged: list[Path], run_folders: list[Path]) -> None:
+    """Remove staged uploads, and run folders unless a model version's artifact lies inside (it still serves)."""
+    for path in staged:
+        path.unlink(missing_ok=True)
+    if not run_folders:
+        return
+    in_use = Q()
+    for folder in run_folders:
+        in_use |= Q(artifact_path__startswith=f"{folder}{os.sep}") | Q(artifact_path=str(folder))
+    used = list(ModelVersion.objects.filter(in_use).values_list("artifact_path", flat=True))
+    for folder in run_folders:
+        if not any(path == str(folder) or path.startswith(f"{folder}{os.sep}") for path in used):
+            shutil.rmtree(folder, ignore_errors=True)  # a stopping worker may still be writing: best effort
 
 
 # --- Reading documents for training -------------------------------------------------------

@@ -257,11 +257,7 @@ def dataset_pairs(request: HttpRequest, pk: int) -> HttpResponse:
 @require_POST
 def dataset_delete(request: HttpRequest, pk: int) -> HttpResponse:
     dataset = get_object_or_404(Dataset, pk=pk, owner=request.user)
-    try:
-        datasets.delete_dataset(dataset=dataset)
-    except ServiceError as exc:
-        messages.error(request, str(exc))
-        return redirect("dataset_detail", pk=pk)
+    datasets.delete_dataset(dataset=dataset)
     messages.success(request, f"Deleted {dataset.name}.")
     return redirect("dataset_list")
 
