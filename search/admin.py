@@ -2,7 +2,9 @@ from django.contrib import admin
 
 from embedportal.errors import ServiceError
 from search import serving
-from search.models import DuplicatePair, Embedding, IndexJob, SearchIndex
+from search.models import (
+    Cluster, ClusterAssignment, ClusterAssignmentJob, ClusteringRun, DuplicatePair, Embedding, IndexJob, SearchIndex,
+)
 from training.admin import ModelVersionAdmin
 from training.models import Dataset, ModelVersion
 
@@ -69,3 +71,60 @@ class ServingModelVersionAdmin(ModelVersionAdmin):
                 serving.rollback(dataset=Dataset.objects.get(pk=dataset_id), user=request.user)
             except ServiceError as exc:
                 self.message_user(request, str(exc), level="error")
+
+
+@admin.register(ClusteringRun)
+class ClusteringRunAdmin(admin.ModelAdmin):
+    """Clustering runs: read-only (the job system owns their state; start and cancel from the pages or the API)."""
+
+    list_display = ["id", "dataset", "version", "method", "status", "phase", "needs_assignment", "created_at",
+                    "finished_at"]
+    list_filter = ["method", "status"]
+    list_select_related = ["dataset"]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(Cluster)
+class ClusterAdmin(admin.ModelAdmin):
+    """Clusters: the name may be edited here (it is kept by the matching cluster of the next run)."""
+
+    list_display = ["id", "run", "number", "name", "size", "match_overlap"]
+    list_select_related = ["run"]
+    search_fields = ["name"]
+    raw_id_fields = ["run", "matched"]
+    readonly_fields = ["run", "number", "terms", "representatives", "fields", "size", "matched", "match_overlap"]
+
+    def has_add_permission(self, request):
+        return False
+
+
+@admin.register(ClusterAssignment)
+class ClusterAssignmentAdmin(admin.ModelAdmin):
+    list_display = ["id", "run", "document", "cluster", "strength", "source", "moved_from_noise"]
+    list_filter = ["source", "moved_from_noise"]
+    list_select_related = ["run", "document", "cluster"]
+    raw_id_fields = ["run", "document", "cluster"]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(ClusterAssignmentJob)
+class ClusterAssignmentJobAdmin(admin.ModelAdmin):
+    list_display = ["id", "kind", "run", "status", "phase", "attempt", "created_at", "finished_at"]
+    list_filter = ["kind", "status"]
+    list_select_related = ["run"]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False

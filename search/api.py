@@ -1,6 +1,6 @@
 """REST API for search indexes, hybrid search, similar tickets and the duplicate finder (owner-scoped)."""
 
-from django.db.models import Q
+from django.db.models import F, Q
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import mixins, status, viewsets
@@ -12,8 +12,12 @@ from embedportal import jobs
 from embedportal.pagination import BoundedLimitOffsetPagination
 from embedportal.parsers import API_PARSERS
 from search import duplicates, encoders, hybrid, indexing, serializers, serving, tuning
+from search.clustering import assignment as cluster_assignment
+from search.clustering import runs as clustering_runs
 from search.filters import FILTER_PARAMS
-from search.models import DuplicatePair, IndexJob, SearchIndex
+from search.models import (
+    Cluster, ClusterAssignment, ClusterAssignmentJob, ClusteringRun, DuplicatePair, IndexJob, SearchIndex,
+)
 from training import api as training_api
 from training.downloads import temporary_file_response
 from training.models import Dataset, Document, ModelVersion
@@ -287,3 +291,212 @@ def similarity(request):
     version = _serving_version(request.user, params.validated_data.get("version"))
     scores = encoders.similarity(artifact_path=version.artifact_path, pairs=params.validated_data["pairs"])
     return Response({"version": version.pk, "model": str(version), "scores": scores})
+
+
+# --- Clustering ----------------------------------------------------------------------
+
+
+def _id_param(request, name: str) -> int | None:
+    """An optional ?name= id filter: absent -> None; not a whole number -> 400 naming it."""
+    raw = request.query_params.get(name)
+    if raw in (None, ""):
+        return None
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
+        raise ValidationError({name: [f"must be an id (a whole number), got {raw[:40]!r}."]})
+    return int(raw)
+
+
+class ClusteringRunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """Clustering runs of your indexes: start, status, cancel, clusters, outliers, a document's cluster,
+    texts to clusters, batch assignment of new tickets and of outliers, and the export. Filter with ?dataset=&index=."""
+
+    serializer_class = serializers.ClusteringRunSerializer
+    parser_classes = API_PARSERS
+    pagination_class = BoundedLimitOffsetPagination
+
+    def get_queryset(self):
+        qs = ClusteringRun.objects.filter(owner=self.request.user).order_by("-created_at", "-id")
+        if self.action == "list":
+            for name in ("dataset", "index"):
+                value = _id_param(self.request, name)
+                if value is not None:
+                    qs = qs.filter(**{f"{name}_id": value})
+        return qs
+
+    @extend_schema(parameters=[OpenApiParameter("dataset", int), OpenApiParameter("index", int)])
+    def list(self, request, *args, **kwargs):
+        return super().list(request, *args, **kwargs)
+
+    @extend_schema(summary="Start a clustering run (a background job)", request=serializers.ClusteringStartSerializer,
+                   responses={202: serializers.ClusteringRunSerializer})
+    def create(self, request):
+        payload = serializers.ClusteringStartSerializer(data=request.data)
+        payload.is_valid(raise_exception=True)
+        data = payload.validated_data
+        index = SearchIndex.objects.filter(owner=request.user, pk=data["index"]).first()
+        if index is None:
+            raise ValidationError({"index": ["No such index of yours."]})
+        run = clustering_runs.start_clustering(index=index, owner=request.user, method=data["method"],
+                                               params=data["params"])
+        return Response(self.get_serializer(run).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(summary="Cancel a queued or running clustering run", request=None,
+                   responses={200: serializers.ClusteringRunSerializer})
+    @action(detail=True, methods=["post"])
+    def cancel(self, request, pk=None):
+        run = self.get_object()
+        jobs.request_cancel(run)
+        run.refresh_from_db()
+        return Response(self.get_serializer(run).data)
+
+    @extend_schema(summary="Fit anew with the same method and parameters (names carried by member overlap)",
+                   request=None, responses={202: serializers.ClusteringRunSerializer})
+    @action(detail=True, methods=["post"])
+    def recluster(self, request, pk=None):
+        run = clustering_runs.recluster(run=self.get_object(), owner=request.user)
+        return Response(self.get_serializer(run).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(summary="The run's clusters, largest first", responses={200: serializers.ClusterSerializer(many=True)})
+    @action(detail=True, methods=["get"])
+    def clusters(self, request, pk=None):
+        clusters = self.get_object().clusters.order_by("-size", "number")
+        page = self.paginate_queryset(clusters)
+        return self.get_paginated_response(serializers.ClusterSerializer(page, many=True).data)
+
+    @extend_schema(summary="The run's outliers (no cluster); ?moved=true: those moved to their nearest cluster",
+                   parameters=[OpenApiParameter("moved", bool)],
+                   responses={200: serializers.ClusterMemberSerializer(many=True)})
+    @action(detail=True, methods=["get"])
+    def outliers(self, request, pk=None):
+        run = self.get_object()
+        moved = request.query_params.get("moved", "false")
+        if moved not in ("true", "false"):
+            raise ValidationError({"moved": ["must be true or false."]})
+        rows = ClusterAssignment.objects.filter(run=run).select_related("document").order_by("document_id")
+        rows = rows.filter(moved_from_noise=True) if moved == "true" else rows.filter(cluster__isnull=True)
+        page = self.paginate_queryset(rows)
+        return self.get_paginated_response(serializers.ClusterMemberSerializer(page, many=True).data)
+
+    @extend_schema(summary="A document's cluster in this run",
+                   parameters=[OpenApiParameter("key", str, description="Ticket key, e.g. HDFS-1234"),
+                               OpenApiParameter("document", int, description="Document id (instead of key)")],
+                   responses={200: dict})
+    @action(detail=True, methods=["get"])
+    def document(self, request, pk=None):
+        run = self.get_object()
+        key, doc_id = request.query_params.get("key"), _id_param(request, "document")
+        if not key and doc_id is None:
+            raise ValidationError({"key": ["Give a ticket key (or a document id)."]})
+        lookup = Q(external_key=key) if key else Q(pk=doc_id)
+        document = Document.objects.filter(lookup, dataset_id=run.dataset_id).first()
+        if document is None:
+            raise ValidationError({"key": ["No such document in this run's dataset."]})
+        row = ClusterAssignment.objects.filter(run=run, document=document).select_related("cluster").first()
+        return Response({
+            "document": {"id": document.pk, "key": document.external_key, "title": document.title},
+            "assigned": row is not None,
+            "cluster": serializers.ClusterSerializer(row.cluster).data if row and row.cluster else None,
+            "strength": row.strength if row else None, "source": row.source if row else None,
+            "moved_from_noise": row.moved_from_noise if row else False,
+        })
+
+    @extend_schema(summary="Texts -> clusters with this run's model (embedded by the run's model version)",
+                   request=serializers.AssignTextsSerializer, responses={200: dict})
+    @action(detail=True, methods=["post"])
+    def assign(self, request, pk=None):
+        run = self.get_object()
+        payload = serializers.AssignTextsSerializer(data=request.data)
+        payload.is_valid(raise_exception=True)
+        return Response({"run": run.pk, "results": cluster_assignment.assign_texts(
+            run=run, texts=payload.validated_data["texts"])})
+
+    @extend_schema(summary="Assign the dataset's tickets that have no cluster yet, without refitting (a job)",
+                   request=None, responses={202: serializers.ClusterAssignmentJobSerializer})
+    @action(detail=True, methods=["post"], url_path="assign-new")
+    def assign_new(self, request, pk=None):
+        job = cluster_assignment.start_assignment(run=self.get_object(), owner=request.user,
+                                                  kind=ClusterAssignmentJob.Kind.NEW_DOCUMENTS)
+        return Response(serializers.ClusterAssignmentJobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(summary="Move the outliers to their nearest cluster, recording which moved (a job)",
+                   request=None, responses={202: serializers.ClusterAssignmentJobSerializer})
+    @action(detail=True, methods=["post"], url_path="assign-outliers")
+    def assign_outliers(self, request, pk=None):
+        job = cluster_assignment.start_assignment(run=self.get_object(), owner=request.user,
+                                                  kind=ClusterAssignmentJob.Kind.OUTLIERS)
+        return Response(serializers.ClusterAssignmentJobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(summary="The 2-D map: points [x, y, cluster number (-1 outlier), key, title] and the clusters",
+                   responses={200: dict})
+    @action(detail=True, methods=["get"], url_path="map")
+    def map_points(self, request, pk=None):
+        return Response(cluster_assignment.map_points(run=self.get_object()))
+
+    @extend_schema(
+        # Not "format": DRF reserves that query parameter for choosing a renderer.
+        parameters=[OpenApiParameter("as", str, enum=[*cluster_assignment.EXPORT_FORMATS], default="csv")],
+        responses={(200, "application/octet-stream"): OpenApiTypes.BINARY},
+    )
+    @action(detail=True, methods=["get"])
+    def export(self, request, pk=None):
+        """Every ticket's cluster (key, title, cluster, label, strength, source, moved) as CSV or Parquet."""
+        export = cluster_assignment.export_assignments(run=self.get_object(), fmt=request.query_params.get("as", "csv"))
+        return temporary_file_response(export, "application/octet-stream")
+
+
+class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """Clusters of your runs (?run= to pick one), their members, and a name of your own (PATCH name)."""
+
+    serializer_class = serializers.ClusterSerializer
+    parser_classes = API_PARSERS
+    pagination_class = BoundedLimitOffsetPagination
+    http_method_names = ["get", "patch", "head", "options"]
+
+    def get_queryset(self):
+        qs = Cluster.objects.filter(run__owner=self.request.user).order_by("run_id", "-size", "number")
+        if self.action == "list":
+            run_id = _id_param(self.request, "run")
+            if run_id is not None:
+                qs = qs.filter(run_id=run_id)
+        return qs
+
+    @extend_schema(parameters=[OpenApiParameter("run", int)])
+    def list(self, request, *args, **kwargs):
+        return super().list(request, *args, **kwargs)
+
+    @extend_schema(summary="Rename a cluster (kept by its match in the next run)",
+                   request=serializers.ClusterRenameSerializer, responses={200: serializers.ClusterSerializer})
+    def partial_update(self, request, pk=None):
+        cluster = self.get_object()
+        payload = serializers.ClusterRenameSerializer(data=request.data)
+        payload.is_valid(raise_exception=True)
+        clustering_runs.rename_cluster(cluster=cluster, name=payload.validated_data["name"])
+        return Response(self.get_serializer(cluster).data)
+
+    @extend_schema(summary="The cluster's members, strongest first",
+                   responses={200: serializers.ClusterMemberSerializer(many=True)})
+    @action(detail=True, methods=["get"])
+    def members(self, request, pk=None):
+        rows = (ClusterAssignment.objects.filter(cluster=self.get_object()).select_related("document")
+                .order_by(F("strength").desc(nulls_last=True), "document_id"))
+        page = self.paginate_queryset(rows)
+        return self.get_paginated_response(serializers.ClusterMemberSerializer(page, many=True).data)
+
+
+class ClusterAssignmentJobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """Batch assignments with a run's model (new tickets, outliers): status, phase, progress, result."""
+
+    serializer_class = serializers.ClusterAssignmentJobSerializer
+    pagination_class = BoundedLimitOffsetPagination
+
+    def get_queryset(self):
+        return ClusterAssignmentJob.objects.filter(owner=self.request.user).order_by("-created_at", "-id")
+
+    @extend_schema(summary="Cancel a queued or running assignment", request=None,
+                   responses={200: serializers.ClusterAssignmentJobSerializer})
+    @action(detail=True, methods=["post"])
+    def cancel(self, request, pk=None):
+        job = self.get_object()
+        jobs.request_cancel(job)
+        job.refresh_from_db()
+        return Response(self.get_serializer(job).data)

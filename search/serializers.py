@@ -4,8 +4,17 @@ from search.duplicates import DEFAULT_DUPLICATE_THRESHOLD
 from search.filters import FILTER_PARAMS, FILTERS, MAX_ID, SearchFilters
 from training.fusion import RRF_K
 from search.hybrid import FUSION_METHODS, MAX_K, MAX_QUERY_CHARS, MODES, RRF_K_RANGE
-from search.models import DuplicatePair, IndexJob, SearchIndex
+from search.models import (
+    Cluster, ClusterAssignment, ClusterAssignmentJob, ClusteringRun, DuplicatePair, IndexJob, SearchIndex,
+)
 from search.tuning import EVALUATION_MAX_QUERIES, MAX_EVALUATION_QUERIES
+from embedportal.errors import ServiceError
+from search.clustering.runs import (
+    DIMS_BOUNDS, K_BOUNDS, MIN_CLUSTER_SIZE_BOUNDS, MIN_SAMPLES_BOUNDS, REDUCTIONS, SAMPLE_BOUNDS, SEED_BOUNDS,
+)
+from search.clustering.runs import METHODS as CLUSTERING_METHODS
+from search.clustering.runs import PARAM_NAMES as CLUSTERING_PARAMS
+from search.clustering.runs import clean_params as clean_clustering_params
 
 FILTERS_BY_PARAM = {f.param: f for f in FILTERS}
 
@@ -199,3 +208,113 @@ class EmbedSerializer(serializers.Serializer):
 class SimilaritySerializer(serializers.Serializer):
     pairs = serializers.ListField(child=serializers.ListField(child=serializers.CharField(allow_blank=True)))
     version = serializers.IntegerField(required=False)
+
+
+# --- Clustering (search.clustering) ------------------------------------------------------
+
+
+class ClusteringRunSerializer(serializers.ModelSerializer):
+    waiting_for_queue = serializers.BooleanField(read_only=True)
+
+    class Meta:
+        model = ClusteringRun
+        fields = [
+            "id", "index", "dataset", "version", "method", "params", "result", "status", "phase", "progress", "error",
+            "attempt", "max_attempts", "waiting_for_queue", "dataset_version", "previous", "needs_assignment",
+            "created_at", "started_at", "finished_at",
+        ]
+        read_only_fields = fields
+
+
+class KField(serializers.Field):
+    """A number of clusters, or "auto" (k picked by silhouette)."""
+
+    default_error_messages = {"invalid": f'must be "auto" or a whole number from {K_BOUNDS[0]} to {K_BOUNDS[1]}.'}
+
+    def to_internal_value(self, data):
+        if data == "auto":
+            return "auto"
+        text = str(data).strip()
+        if isinstance(data, bool) or not text.isascii() or not text.isdigit() or len(text) > 4:
+            self.fail("invalid")
+        value = int(text)
+        if not K_BOUNDS[0] <= value <= K_BOUNDS[1]:
+            self.fail("invalid")
+        return value
+
+    def to_representation(self, value):
+        return value
+
+
+def _bounded(bounds: tuple[int, int], help_text: str, **kwargs) -> serializers.IntegerField:
+    return serializers.IntegerField(min_value=bounds[0], max_value=bounds[1], required=False, help_text=help_text,
+                                    **kwargs)
+
+
+class ClusteringStartSerializer(serializers.Serializer):
+    """Start a clustering run; the parameters of the other method are refused (search.clustering.runs.clean_params)."""
+
+    index = serializers.IntegerField(min_value=1, max_value=MAX_ID, help_text="A ready search index of yours")
+    method = serializers.ChoiceField(choices=CLUSTERING_METHODS)
+    k = KField(required=False, help_text='KMeans: clusters, or "auto" (default) to pick k by silhouette')
+    k_min = _bounded(K_BOUNDS, "KMeans auto: smallest k tried (default 5)")
+    k_max = _bounded(K_BOUNDS, "KMeans auto: largest k tried (default 40)")
+    sample_size = _bounded(SAMPLE_BOUNDS, "KMeans auto: documents in the silhouette sample (default 5000)")
+    min_cluster_size = _bounded(MIN_CLUSTER_SIZE_BOUNDS, "HDBSCAN: smallest cluster (default 0.5% of the tickets)",
+                                allow_null=True)
+    min_samples = _bounded(MIN_SAMPLES_BOUNDS, "HDBSCAN: neighbours that make a point dense (default 5)")
+    reduction = serializers.ChoiceField(choices=REDUCTIONS, required=False, help_text="HDBSCAN: pca (default) or none")
+    dims = _bounded(DIMS_BOUNDS, "HDBSCAN with PCA: components kept (default 10)")
+    assign_outliers = serializers.BooleanField(required=False, help_text="HDBSCAN: move outliers to the nearest cluster")
+    seed = _bounded(SEED_BOUNDS, "Random seed: the same seed gives the same clusters (default 42)")
+
+    def validate(self, attrs):
+        params = {name: attrs[name] for name in CLUSTERING_PARAMS if name in attrs}
+        if attrs["method"] == "kmeans" and attrs.get("k") == "auto":
+            params.pop("k")
+        try:
+            attrs["params"] = clean_clustering_params(attrs["method"], params)
+        except ServiceError as exc:
+            field_name, _, reason = str(exc).partition(": ")
+            raise serializers.ValidationError({field_name: [reason]}) from None
+        return attrs
+
+
+class ClusterSerializer(serializers.ModelSerializer):
+    label = serializers.CharField(read_only=True)
+    auto_label = serializers.CharField(read_only=True)
+
+    class Meta:
+        model = Cluster
+        fields = ["id", "run", "number", "name", "label", "auto_label", "size", "terms", "representatives", "fields",
+                  "matched", "match_overlap"]
+        read_only_fields = fields
+
+
+class ClusterRenameSerializer(serializers.Serializer):
+    name = serializers.CharField(allow_blank=True, max_length=200, trim_whitespace=True,
+                                 help_text="Empty: back to the top terms")
+
+
+class ClusterMemberSerializer(serializers.ModelSerializer):
+    document = DocumentBriefSerializer(read_only=True)
+
+    class Meta:
+        model = ClusterAssignment
+        fields = ["document", "cluster", "strength", "source", "moved_from_noise"]
+        read_only_fields = fields
+
+
+class AssignTextsSerializer(serializers.Serializer):
+    # Batch size and text length are limited by search.encoders (MAX_TEXTS, MAX_TEXT_CHARS).
+    texts = serializers.ListField(child=serializers.CharField(allow_blank=True, trim_whitespace=False))
+
+
+class ClusterAssignmentJobSerializer(serializers.ModelSerializer):
+    waiting_for_queue = serializers.BooleanField(read_only=True)
+
+    class Meta:
+        model = ClusterAssignmentJob
+        fields = ["id", "run", "kind", "status", "phase", "progress", "result", "error", "attempt", "max_attempts",
+                  "waiting_for_queue", "created_at", "started_at", "finished_at"]
+        read_only_fields = fields

@@ -11,7 +11,8 @@ from pathlib import Path
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
-from django.http import HttpRequest, HttpResponse
+from django.db.models import F
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_POST
@@ -19,8 +20,12 @@ from django.views.decorators.http import require_POST
 from embedportal import jobs
 from embedportal.errors import ServiceError
 from search import duplicates, hybrid, indexing, serializers, serving, tuning
+from search.clustering import assignment as cluster_assignment
+from search.clustering import runs as clustering_runs
 from search.filters import FILTERS, filter_options
-from search.models import Cluster, DuplicatePair, IndexJob, SearchIndex
+from search.models import (
+    Cluster, ClusterAssignment, ClusterAssignmentJob, ClusteringRun, DuplicatePair, IndexJob, SearchIndex,
+)
 from training.downloads import temporary_file_response
 from training.models import Dataset, Document, ModelVersion
 from training.registry import production_version
@@ -382,3 +387,177 @@ def model_export(request: HttpRequest, pk: int) -> HttpResponse:
         messages.error(request, str(exc))
         return redirect("model_detail", pk=pk)
     return temporary_file_response(export, "application/octet-stream")
+
+
+# --- Clustering ----------------------------------------------------------------------
+
+CLUSTER_MEMBERS_PER_PAGE = 50
+CLUSTER_RUNS_PER_PAGE = 25
+
+
+def _clustering_runs(request: HttpRequest):
+    return ClusteringRun.objects.filter(owner=request.user).select_related("dataset", "index__model_version")
+
+
+@login_required
+def cluster_runs(request: HttpRequest) -> HttpResponse:
+    """Your clustering runs, and the form that starts one on a ready index."""
+    return _render_cluster_runs(request)
+
+
+def _render_cluster_runs(request: HttpRequest, errors: dict | None = None, status: int = 200) -> HttpResponse:
+    indexes = _indexes(request).filter(status=SearchIndex.Status.READY)
+    page = Paginator(_clustering_runs(request), CLUSTER_RUNS_PER_PAGE).get_page(request.GET.get("page"))
+    context = {
+        "page": page, "indexes": indexes, "errors": errors or {}, "form": request.POST if errors else {},
+        "selected_index": request.GET.get("index", ""), "methods": ClusteringRun.Method.choices,
+        "defaults": {"k_min": clustering_runs.DEFAULT_K_RANGE[0], "k_max": clustering_runs.DEFAULT_K_RANGE[1],
+                     "sample_size": clustering_runs.DEFAULT_SAMPLE, "min_samples": clustering_runs.DEFAULT_MIN_SAMPLES,
+                     "dims": clustering_runs.DEFAULT_DIMS, "seed": clustering_runs.DEFAULT_SEED},
+    }
+    return render(request, "search/cluster_runs.html", context, status=status)
+
+
+@login_required
+@require_POST
+def cluster_run_start(request: HttpRequest) -> HttpResponse:
+    # The form shows both methods' fields: only the chosen method's are read, and
+    # blank ones mean "the default" (left out, as the API's optional fields are).
+    wanted = {"index", "method", *clustering_runs.METHOD_PARAMS.get(request.POST.get("method", ""), ())}
+    data = {k: v for k, v in request.POST.items() if v != "" and k in wanted}
+    payload = serializers.ClusteringStartSerializer(data=data)
+    if not payload.is_valid():
+        return _render_cluster_runs(request, {k: str(v[0]) for k, v in payload.errors.items()}, status=400)
+    index = _indexes(request).filter(pk=payload.validated_data["index"]).first()
+    if index is None:
+        return _render_cluster_runs(request, {"index": "No such index of yours."}, status=400)
+    try:
+        run = clustering_runs.start_clustering(index=index, owner=request.user, method=payload.validated_data["method"],
+                                               params=payload.validated_data["params"])
+    except ServiceError as exc:
+        return _render_cluster_runs(request, {"index": str(exc)}, status=exc.status)
+    return redirect("cluster_run", pk=run.pk)
+
+
+@login_required
+def cluster_run(request: HttpRequest, pk: int) -> HttpResponse:
+    """A run: its status while it runs (HTMX polling), then the map, the cluster table and the actions."""
+    run = get_object_or_404(_clustering_runs(request), pk=pk)
+    if request.headers.get("HX-Request"):
+        response = render(request, "search/partials/cluster_run_status.html", {"run": run})
+        if run.is_finished:
+            response["HX-Refresh"] = "true"  # the finished page has the map and the table
+        return response
+    context = {"run": run, "rows": [], "jobs": run.assignment_jobs.order_by("-created_at", "-id")[:5]}
+    if run.status == ClusteringRun.Status.SUCCEEDED:
+        context.update(clustering_runs.cluster_table(run=run))
+    return render(request, "search/cluster_run.html", context)
+
+
+@login_required
+def cluster_run_map(request: HttpRequest, pk: int) -> HttpResponse:
+    run = get_object_or_404(ClusteringRun, pk=pk, owner=request.user, status=ClusteringRun.Status.SUCCEEDED)
+    return JsonResponse(cluster_assignment.map_points(run=run))
+
+
+@login_required
+@require_POST
+def cluster_run_cancel(request: HttpRequest, pk: int) -> HttpResponse:
+    run = get_object_or_404(ClusteringRun, pk=pk, owner=request.user)
+    if jobs.request_cancel(run):
+        messages.success(request, "Cancel requested.")
+    return redirect("cluster_run", pk=run.pk)
+
+
+@login_required
+@require_POST
+def cluster_run_recluster(request: HttpRequest, pk: int) -> HttpResponse:
+    run = get_object_or_404(_clustering_runs(request), pk=pk)
+    try:
+        again = clustering_runs.recluster(run=run, owner=request.user)
+    except ServiceError as exc:
+        messages.error(request, str(exc))
+        return redirect("cluster_run", pk=run.pk)
+    return redirect("cluster_run", pk=again.pk)
+
+
+@login_required
+@require_POST
+def cluster_run_assign(request: HttpRequest, pk: int) -> HttpResponse:
+    """Queue a batch assignment: kind=new (tickets without a cluster) or kind=outliers."""
+    run = get_object_or_404(_clustering_runs(request), pk=pk)
+    try:
+        job = cluster_assignment.start_assignment(run=run, owner=request.user, kind=request.POST.get("kind", ""))
+    except ServiceError as exc:
+        messages.error(request, str(exc))
+        return redirect("cluster_run", pk=run.pk)
+    return redirect("cluster_job", pk=job.pk)
+
+
+@login_required
+def cluster_run_export(request: HttpRequest, pk: int) -> HttpResponse:
+    run = get_object_or_404(_clustering_runs(request), pk=pk)
+    try:
+        export = cluster_assignment.export_assignments(run=run, fmt=request.GET.get("as", "csv"))
+    except ServiceError as exc:
+        messages.error(request, str(exc))
+        return redirect("cluster_run", pk=run.pk)
+    return temporary_file_response(export, "application/octet-stream")
+
+
+@login_required
+def cluster_run_outliers(request: HttpRequest, pk: int) -> HttpResponse:
+    """The run's outliers (no cluster), and the ones moved to their nearest cluster (?moved=1)."""
+    run = get_object_or_404(_clustering_runs(request), pk=pk)
+    moved = request.GET.get("moved") == "1"
+    rows = ClusterAssignment.objects.filter(run=run).select_related("document", "cluster").order_by("document_id")
+    rows = rows.filter(moved_from_noise=True) if moved else rows.filter(cluster__isnull=True)
+    page = Paginator(rows, CLUSTER_MEMBERS_PER_PAGE).get_page(request.GET.get("page"))
+    return render(request, "search/cluster_outliers.html", {"run": run, "page": page, "moved": moved})
+
+
+@login_required
+def cluster_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    """One cluster: label and rename, terms, representative tickets, Jira fields, members, search within it."""
+    cluster = get_object_or_404(Cluster.objects.select_related("run__dataset", "run__index__model_version",
+                                                               "matched__run"), pk=pk, run__owner=request.user)
+    members = (ClusterAssignment.objects.filter(cluster=cluster).select_related("document")
+               .order_by(F("strength").desc(nulls_last=True), "document_id"))
+    page = Paginator(members, CLUSTER_MEMBERS_PER_PAGE).get_page(request.GET.get("page"))
+    representatives = Document.objects.in_bulk(cluster.representatives)
+    context = {
+        "cluster": cluster, "run": cluster.run, "page": page,
+        "representatives": [representatives[d] for d in cluster.representatives if d in representatives],
+        "fields": [(name.replace("_", " "), values) for name, values in cluster.fields.items()],
+    }
+    return render(request, "search/cluster.html", context)
+
+
+@login_required
+@require_POST
+def cluster_rename(request: HttpRequest, pk: int) -> HttpResponse:
+    cluster = get_object_or_404(Cluster, pk=pk, run__owner=request.user)
+    payload = serializers.ClusterRenameSerializer(data=request.POST)
+    if payload.is_valid():
+        clustering_runs.rename_cluster(cluster=cluster, name=payload.validated_data["name"])
+        messages.success(request, f"Renamed to {cluster.label}.")
+    else:
+        messages.error(request, "name: " + str(next(iter(payload.errors.values()))[0]))
+    return redirect("cluster_detail", pk=cluster.pk)
+
+
+@login_required
+def cluster_job(request: HttpRequest, pk: int) -> HttpResponse:
+    """A batch assignment: status, phase, progress (HTMX polling while it runs) and its result."""
+    job = get_object_or_404(ClusterAssignmentJob.objects.select_related("run__dataset"), pk=pk, owner=request.user)
+    template = "search/partials/cluster_job_status.html" if request.headers.get("HX-Request") else "search/cluster_job.html"
+    return render(request, template, {"job": job})
+
+
+@login_required
+@require_POST
+def cluster_job_cancel(request: HttpRequest, pk: int) -> HttpResponse:
+    job = get_object_or_404(ClusterAssignmentJob, pk=pk, owner=request.user)
+    if jobs.request_cancel(job):
+        messages.success(request, "Cancel requested.")
+    return redirect("cluster_job", pk=job.pk)

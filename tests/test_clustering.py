@@ -402,6 +402,10 @@ def test_hdbscan_above_the_fit_limit_predicts_the_rest_like_new_tickets():
     ("hdbscan", {"assign_outliers": "yes"}, "assign_outliers: must be true or false, got 'yes'"),
     ("hdbscan", {"seed": -1}, "seed: must be between 0 and 2147483647, got -1"),
     ("kmeans", {"colour": "red"}, "colour: not a clustering parameter"),
+    ("hdbscan", {"k": 5}, "k: not a parameter of hdbscan"),
+    ("kmeans", {"min_samples": 5}, "min_samples: not a parameter of kmeans"),
+    ("kmeans", {"k": 5, "k_max": 9}, 'k_max: only used when k is "auto"'),
+    ("hdbscan", {"reduction": "none", "dims": 5}, 'dims: only used with reduction "pca"'),
 ])
 def test_bad_parameters_are_refused_naming_the_field(method, params, message):
     with pytest.raises(ServiceError) as caught:
@@ -413,5 +417,5 @@ def test_defaults_are_filled_in():
     assert runs.clean_params("kmeans", {}) == {"seed": 42, "k": "auto", "k_min": 5, "k_max": 40, "sample_size": 5000}
     assert runs.clean_params("hdbscan", {}) == {"seed": 42, "min_cluster_size": None, "min_samples": 5,
                                                 "reduction": "pca", "dims": 10, "assign_outliers": False}
-    assert runs.clean_params("hdbscan", {"reduction": "none", "dims": 7})["dims"] is None
+    assert runs.clean_params("hdbscan", {"reduction": "none"})["dims"] is None
     assert [runs.auto_min_cluster_size(n) for n in (100, 20_859, 1_000_000)] == [5, 104, 500]

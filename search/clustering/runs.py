@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Max
+from django.db.models import Count, Max, Q
 from django.db.models.functions import Left
 from django.utils import timezone
 
@@ -55,6 +55,10 @@ MATCH_MIN_JACCARD = 0.3
 RESULT_SILHOUETTE_SAMPLE = 5_000
 PARAM_NAMES = ("k", "k_min", "k_max", "sample_size", "min_cluster_size", "min_samples", "reduction", "dims",
                "assign_outliers", "seed")
+METHOD_PARAMS = {
+    "kmeans": ("k", "k_min", "k_max", "sample_size", "seed"),
+    "hdbscan": ("min_cluster_size", "min_samples", "reduction", "dims", "assign_outliers", "seed"),
+}
 
 
 def _int(params: dict, name: str, bounds: tuple[int, int], default: int | None) -> int | None:
@@ -81,6 +85,9 @@ def clean_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(params) - set(PARAM_NAMES))
     if unknown:
         raise ServiceError(f"{unknown[0]}: not a clustering parameter (known: {', '.join(PARAM_NAMES)}).")
+    other = sorted(set(params) - set(METHOD_PARAMS[method]))
+    if other:
+        raise ServiceError(f"{other[0]}: not a parameter of {method} (it takes {', '.join(METHOD_PARAMS[method])}).")
     out: dict[str, Any] = {"seed": _int(params, "seed", SEED_BOUNDS, DEFAULT_SEED)}
     if method == ClusteringRun.Method.KMEANS:
         k = params.get("k", "auto")
@@ -92,11 +99,16 @@ def clean_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
             out.update(k="auto", k_min=k_min, k_max=k_max,
                        sample_size=_int(params, "sample_size", SAMPLE_BOUNDS, DEFAULT_SAMPLE))
         else:
+            used = sorted(set(params) & {"k_min", "k_max", "sample_size"})
+            if used:
+                raise ServiceError(f"{used[0]}: only used when k is \"auto\".")
             out["k"] = _int(params, "k", K_BOUNDS, None)
         return out
     reduction = params.get("reduction", "pca")
     if reduction not in REDUCTIONS:
         raise ServiceError(f"reduction: must be one of {', '.join(REDUCTIONS)}, got {reduction!r}.")
+    if reduction == "none" and params.get("dims") is not None:
+        raise ServiceError("dims: only used with reduction \"pca\".")
     assign_outliers = params.get("assign_outliers", False)
     if not isinstance(assign_outliers, bool):
         raise ServiceError(f"assign_outliers: must be true or false, got {assign_outliers!r}.")
@@ -374,3 +386,22 @@ def match_previous(*, run: ClusteringRun, clusters: list[Cluster]) -> Clustering
             changed.append(cluster)
     Cluster.objects.bulk_update(changed, ["matched", "match_overlap", "name"])
     return previous
+
+
+def cluster_table(*, run: ClusteringRun) -> dict[str, Any]:
+    """The run page's table: clusters largest first, each with its growth and the change since its match.
+
+    Growth = members added or changed in the dataset's latest version (when
+    there is more than one): "which groups grew with the last export". One
+    query for the clusters with the count, one for the dataset's versions.
+    """
+    latest = run.dataset.versions.aggregate(n=Max("number"))["n"] or 1
+    clusters = (run.clusters.select_related("matched")
+                .annotate(grew=Count("members", filter=Q(members__document__changed_in_version=latest)))
+                .order_by("-size", "number"))
+    rows = [{
+        "cluster": c, "growth": c.grew if latest > 1 else None,
+        "delta": c.size - c.matched.size if c.matched else None,
+        "components": c.fields.get("component", [])[:3],
+    } for c in clusters]
+    return {"rows": rows, "latest_version": latest}
