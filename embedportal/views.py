@@ -8,6 +8,7 @@ from rest_framework.response import Response
 
 from embedportal.health import system_health
 from embedportal.launcher import read_status, status_path
+from search.models import ClusteringRun
 from training.forms import UploadForm
 from training.models import Dataset, ModelVersion, TrainingRun
 
@@ -17,10 +18,13 @@ RECENT_RUNS = 10
 @login_required
 def dashboard(request: HttpRequest) -> HttpResponse:
     production = ModelVersion.objects.filter(stage=ModelVersion.Stage.PRODUCTION)
+    # Each dataset's clusterings that finished, newest first: the card shows the first (the current one).
+    clusterings = ClusteringRun.objects.filter(status=ClusteringRun.Status.SUCCEEDED).order_by("-created_at", "-id")
     datasets = (
         Dataset.objects.filter(owner=request.user)
         .annotate(document_count=Count("documents"))
-        .prefetch_related(Prefetch("model_versions", queryset=production, to_attr="production_versions"))
+        .prefetch_related(Prefetch("model_versions", queryset=production, to_attr="production_versions"),
+                          Prefetch("clustering_runs", queryset=clusterings, to_attr="clusterings"))
     )
     # The launcher's process table (bin/run); absent when the product runs under another supervisor.
     processes = read_status(status_path(settings.VAR_DIR))

@@ -388,3 +388,11 @@ def test_another_users_cluster_id_in_the_search_filter_finds_nothing_and_leaks_n
     html = client.get("/search/", {"index": index.pk, "cluster": alice_cluster.pk, "q": "node"}).content.decode()
     assert "secret" not in html
     assert get_user_model().objects.count() == 2
+
+
+def test_dashboard_shows_the_latest_clustering_of_each_dataset(web, fitted, user, django_assert_max_num_queries):
+    again = _fit(fitted.index, user, "kmeans", k=3, seed=1)
+    with django_assert_max_num_queries(12):
+        html = web.get("/").content.decode()
+    assert f'<a href="/search/clusters/runs/{again.pk}/">v2 · KMeans · 3 clusters</a>' in html
+    assert f"/search/clusters/runs/{fitted.pk}/" not in html
