@@ -2,7 +2,7 @@
 
 Runs the product's own path on a Jira JSON export: import, pairs, the
 ../shared/DATA.md split, a training run with default settings (in this
-process, through training.services), and its held-out evaluation. Prints one
+process, through training.runs), and its held-out evaluation. Prints one
 JSON line per system with recall@10, mrr@10 and ndcg@10, then the summary.
 Targets: the fine-tuned model beats the base model on nDCG@10, and hybrid
 (fine-tuned) beats keyword search.
@@ -30,7 +30,7 @@ def run(argv: list[str]) -> dict:
     setup_django()
     from django.contrib.auth import get_user_model
 
-    from training import datasets, services
+    from training import datasets, runs
 
     owner, _ = get_user_model().objects.get_or_create(username="bench")
     started = time.perf_counter()
@@ -38,8 +38,8 @@ def run(argv: list[str]) -> dict:
     dataset = datasets.import_dataset(owner=owner, name=args.data.name, kind="tickets", path=path,
                                       filename=path.name)
     overrides = dict(item.split("=", 1) for item in args.set)
-    run_row = services.start_run(owner=owner, dataset=dataset, hyperparameters=overrides, enqueue=False)
-    run_row = services.execute_run(run=run_row, device=args.device, echo=lambda line: print(line, file=sys.stderr))
+    run_row = runs.start_run(owner=owner, dataset=dataset, hyperparameters=overrides, enqueue=False)
+    run_row = runs.execute_run(run=run_row, device=args.device, echo=lambda line: print(line, file=sys.stderr))
     if run_row.status != "succeeded":
         raise SystemExit(f"run {run_row.status}: {run_row.error}")
     systems = run_row.evaluation["systems"]

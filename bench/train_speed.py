@@ -31,7 +31,7 @@ def run(argv: list[str]) -> dict:
     setup_django()
     from django.contrib.auth import get_user_model
 
-    from training import datasets, finetune, services
+    from training import datasets, finetune, runs
     from training.hyperparameters import parse
     from training.pairs import build_ticket_pairs
 
@@ -41,11 +41,11 @@ def run(argv: list[str]) -> dict:
     hyper = parse({"max_steps": args.steps, "batch_size": args.batch_size, "max_seq_length": args.max_seq_length,
                    "warmup_ratio": 0.1, "evaluate": False})
     device = finetune.pick_device(args.device)
-    run_row = services.start_run(owner=owner, dataset=dataset, hyperparameters=hyper.as_dict(), enqueue=False)
+    run_row = runs.start_run(owner=owner, dataset=dataset, hyperparameters=hyper.as_dict(), enqueue=False)
     ours, plain = [], []
     for repeat in range(args.repeats):
         with tempfile.TemporaryDirectory() as out:
-            writer = services._ProgressWriter(run_row)
+            writer = runs._ProgressWriter(run_row)
             result = finetune.fine_tune(
                 base_model="sentence-transformers/all-MiniLM-L6-v2", data=finetune.TrainingData.from_pairs(pairs),
                 output_dir=Path(out), hyper=hyper, device=device, on_progress=writer.update,

@@ -192,7 +192,7 @@ WHITENOISE_USE_FINDERS = True  # serve straight from static/ when collectstatic 
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2_621_440
 FILE_UPLOAD_TEMP_DIR = env_str("FILE_UPLOAD_TEMP_DIR", "") or None
 MAX_UPLOAD_MB = env_int("EMBEDPORTAL_MAX_UPLOAD_MB", 2048)
-# Uploads bigger than this are imported by a background job (training.imports)
+# Uploads bigger than this are imported by a background job (training.import_jobs)
 # instead of inside the request; the staged files live in UPLOADS_DIR, which
 # web and worker processes must share (docker-compose: the var volume).
 BACKGROUND_IMPORT_MB = env_int("EMBEDPORTAL_BACKGROUND_IMPORT_MB", 32)

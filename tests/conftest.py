@@ -2,14 +2,23 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
+import redis
+from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.db import connection
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
 HADOOP_JSON = SHARED_DATA / "jira" / "apache-hadoop.jira.json.gz"
 
 
@@ -94,9 +103,7 @@ def web(client, user):
 @pytest.fixture
 def celery_worker(transactional_db):
     """A real Celery worker (solo pool, in a thread) on both queues, over the test Redis."""
-    import redis
     from celery.contrib.testing.worker import start_worker
-    from django.conf import settings
 
     from embedportal.celery import app as celery_app
 
@@ -108,3 +115,46 @@ def celery_worker(transactional_db):
         shutdown_timeout=60, loglevel="WARNING",
     ) as worker:
         yield worker
+
+
+def _database_url() -> str:
+    db = connection.settings_dict
+    host = quote(db["HOST"] or "", safe="")
+    port = f":{db['PORT']}" if db["PORT"] else ""
+    return f"postgres://{db['USER']}:{quote(db['PASSWORD'] or '')}@{host}{port}/{db['NAME']}"
+
+
+@pytest.fixture
+def start_worker(tmp_path, transactional_db):
+    """Start `celery worker` processes on the test database and Redis; kill them afterwards."""
+    broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    for queue in ("default", settings.GPU_QUEUE):
+        broker.delete(queue)
+    procs: list[subprocess.Popen] = []
+    env = {
+        **os.environ,
+        "DATABASE_URL": _database_url(),
+        "REDIS_URL": settings.CELERY_BROKER_URL,
+        "EMBEDPORTAL_MODELS_DIR": str(settings.MODELS_DIR),
+        "EMBEDPORTAL_DEVICE": "cpu",
+        "HF_HUB_OFFLINE": "1",
+        "LOG_LEVEL": "INFO",
+    }
+
+    def start(name: str) -> subprocess.Popen:
+        log = open(tmp_path / f"worker-{name}.log", "wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "embedportal", "worker", "-Q", f"{settings.GPU_QUEUE},default",
+             "--pool", "solo", "-n", f"{name}@%h", "--loglevel", "INFO", "--without-mingle", "--without-gossip"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        procs.append(proc)
+        return proc
+
+    yield start
+    for log in sorted(tmp_path.glob("worker-*.log")):
+        print(f"--- {log.name} (last 3000 bytes)\n{log.read_bytes()[-3000:].decode(errors='replace')}")
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -397,7 +397,7 @@ def test_dataset_versions_query_count(api, user, django_assert_num_queries, coun
 def test_delete_dataset_cancels_its_jobs_and_removes_its_staged_files_and_unused_run_folders(api, user, settings,
                                                                                               tmp_path):
     from embedportal import jobs
-    from training import imports
+    from training import import_jobs
     from training.models import ImportJob, ModelVersion, TrainingRun
 
     # Given a dataset with a queued run, a staged upload (a kept preview) on disk, a finished run whose folder
@@ -406,7 +406,7 @@ def test_delete_dataset_cancels_its_jobs_and_removes_its_staged_files_and_unused
     settings.MODELS_DIR = tmp_path / "models"
     ds = Dataset.objects.create(owner=user, name="busy")
     queued = TrainingRun.objects.create(owner=user, dataset=ds, base_model="m")
-    staged = imports.stage(owner=user, upload=SimpleUploadedFile("v2.csv", b"Summary\nx\n"), dataset=ds)
+    staged = import_jobs.stage(owner=user, upload=SimpleUploadedFile("v2.csv", b"Summary\nx\n"), dataset=ds)
     failed = TrainingRun.objects.create(owner=user, dataset=ds, base_model="m", status=TrainingRun.Status.FAILED)
     registered = TrainingRun.objects.create(owner=user, dataset=ds, base_model="m",
                                             status=TrainingRun.Status.SUCCEEDED)
@@ -433,13 +433,13 @@ def test_delete_dataset_cancels_its_jobs_and_removes_its_staged_files_and_unused
 def test_workers_of_a_deleted_datasets_import_and_index_build_lose_their_fence(user, settings, tmp_path):
     from embedportal import jobs
     from search.models import SearchIndex
-    from training import imports
+    from training import import_jobs
     from training.models import ImportJob, ModelVersion
 
     # Given an import of a new version and a search index build, both running (claimed by a worker)
     settings.UPLOADS_DIR = tmp_path / "uploads"
     ds = Dataset.objects.create(owner=user, name="d")
-    job = imports.stage(owner=user, upload=SimpleUploadedFile("v2.csv", b"Summary\nx\n"), dataset=ds)
+    job = import_jobs.stage(owner=user, upload=SimpleUploadedFile("v2.csv", b"Summary\nx\n"), dataset=ds)
     ImportJob.objects.filter(pk=job.pk).update(status=ImportJob.Status.QUEUED)
     version = ModelVersion.objects.create(owner=user, name="m", version=1, base_model="m", dimensions=32,
                                           artifact_path="/nonexistent")

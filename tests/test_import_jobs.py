@@ -20,9 +20,8 @@ from rest_framework.test import APIClient
 
 from embedportal import jobs
 from embedportal.celery import app as celery_app
-from tests.test_worker_process import start_worker  # noqa: F401  (a fixture: real worker processes)
 from tests.waiting import wait_for
-from training import imports
+from training import import_jobs
 from training.models import Dataset, ImportJob
 
 DEAD_BROKER = "redis://127.0.0.1:1/0"  # nothing listens on port 1: "Redis is down"
@@ -73,7 +72,7 @@ def test_page_upload_above_the_threshold_goes_to_the_job_page(settings, web, sma
     partial = web.get(answer["Location"], HTTP_HX_REQUEST="true")
     assert partial.status_code == 200 and b'id="import-status"' in partial.content and b"<html" not in partial.content
     # The job runs through the same service as a small upload.
-    finished = imports.execute(job=job)
+    finished = import_jobs.execute(job=job)
     assert finished.status == "succeeded" and finished.dataset.documents.count() == 200
     assert b"200 of 200 rows accepted" in web.get(answer["Location"]).content
     assert _staged(uploads_dir) == []
@@ -97,7 +96,7 @@ def test_a_new_version_in_the_background_upserts_by_key(api, small_jira_file, ha
         answer = api.post(f"/api/datasets/{dataset_id}/upload/", {"file": fh, "background": "true"},
                           format="multipart")
     assert answer.status_code == 202, answer.content
-    job = imports.execute(job=ImportJob.objects.get(pk=answer.json()["id"]))
+    job = import_jobs.execute(job=ImportJob.objects.get(pk=answer.json()["id"]))
     assert job.status == "succeeded", job.error
     assert (job.version.number, job.version.added, job.version.changed, job.version.unchanged) == (2, 10, 1, 149)
 
@@ -108,7 +107,7 @@ def test_a_bad_file_fails_the_job_with_the_reason_and_stores_nothing(api, upload
     answer = api.post("/api/datasets/", {"name": "junk", "kind": "tickets", "file": junk, "background": "true"},
                       format="multipart")
     assert answer.status_code == 202
-    job = imports.execute(job=ImportJob.objects.get(pk=answer.json()["id"]))
+    job = import_jobs.execute(job=ImportJob.objects.get(pk=answer.json()["id"]))
     assert job.status == "failed" and "tickets.json" in job.error
     assert not Dataset.objects.filter(name="junk").exists()
     assert _staged(uploads_dir) == []
@@ -156,7 +155,7 @@ def test_reaper_fails_an_import_after_its_last_attempt_and_removes_its_file_but_
     job = ImportJob.objects.create(owner=user, name="n", filename="f.json", file_path=str(staged), phase="merging",
                                    status=ImportJob.Status.RUNNING, heartbeat_at=timezone.now() - timedelta(hours=1),
                                    attempt=3)
-    preview = imports.stage(owner=user, upload=SimpleUploadedFile("a.csv", b"Summary\nx\n"), name="p")
+    preview = import_jobs.stage(owner=user, upload=SimpleUploadedFile("a.csv", b"Summary\nx\n"), name="p")
     # When the one reaper runs (with its housekeeping)
     reaped = jobs.reap_all()
     # Then the import failed with the phase it died in, its file is gone, and the preview is untouched
@@ -215,7 +214,7 @@ def test_import_committed_while_redis_is_down_waits_for_the_queue_then_runs(api,
     assert json.loads(base64.b64decode(message["body"]))[1] == {"job_id": job.pk}
     assert jobs.reap(ImportJob)["resent"] == 0
     # And the worker that takes it imports the file
-    done = imports.execute(job=job)
+    done = import_jobs.execute(job=job)
     assert (done.status, done.attempt, done.phase, done.rows_read) == ("succeeded", 1, "done", 200)
     assert done.dataset.name == "later" and done.dataset.documents.count() == 200
     assert _staged(uploads_dir) == []
@@ -278,7 +277,7 @@ def test_a_stale_attempts_import_rolls_back_and_stores_nothing(api, small_jira_f
 
     def first_attempt() -> None:
         try:
-            first.append(imports.execute(job=job))
+            first.append(import_jobs.execute(job=job))
         finally:
             connections.close_all()
 
@@ -296,7 +295,7 @@ def test_a_stale_attempts_import_rolls_back_and_stores_nothing(api, small_jira_f
     assert Dataset.objects.get(pk=dataset_id).documents.filter(title="Changed summary").count() == 0
     assert Path(job.file_path).exists()  # the next attempt reads it
     # And the next attempt imports the version once
-    done = imports.execute(job=job)
+    done = import_jobs.execute(job=job)
     assert (done.status, done.attempt, done.error) == ("succeeded", 2, "")
     assert (done.version.number, done.version.added, done.version.changed, done.version.unchanged) == (2, 10, 1, 149)
     assert list(Dataset.objects.get(pk=dataset_id).versions.values_list("number", flat=True)) == [2, 1]
@@ -322,7 +321,7 @@ def test_the_reaper_resumes_a_killed_import_and_the_dataset_has_each_row_once(ap
     lock.release()
     assert jobs.reap(ImportJob, timeout_s=0) == {"requeued": 1, "failed": 0, "resent": 0, "cancelled": 0}
     # Then the next attempt imports the file, and every row is in the dataset once
-    job = imports.execute(job=ImportJob.objects.get(pk=job_id))
+    job = import_jobs.execute(job=ImportJob.objects.get(pk=job_id))
     assert (job.status, job.attempt, job.phase, job.rows_read) == ("succeeded", 2, "done", 160)
     dataset = Dataset.objects.get(pk=dataset_id)
     assert list(dataset.versions.values_list("number", flat=True)) == [2, 1]
@@ -374,9 +373,9 @@ def test_api_preview_keep_then_start(api, small_jira_file, uploads_dir):
 
 @pytest.mark.django_db(transaction=True)  # reap_all closes old connections
 def test_stale_previews_are_discarded_by_the_reaper(user, uploads_dir):
-    job = imports.stage(owner=user, upload=SimpleUploadedFile("a.csv", b"Summary\nx\n"), name="n")
+    job = import_jobs.stage(owner=user, upload=SimpleUploadedFile("a.csv", b"Summary\nx\n"), name="n")
     ImportJob.objects.filter(pk=job.pk).update(created_at=timezone.now() - timedelta(days=2))
-    jobs.reap_all()  # its housekeeping: imports.expire_staged
+    jobs.reap_all()  # its housekeeping: import_jobs.expire_staged
     assert not ImportJob.objects.exists() and _staged(uploads_dir) == []
 
 

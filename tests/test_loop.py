@@ -78,14 +78,14 @@ def test_loop_upload_train_index_search_through_real_worker(celery_worker, api, 
 
 @pytest.mark.django_db(transaction=True)
 def test_run_with_unloadable_model_fails_with_reason(celery_worker, api, user, small_jira_file, tmp_path):
-    from training import services
+    from training import runs
 
     with open(small_jira_file, "rb") as fh:
         dataset_id = api.post("/api/datasets/", {"name": "s", "file": fh}, format="multipart").json()["id"]
     broken = tmp_path / "broken-model"
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
-    run = services.start_run(owner=user, dataset=user.datasets.get(pk=dataset_id), base_model=str(broken),
+    run = runs.start_run(owner=user, dataset=user.datasets.get(pk=dataset_id), base_model=str(broken),
                              hyperparameters={"max_steps": 1})
     final = wait_for(lambda: TrainingRun.objects.get(pk=run.pk), lambda r: r.is_terminal, timeout=60)
     assert final.status == TrainingRun.Status.FAILED

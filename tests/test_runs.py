@@ -8,7 +8,7 @@ import redis
 from django.utils import timezone
 
 from embedportal import jobs
-from training import services
+from training import runs
 from training.models import Dataset, Document, TrainingRun
 
 
@@ -88,7 +88,7 @@ def test_run_form_shows_field_error(web, dataset):
 
 def test_claim_runs_a_queued_run_once(user, dataset):
     run = TrainingRun.objects.create(owner=user, dataset=dataset, base_model="m", status=TrainingRun.Status.SUCCEEDED)
-    result = services.execute_run(run=run)
+    result = runs.execute_run(run=run)
     assert result.status == TrainingRun.Status.SUCCEEDED
     assert result.started_at is None
 

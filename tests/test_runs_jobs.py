@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from embedportal import jobs
 from tests.conftest import SHARED_DATA
-from training import services
+from training import runs
 from training.models import Dataset, Document, ModelVersion, TrainingRun
 
 TINY_HYPER = {"batch_size": 8, "max_seq_length": 32, "evaluate": False}
@@ -103,10 +103,10 @@ def test_stale_attempt_cannot_register_a_version(user, dataset, tiny_model_dir, 
     assert (stale.number, live.number) == (1, 2)
     # When the stale attempt reaches registration, then it is stopped and registers nothing
     with pytest.raises(jobs.LostClaim):
-        services.register_trained_model(attempt=stale, model_dir=tiny_model_dir, dimensions=32)
+        runs.register_trained_model(attempt=stale, model_dir=tiny_model_dir, dimensions=32)
     assert ModelVersion.objects.count() == 0
     # And the live attempt registers the one version and finishes the run
-    version = services.register_trained_model(attempt=live, model_dir=tiny_model_dir, dimensions=32)
+    version = runs.register_trained_model(attempt=live, model_dir=tiny_model_dir, dimensions=32)
     run.refresh_from_db()
     assert (run.status, run.attempt, run.phase, run.error) == ("succeeded", 2, "done", "")
     assert list(ModelVersion.objects.values_list("pk", "source_run_id")) == [(version.pk, run.pk)]
@@ -124,7 +124,7 @@ def test_falsely_reaped_run_resumes_in_its_own_attempt_folder(api, settings, use
     with open(SHARED_DATA / "qa" / "bank-faq.csv", "rb") as fh:
         created = api.post("/api/datasets/", {"name": "bank", "file": fh}, format="multipart")
     dataset = Dataset.objects.get(pk=created.json()["id"])
-    run = services.start_run(owner=user, dataset=dataset, base_model=str(tiny_model_dir), enqueue=False,
+    run = runs.start_run(owner=user, dataset=dataset, base_model=str(tiny_model_dir), enqueue=False,
                              hyperparameters={**TINY_HYPER, "max_steps": 6, "checkpoint_steps": 2})
     reaped = []
 
@@ -133,7 +133,7 @@ def test_falsely_reaped_run_resumes_in_its_own_attempt_folder(api, settings, use
             TrainingRun.objects.filter(pk=run.pk).update(heartbeat_at=timezone.now() - timedelta(hours=1))
             reaped.append(jobs.reap(TrainingRun, timeout_s=60))
 
-    first = services.execute_run(run=run, device="cpu", echo=reaper_strikes_after_the_checkpoint)
+    first = runs.execute_run(run=run, device="cpu", echo=reaper_strikes_after_the_checkpoint)
     # Then the first attempt stopped at its next write and left the run to the next attempt
     assert reaped == [{"requeued": 1, "failed": 0, "resent": 0, "cancelled": 0}]
     assert (first.status, first.attempt, first.phase) == ("queued", 1, "training")
@@ -142,7 +142,7 @@ def test_falsely_reaped_run_resumes_in_its_own_attempt_folder(api, settings, use
     before = _tree(run_dir / "attempt-1")
 
     # When the second attempt runs
-    done = services.execute_run(run=run, device="cpu")
+    done = runs.execute_run(run=run, device="cpu")
 
     # Then it resumed from the first attempt's checkpoint and wrote only into attempt-2
     assert (done.status, done.attempt, done.error) == ("succeeded", 2, ""), done.error

@@ -29,7 +29,7 @@ from embedportal import json_limits
 from search.vectors import store_embeddings
 from training import datasets, importers
 from training.errors import ServiceError
-from training.importers import CellError, ImportReport, UploadError
+from training.importers import CellError, ImportReport, UploadError, tabular
 from training.models import Dataset, Document, ImportJob, ModelVersion
 
 pytestmark = pytest.mark.django_db
@@ -115,7 +115,7 @@ def _list_depth(value) -> int:
 @hsettings(max_examples=200, deadline=None)
 @given(value=cell_values)
 def test_flattened_cells_match_the_recursive_definition(value):
-    assert importers._cell(value) == _reference_cell(value)
+    assert tabular._cell(value) == _reference_cell(value)
 
 
 @hsettings(max_examples=50, deadline=None)
@@ -123,10 +123,10 @@ def test_flattened_cells_match_the_recursive_definition(value):
 def test_any_depth_is_flattened_or_refused_never_recursed(depth, leaf):
     value = _nested(depth, leaf)
     if depth <= json_limits.MAX_DEPTH:
-        assert importers._cell(value) == leaf.strip()
+        assert tabular._cell(value) == leaf.strip()
     else:
         with pytest.raises(CellError, match="nested more than 20 levels deep"):
-            importers._cell(value)
+            tabular._cell(value)
 
 
 # --- Item 8: JSON that raised RecursionError or ValueError ---------------------------------------
@@ -448,9 +448,9 @@ def test_kept_uploads_count_against_a_per_user_quota(api, other_user, settings, 
         "(EMBEDPORTAL_STAGED_UPLOAD_QUOTA_MB). Import or wait for them, or let unused previews expire (after a day).")
     assert len(list(settings.UPLOADS_DIR.iterdir())) == 1
     # Another user's quota is their own
-    from training import imports
+    from training import import_jobs
 
-    job = imports.stage(owner=other_user, upload=SimpleUploadedFile("c.csv", content), name="c")
+    job = import_jobs.stage(owner=other_user, upload=SimpleUploadedFile("c.csv", content), name="c")
     assert job.status == ImportJob.Status.STAGED
 
 

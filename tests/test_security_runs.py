@@ -15,7 +15,7 @@ from django.utils.html import escape
 
 from tests.conftest import SHARED_DATA
 from embedportal import jobs
-from training import services
+from training import runs
 from training.models import Dataset, Document, ModelVersion, TrainingRun
 
 UNAVAILABLE = (
@@ -145,9 +145,9 @@ def test_run_continues_from_own_version_folder(api, settings, user, tiny_model_d
     parent = ModelVersion.objects.create(owner=user, name="bank", version=1, base_model=str(tiny_model_dir),
                                          artifact_path=str(folder), dimensions=32, dataset=dataset)
     # When a run continues from it
-    run = services.start_run(owner=user, dataset=dataset, base_model=f"version:{parent.pk}",
+    run = runs.start_run(owner=user, dataset=dataset, base_model=f"version:{parent.pk}",
                              hyperparameters=TINY_HYPER, enqueue=False)
-    run = services.execute_run(run=run, device="cpu")
+    run = runs.execute_run(run=run, device="cpu")
     # Then it trains from that folder and the new version records its parent
     assert run.status == TrainingRun.Status.SUCCEEDED, run.error
     assert f"continuing from version:{parent.pk} ({folder})" in run.log
@@ -160,9 +160,9 @@ def test_run_whose_parent_version_was_deleted_fails_with_reason(api, user, datas
     parent = ModelVersion.objects.create(owner=user, name="gone", version=1, base_model="b", artifact_path="/x",
                                          dimensions=32)
     parent_id = parent.pk
-    run = services.start_run(owner=user, dataset=dataset, base_model=f"version:{parent_id}", enqueue=False)
+    run = runs.start_run(owner=user, dataset=dataset, base_model=f"version:{parent_id}", enqueue=False)
     parent.delete()
-    run = services.execute_run(run=run, device="cpu")
+    run = runs.execute_run(run=run, device="cpu")
     assert (run.status, run.attempt) == (TrainingRun.Status.FAILED, 1)
     assert run.error == (f"ServiceError: base_model: model version {parent_id} was deleted after the run was queued; "
                          "start a new run from another version. (phase: pairs)")
@@ -200,7 +200,7 @@ def test_live_run_is_not_reaped_during_a_slow_evaluation(api, settings, user, sm
     settings.RUN_HEARTBEAT_TIMEOUT_S = 2
     settings.BASE_MODEL_DIRS = [str(tiny_model_dir.parent)]
     dataset = _upload(api, small_jira_file)
-    run = services.start_run(owner=user, dataset=dataset, base_model=str(tiny_model_dir),
+    run = runs.start_run(owner=user, dataset=dataset, base_model=str(tiny_model_dir),
                              hyperparameters={**TINY_HYPER, "max_steps": 2}, enqueue=False)
     reaper = _Reaper(run.pk)
 
@@ -213,7 +213,7 @@ def test_live_run_is_not_reaped_during_a_slow_evaluation(api, settings, user, sm
     # When the run executes with a silent 6 s evaluation phase
     reaper.start()
     try:
-        run = services.execute_run(run=run, device="cpu", echo=slow_evaluation)
+        run = runs.execute_run(run=run, device="cpu", echo=slow_evaluation)
     finally:
         reaper.stop()
     # Then the reaper never touched it, its heartbeat never went stale, and its result was kept
@@ -247,10 +247,10 @@ def test_registration_failure_fails_the_run_once_with_its_reason(api, settings, 
     settings.BASE_MODEL_DIRS = [str(tiny_model_dir.parent)]
     dataset = _upload(api, SHARED_DATA / "qa" / "bank-faq.csv",
                       name="bank")
-    run = services.start_run(owner=user, dataset=dataset, base_model=str(tiny_model_dir), hyperparameters=TINY_HYPER,
+    run = runs.start_run(owner=user, dataset=dataset, base_model=str(tiny_model_dir), hyperparameters=TINY_HYPER,
                              enqueue=False)
     # When the run trains and registers
-    run = services.execute_run(run=run, device="cpu")
+    run = runs.execute_run(run=run, device="cpu")
     # Then it fails with the registration's reason, keeps no version, and is not retried
     assert (run.status, run.attempt) == (TrainingRun.Status.FAILED, 1)
     assert run.error == (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import SHARED_DATA
-from training import services
+from training import runs
 from training.models import Dataset, TrainingRun
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -20,9 +20,9 @@ def _upload(api, name, path, kind):
 
 def test_qa_dataset_trains_with_validation_and_registers(api, user, tiny_model_dir):
     dataset = _upload(api, "bank", SHARED_DATA / "qa" / "bank-faq.csv", "qa")
-    run = services.start_run(owner=user, dataset=dataset, base_model=str(tiny_model_dir),
+    run = runs.start_run(owner=user, dataset=dataset, base_model=str(tiny_model_dir),
                              hyperparameters={"max_steps": 3, "batch_size": 8, "max_seq_length": 32})
-    run = services.execute_run(run=run, device="cpu")
+    run = runs.execute_run(run=run, device="cpu")
     assert run.status == TrainingRun.Status.SUCCEEDED, run.error
     assert "training pairs (qa strategy" in run.log
     assert run.metrics["best_validation_ndcg"] is not None
@@ -32,9 +32,9 @@ def test_qa_dataset_trains_with_validation_and_registers(api, user, tiny_model_d
 
 def test_label_triplets_train_with_triplet_loss(api, user, tiny_model_dir):
     dataset = _upload(api, "bank-labels", SHARED_DATA / "qa" / "bank-faq.csv", "qa")
-    run = services.start_run(owner=user, dataset=dataset, base_model=str(tiny_model_dir), hyperparameters={
+    run = runs.start_run(owner=user, dataset=dataset, base_model=str(tiny_model_dir), hyperparameters={
         "strategy": "labels", "loss": "triplet", "max_steps": 2, "batch_size": 8, "max_seq_length": 32})
-    run = services.execute_run(run=run, device="cpu")
+    run = runs.execute_run(run=run, device="cpu")
     assert run.status == TrainingRun.Status.SUCCEEDED, run.error
     assert run.metrics["loss"] == "triplet"
     assert "training triplets (labels strategy" in run.log
@@ -42,10 +42,10 @@ def test_label_triplets_train_with_triplet_loss(api, user, tiny_model_dir):
 
 def test_matryoshka_and_cached_loss_run(api, user, small_jira_file, tiny_model_dir):
     dataset = _upload(api, "slice", small_jira_file, "tickets")
-    run = services.start_run(owner=user, dataset=dataset, base_model=str(tiny_model_dir), hyperparameters={
+    run = runs.start_run(owner=user, dataset=dataset, base_model=str(tiny_model_dir), hyperparameters={
         "loss": "cached_mnrl", "matryoshka_dims": "32,16", "max_steps": 2, "batch_size": 8, "max_seq_length": 32,
         "evaluate": "false"})
-    run = services.execute_run(run=run, device="cpu")
+    run = runs.execute_run(run=run, device="cpu")
     assert run.status == TrainingRun.Status.SUCCEEDED, run.error
     assert run.metrics["loss"] == "cached_mnrl"
     assert run.evaluation == {}
@@ -53,7 +53,7 @@ def test_matryoshka_and_cached_loss_run(api, user, small_jira_file, tiny_model_d
 
 def test_corrupt_checkpoint_fails_with_reason_and_fix(api, user, small_jira_file, tiny_model_dir, tmp_path):
     dataset = _upload(api, "slice", small_jira_file, "tickets")
-    run = services.start_run(owner=user, dataset=dataset, base_model=str(tiny_model_dir), hyperparameters={
+    run = runs.start_run(owner=user, dataset=dataset, base_model=str(tiny_model_dir), hyperparameters={
         "max_steps": 4, "batch_size": 8, "max_seq_length": 32, "evaluate": "false"}, enqueue=False)
     broken = tmp_path / "checkpoint-2"
     broken.mkdir()
@@ -61,6 +61,6 @@ def test_corrupt_checkpoint_fails_with_reason_and_fix(api, user, small_jira_file
     (broken / "model.safetensors").write_bytes(b"\x00garbage")
     TrainingRun.objects.filter(pk=run.pk).update(checkpoint_path=str(broken))
     run.refresh_from_db()
-    run = services.execute_run(run=run, device="cpu")
+    run = runs.execute_run(run=run, device="cpu")
     assert run.status == TrainingRun.Status.FAILED
     assert f"The run was resuming from {broken}; if that checkpoint is damaged, start a new run" in run.error

@@ -4,67 +4,18 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
-from urllib.parse import quote
 
 import pytest
-import redis
 from django.conf import settings
-from django.db import connection
 
 from tests.waiting import wait_for
 from embedportal import jobs
-from training import services
+from training import runs
 from training.models import Dataset, ModelVersion, TrainingRun
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def _database_url() -> str:
-    db = connection.settings_dict
-    host = quote(db["HOST"] or "", safe="")
-    port = f":{db['PORT']}" if db["PORT"] else ""
-    return f"postgres://{db['USER']}:{quote(db['PASSWORD'] or '')}@{host}{port}/{db['NAME']}"
-
-
-@pytest.fixture
-def start_worker(tmp_path):
-    """Start `celery worker` processes on the test database and Redis; kill them afterwards."""
-    broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
-    for queue in ("default", settings.GPU_QUEUE):
-        broker.delete(queue)
-    procs: list[subprocess.Popen] = []
-    env = {
-        **os.environ,
-        "DATABASE_URL": _database_url(),
-        "REDIS_URL": settings.CELERY_BROKER_URL,
-        "EMBEDPORTAL_MODELS_DIR": str(settings.MODELS_DIR),
-        "EMBEDPORTAL_DEVICE": "cpu",
-        "HF_HUB_OFFLINE": "1",
-        "LOG_LEVEL": "INFO",
-    }
-
-    def start(name: str) -> subprocess.Popen:
-        log = open(tmp_path / f"worker-{name}.log", "wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "embedportal", "worker", "-Q", f"{settings.GPU_QUEUE},default",
-             "--pool", "solo", "-n", f"{name}@%h", "--loglevel", "INFO", "--without-mingle", "--without-gossip"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        procs.append(proc)
-        return proc
-
-    yield start
-    for log in sorted(tmp_path.glob("worker-*.log")):
-        print(f"--- {log.name} (last 3000 bytes)\n{log.read_bytes()[-3000:].decode(errors='replace')}")
-    for proc in procs:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture
@@ -76,7 +27,7 @@ def dataset(api, small_jira_file):
 
 def _run(user, dataset, tiny_model_dir, **hyper) -> TrainingRun:
     params = {"batch_size": 8, "max_seq_length": 128, "evaluate": False, **hyper}
-    return services.start_run(owner=user, dataset=dataset, base_model=str(tiny_model_dir), hyperparameters=params)
+    return runs.start_run(owner=user, dataset=dataset, base_model=str(tiny_model_dir), hyperparameters=params)
 
 
 def test_worker_killed_mid_run_resumes_from_checkpoint(start_worker, user, dataset, tiny_model_dir):
@@ -117,7 +68,7 @@ def test_cancel_stops_running_run_within_seconds_and_keeps_checkpoints(start_wor
     run = _run(user, dataset, tiny_model_dir, max_steps=100000, checkpoint_steps=5)
     wait_for(lambda: TrainingRun.objects.get(pk=run.pk), lambda r: r.checkpoint_path != "", timeout=120, every=0.2)
     asked = time.monotonic()
-    services.cancel_run(run=TrainingRun.objects.get(pk=run.pk))
+    runs.cancel_run(run=TrainingRun.objects.get(pk=run.pk))
     done = wait_for(lambda: TrainingRun.objects.get(pk=run.pk), lambda r: r.is_terminal, timeout=30, every=0.2)
     assert done.status == TrainingRun.Status.CANCELLED
     assert time.monotonic() - asked < 10

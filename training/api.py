@@ -13,7 +13,7 @@ from embedportal import json_limits
 from embedportal.pagination import BoundedLimitOffsetPagination
 from embedportal.parsers import API_PARSERS, BoundedFormParser, BoundedJSONParser
 
-from training import datasets, forms, importers, imports, pairs, registry, serializers, services
+from training import datasets, forms, import_jobs, importers, pairs, registry, runs, serializers
 from training.downloads import csv_attachment, temporary_file_response
 from training.errors import ServiceError
 from training.hyperparameters import HyperparameterError
@@ -87,9 +87,9 @@ class DatasetViewSet(
         upload = serializers.DatasetUploadSerializer(data=request.data)
         upload.is_valid(raise_exception=True)
         data = upload.validated_data
-        if imports.wants_background(data["file"], data["background"]):
+        if import_jobs.wants_background(data["file"], data["background"]):
             try:
-                job = imports.submit(owner=request.user, upload=data["file"], name=data["name"], kind=data["kind"],
+                job = import_jobs.submit(owner=request.user, upload=data["file"], name=data["name"], kind=data["kind"],
                                      strict=data["strict"], mapping=data["mapping"], language=data["language"])
             except ServiceError as exc:
                 return service_error_response(exc)
@@ -120,11 +120,11 @@ class DatasetViewSet(
                 raise ValidationError({"dataset": [f"No dataset {data['dataset']} of yours."]})
         try:
             if data["keep"]:
-                job, result = imports.stage_and_preview(
+                job, result = import_jobs.stage_and_preview(
                     owner=request.user, upload=data["file"], dataset=dataset, name=data["name"], kind=data["kind"],
                     strict=data["strict"], mapping=data["mapping"], language=data["language"])
                 if result["needs_mapping"]:  # nothing to start: the API caller sends a mapping with the next file
-                    imports.discard(job=job)
+                    import_jobs.discard(job=job)
                 else:
                     result["staged_import"] = serializers.ImportJobSerializer(job).data
             else:
@@ -149,8 +149,8 @@ class DatasetViewSet(
         payload = serializers.DatasetVersionUploadSerializer(data=request.data)
         payload.is_valid(raise_exception=True)
         data = payload.validated_data
-        if imports.wants_background(data["file"], data["background"]):
-            job = imports.submit(owner=request.user, upload=data["file"], dataset=dataset, strict=data["strict"],
+        if import_jobs.wants_background(data["file"], data["background"]):
+            job = import_jobs.submit(owner=request.user, upload=data["file"], dataset=dataset, strict=data["strict"],
                                  mapping=data["mapping"])
             return Response(serializers.ImportJobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
         try:
@@ -243,7 +243,7 @@ class ImportJobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewset
         payload = serializers.ImportStartSerializer(data=request.data)
         payload.is_valid(raise_exception=True)
         try:
-            job = imports.start(job=job, background=payload.validated_data["background"],
+            job = import_jobs.start(job=job, background=payload.validated_data["background"],
                                 name=payload.validated_data["name"])
         except ServiceError as exc:
             return service_error_response(exc)
@@ -268,7 +268,7 @@ class TrainingRunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, views
         if dataset is None:
             raise ValidationError({"dataset": [f"No dataset {data['dataset']} of yours."]})
         try:
-            run = services.start_run(
+            run = runs.start_run(
                 owner=request.user,
                 dataset=dataset,
                 base_model=data["base_model"],
@@ -281,7 +281,7 @@ class TrainingRunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, views
     @extend_schema(request=None)
     @action(detail=True, methods=["post"])
     def cancel(self, request, pk=None):
-        run = services.cancel_run(run=self.get_object())
+        run = runs.cancel_run(run=self.get_object())
         return Response(self.get_serializer(run).data)
 
 

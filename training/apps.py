@@ -7,7 +7,7 @@ class TrainingConfig(AppConfig):
 
     def ready(self) -> None:
         from embedportal import jobs
-        from training import imports
+        from training import import_jobs
 
         # Previews nobody imported expire, and files of ended imports go, with every reaper pass.
-        jobs.register_housekeeping(imports.expire_staged)
+        jobs.register_housekeeping(import_jobs.expire_staged)

@@ -116,7 +116,7 @@ class ImportJob(Job):
     Uploads above EMBEDPORTAL_BACKGROUND_IMPORT_MB (or sent with
     background=true) are streamed to disk, recorded here and imported by the
     `training.run_import` task through the same service as a small upload
-    (training.imports), so the request returns at once. A Job of the one job
+    (training.import_jobs), so the request returns at once. A Job of the one job
     system (embedportal.jobs): claimed, fenced, beaten and reaped like every
     other kind; STAGED (a kept preview) is before all that and the reaper
     leaves it alone. The import itself is all-or-nothing: a failed,

@@ -2,7 +2,7 @@ import logging
 
 from celery import shared_task
 
-from training import imports, services
+from training import import_jobs, runs
 from training.models import ImportJob, TrainingRun
 
 logger = logging.getLogger(__name__)
@@ -14,7 +14,7 @@ def run_training(*, job_id: int) -> None:
     if run is None:
         logger.warning("training run %s is gone; nothing to do", job_id)
         return
-    services.execute_run(run=run)
+    runs.execute_run(run=run)
 
 
 @shared_task(name="training.run_import")
@@ -23,4 +23,4 @@ def run_import(*, job_id: int) -> None:
     if job is None:
         logger.warning("import job %s is gone; nothing to do", job_id)
         return
-    imports.execute(job=job)
+    import_jobs.execute(job=job)

@@ -8,7 +8,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.csrf import csrf_exempt, csrf_protect
 from django.views.decorators.http import require_POST
 
-from training import datasets, forms, imports, pairs, registry, services
+from training import datasets, forms, import_jobs, pairs, registry, runs
 from training.downloads import csv_attachment, temporary_file_response
 from training.errors import ServiceError
 from training.forms import PairsForm, RunForm, UploadForm, VersionUploadForm
@@ -42,10 +42,10 @@ def _dataset_list(request: HttpRequest, limiter) -> HttpResponse:
             if request.POST.get("action") == "preview":
                 # Kept on disk (a staged import), so "Import" after the preview needs no second upload;
                 # kept too when the file needs a column mapping, which is chosen on this page next.
-                job, preview = imports.stage_and_preview(owner=request.user, upload=data["file"], **options)
+                job, preview = import_jobs.stage_and_preview(owner=request.user, upload=data["file"], **options)
                 preview["staged"] = job
-            elif imports.wants_background(data["file"]):
-                return _follow_job(request, imports.submit(owner=request.user, upload=data["file"], **options))
+            elif import_jobs.wants_background(data["file"]):
+                return _follow_job(request, import_jobs.submit(owner=request.user, upload=data["file"], **options))
             else:
                 dataset = datasets.import_upload(owner=request.user, upload=data["file"], **options)
         except ServiceError as exc:
@@ -119,7 +119,7 @@ def _import_staged(request: HttpRequest) -> HttpResponse:
     job = get_object_or_404(ImportJob, pk=request.POST.get("staged") or 0, owner=request.user,
                             status=ImportJob.Status.STAGED)
     try:
-        job = imports.start(job=job, name=request.POST.get("name") or "")
+        job = import_jobs.start(job=job, name=request.POST.get("name") or "")
     except ServiceError as exc:
         messages.error(request, f"{exc} The previewed file is still kept: preview it again or upload it anew.")
         return redirect("dataset_list")
@@ -142,7 +142,7 @@ def dataset_detail(request: HttpRequest, pk: int) -> HttpResponse:
     form = RunForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
         try:
-            run = services.start_run(
+            run = runs.start_run(
                 owner=request.user,
                 dataset=dataset,
                 base_model=form.cleaned_data["base_model"],
@@ -201,8 +201,8 @@ def _dataset_upload(request: HttpRequest, pk: int, limiter) -> HttpResponse:
         upload_form.add_error("file", limiter.message)
     elif upload_form.is_valid():
         upload = upload_form.cleaned_data["file"]
-        if imports.wants_background(upload):
-            return _follow_job(request, imports.submit(owner=request.user, upload=upload, dataset=dataset,
+        if import_jobs.wants_background(upload):
+            return _follow_job(request, import_jobs.submit(owner=request.user, upload=upload, dataset=dataset,
                                                        strict=upload_form.cleaned_data["strict"],
                                                        mapping=upload_form.mapping()))
         try:
@@ -328,7 +328,7 @@ def run_compare(request: HttpRequest) -> HttpResponse:
 @require_POST
 def run_cancel(request: HttpRequest, pk: int) -> HttpResponse:
     run = get_object_or_404(TrainingRun, pk=pk, owner=request.user)
-    services.cancel_run(run=run)
+    runs.cancel_run(run=run)
     messages.info(request, f"Cancellation of run #{run.pk} requested.")
     return redirect("run_detail", pk=pk)
 

@@ -3,7 +3,7 @@
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
-from training import services
+from training import runs
 from training.errors import ServiceError
 from training.hyperparameters import LOSSES, HyperparameterError
 from training.models import Dataset
@@ -33,14 +33,14 @@ class Command(BaseCommand):
         if opts["no_evaluate"]:
             hyper["evaluate"] = False
         try:
-            run = services.start_run(
+            run = runs.start_run(
                 owner=dataset.owner, dataset=dataset, base_model=opts["base_model"], hyperparameters=hyper, enqueue=False
             )
         except (ServiceError, HyperparameterError) as exc:
             raise CommandError(str(exc))
         self.stdout.write(f"Run #{run.pk} on {dataset.name}")
         bar = _Bar(self.stdout)
-        run = services.execute_run(run=run, device=opts["device"], echo=bar.line)
+        run = runs.execute_run(run=run, device=opts["device"], echo=bar.line)
         bar.close()
         if run.status != run.Status.SUCCEEDED:
             raise CommandError(f"Run #{run.pk} {run.status}: {run.error}")

@@ -1,7 +1,8 @@
-"""Business logic for training runs and the model registry.
+"""Training runs: check the base model, start, execute one attempt (a job of embedportal.jobs), cancel.
 
 Views, API views, Celery tasks and management commands call these functions;
-none of them mutates these models on its own.
+none of them mutates runs on its own. The trained model is registered through
+training.registry; the held-out proof comes from training.heldout.
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ def build_training_data(*, run: TrainingRun, hyper: Hyperparameters, log: Callab
     20k tickets takes minutes rather than an hour on CPU (Hadoop: ~3,400
     pairs). The TEST split is never used; validation rows never train.
     """
-    from training.evaluate import validation_from_pairs
+    from training.heldout import validation_from_pairs
 
     options = {"dataset": run.dataset, "strategy": hyper.strategy, "seed": hyper.seed,
                "weak_positives": hyper.weak_positives}
@@ -214,7 +215,7 @@ def execute_run(*, run: TrainingRun, device: str | None = None, echo: Callable[[
 
 def _train(attempt: jobs.Attempt, *, device: str | None, echo: Callable[[str], None] | None) -> None:
     """The body of one attempt (jobs.run_job finishes the run by how this returns or raises)."""
-    from training.evaluate import HeldOutEvaluation
+    from training.heldout import HeldOutEvaluation
 
     run = TrainingRun.objects.select_related("dataset", "owner").get(pk=attempt.pk)
     hyper = Hyperparameters.from_stored(run.hyperparameters)
