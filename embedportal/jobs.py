@@ -260,8 +260,9 @@ class Attempt:
         """Move to a terminal status (SUCCEEDED by default), fenced; False when the claim was lost."""
         status = status or self.model.SUCCEEDED
         fields = {**self._take_reported(), **fields}  # what the heartbeat had not written yet
-        return bool(self._mine.update(status=status, finished_at=timezone.now(), heartbeat_at=timezone.now(),
-                                      **({"progress": 1.0} if status == self.model.SUCCEEDED else {}), **fields))
+        if status == self.model.SUCCEEDED:
+            fields = {"progress": 1.0, "phase": "done", **fields}
+        return bool(self._mine.update(status=status, finished_at=timezone.now(), heartbeat_at=timezone.now(), **fields))
 
 
 def claim(model: type[Job], pk: int) -> Attempt | None:
