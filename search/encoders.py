@@ -94,12 +94,6 @@ def loaded_models() -> list[str]:
         return list(_cache)
 
 
-def encode_query(artifact_path: str, text: str) -> list[float]:
-    model = get_model(artifact_path)
-    vector = model.encode([text], normalize_embeddings=True, convert_to_numpy=True)[0]
-    return vector.tolist()
-
-
 def _check_texts(texts, field: str, limit: int = MAX_TEXTS) -> list[str]:
     if not isinstance(texts, list) or not texts:
         raise ServiceError(f"{field}: give a non-empty list of texts.")

@@ -134,11 +134,3 @@ def refresh_indexes(*, dataset: Dataset) -> int:
         if jobs.requeue(index):
             queued += 1
     return queued
-
-
-def production_index(*, dataset: Dataset) -> SearchIndex | None:
-    return (
-        SearchIndex.objects.filter(dataset=dataset, model_version__stage=ModelVersion.Stage.PRODUCTION)
-        .select_related("model_version")
-        .first()
-    )

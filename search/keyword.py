@@ -45,7 +45,7 @@ _KEYWORD_SQL = (
     "ORDER BY rank DESC, d.id LIMIT %s"
 )
 _ALL_WORDS = "websearch_to_tsquery(%s::regconfig, %s)"
-# "Any word": the query's own lexemes OR-ed (as evaluation.keyword_rankings does).
+# "Any word": the query's own lexemes OR-ed.
 _ANY_WORD = (
     "(SELECT to_tsquery(%s::regconfig, string_agg(quote_literal(lexeme), ' | ')) "
     "FROM unnest(to_tsvector(%s::regconfig, %s)))"

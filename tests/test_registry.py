@@ -14,7 +14,6 @@ from django.contrib.auth import get_user_model
 from search import encoders, hybrid, indexing, serving
 from search.embedding import pending_documents
 from search.models import Embedding, SearchIndex
-from training import registry
 from training.errors import ServiceError
 from training.models import Dataset, Document, ModelVersion
 
@@ -60,6 +59,12 @@ def _build(version):
     return indexing.build_index(index=index)
 
 
+def _serving_version_id(dataset) -> int | None:
+    """The model version whose index serves the dataset (the production one)."""
+    return (SearchIndex.objects.filter(dataset=dataset, model_version__stage=ModelVersion.Stage.PRODUCTION)
+            .values_list("model_version_id", flat=True).first())
+
+
 def test_promotion_waits_for_complete_index_then_switches_atomically(user, dataset, tiny_model_dir, other_tiny_model_dir):
     v1 = _version(user, dataset, tiny_model_dir, 1)
     serving.request_promotion(version=v1, user=user)
@@ -73,13 +78,13 @@ def test_promotion_waits_for_complete_index_then_switches_atomically(user, datas
     v1.refresh_from_db(), v2.refresh_from_db()
     assert (v1.stage, v2.stage) == ("production", "candidate")
     assert v2.promotion_requested_at is not None
-    assert indexing.production_index(dataset=dataset).model_version_id == v1.pk
+    assert _serving_version_id(dataset) == v1.pk
     built = _build(v2)
     assert (built.status, built.embedded_count, built.total_count) == ("ready", 12, 12)
     v1.refresh_from_db(), v2.refresh_from_db()
     assert (v1.stage, v2.stage) == ("archived", "production")
     assert v2.promotion_requested_at is None and v2.promoted_at is not None
-    assert indexing.production_index(dataset=dataset).model_version_id == v2.pk
+    assert _serving_version_id(dataset) == v2.pk
 
     # Rollback is instant: v1's vectors were kept
     back = serving.rollback(dataset=dataset, user=user)

@@ -170,14 +170,6 @@ def fuse(*rankings: dict[int, list[int]], k: int = 60) -> dict[int, list[int]]:
 # --- scored rankings and fusion tuning (search) ---------------------------------
 
 
-# Characters of a query ticket turned into its OR-query (title first). A ticket
-# with a long log pasted in becomes a tsquery of thousands of lexemes that
-# ts_rank_cd then scores against every document: one such query ran for over
-# 5 minutes on the Hadoop set. The embedding side sees even less (MiniLM reads
-# 128-256 tokens), so both halves judge the same head of the ticket.
-QUERY_DOCUMENT_CHARS = 2000
-
-
 def vector_scored_rankings(
     *, embeddings: np.ndarray, eval_set: EvalSet, queries: Iterable[int] | None = None, limit: int = RANK_DEPTH
 ) -> dict[int, list[tuple[int, float]]]:
