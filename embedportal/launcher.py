@@ -20,6 +20,7 @@ see local_http_env().
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -98,13 +99,17 @@ def local_http_env(*, env: dict[str, str], var_dir: Path, host: str) -> dict[str
     """`env` plus what serving http://HOST:PORT/ on this machine needs; what `env` sets wins.
 
     SECRET_KEY: read from var/secret_key, which is created (mode 0600, random)
-    on first use, so sessions and tokens survive restarts. ALLOWED_HOSTS:
+    on first use, so sessions and tokens survive restarts.
+    EMBEDPORTAL_CREDENTIALS_KEY: likewise from var/credentials_key, a Fernet
+    key that seals Jira tokens and webhook URLs (training/connectors/credentials.py). ALLOWED_HOSTS:
     localhost, 127.0.0.1 and HOST. EMBEDPORTAL_LOCAL_HTTP=1: no redirect to
     https and no secure-only cookies, which plain http could never send back.
     """
     out = dict(env)
     if not out.get("SECRET_KEY"):
         out["SECRET_KEY"] = _persistent_secret_key(var_dir / "secret_key")
+    if not out.get("EMBEDPORTAL_CREDENTIALS_KEY"):
+        out["EMBEDPORTAL_CREDENTIALS_KEY"] = _persistent_secret_key(var_dir / "credentials_key", fernet=True)
     if not out.get("ALLOWED_HOSTS"):
         hosts = ["localhost", "127.0.0.1"]
         # 0.0.0.0 / :: are bind addresses, not names a browser sends: set ALLOWED_HOSTS then.
@@ -115,13 +120,14 @@ def local_http_env(*, env: dict[str, str], var_dir: Path, host: str) -> dict[str
     return out
 
 
-def _persistent_secret_key(path: Path) -> str:
+def _persistent_secret_key(path: Path, *, fernet: bool = False) -> str:
     try:
         # O_EXCL: two launchers starting at once cannot both write a key.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         return path.read_text().strip()
-    key = secrets.token_urlsafe(50)
+    # A Fernet key is 32 random bytes in url-safe base64 (what Fernet.generate_key() makes).
+    key = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode() if fernet else secrets.token_urlsafe(50)
     with os.fdopen(fd, "w") as fh:
         fh.write(key + "\n")
     return key

@@ -232,6 +232,18 @@ MAX_PAIRS = env_int("EMBEDPORTAL_MAX_PAIRS", 1000000)
 # Any job (embedportal.jobs) silent for this long is taken back by the reaper.
 JOB_HEARTBEAT_TIMEOUT_S = env_int("EMBEDPORTAL_JOB_HEARTBEAT_TIMEOUT_S", RUN_HEARTBEAT_TIMEOUT_S)
 
+# --- Daily retraining and the Jira connector (training/retraining.py, docs/retraining.md) ---------
+# Fernet keys that seal Jira tokens and webhook URLs at rest (comma-separated: the first seals, all
+# open, so a key can be rotated). bin/run creates one in var/credentials_key.
+CREDENTIALS_KEYS = env_list("EMBEDPORTAL_CREDENTIALS_KEY", "")
+# What a retrain starts from: "production" (continue the serving model) or "base"; docs/retraining.md
+# has the measurement behind the default.
+RETRAIN_START_FROM = env_str("EMBEDPORTAL_RETRAIN_START_FROM", "production")
+# The champion/challenger guard: promote when the 95% lower bound of the nDCG@10 gain is above the
+# margin and no metric of the held-out table drops by more than the tolerance.
+RETRAIN_MARGIN = float(env_str("EMBEDPORTAL_RETRAIN_MARGIN", "0"))
+RETRAIN_TOLERANCE = float(env_str("EMBEDPORTAL_RETRAIN_TOLERANCE", "0.01"))
+
 # --- Celery ---------------------------------------------------------------------
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", REDIS_URL)
@@ -246,6 +258,8 @@ GPU_QUEUE = "gpu"
 CELERY_TASK_ROUTES = {
     "training.run_training": {"queue": GPU_QUEUE},
     "search.build_index": {"queue": GPU_QUEUE},
+    # A retrain syncs, then trains in the same task (training.retraining): it needs the accelerator.
+    "training.run_retrain": {"queue": GPU_QUEUE},
 }
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True

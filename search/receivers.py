@@ -8,7 +8,7 @@ from search import indexing, serving
 from search.clustering import assignment
 from search.vectors import store_embeddings
 from training.models import Document, ModelVersion
-from training.signals import dataset_version_added, model_version_registered
+from training.signals import dataset_version_added, model_version_registered, promotion_approved
 
 
 @receiver(model_version_registered, dispatch_uid="search.store_run_vectors_and_first_promotion")
@@ -45,3 +45,13 @@ def assign_new_tickets_to_clusters(sender, *, dataset, version, **kwargs) -> Non
     """
     if version.added:
         assignment.mark_new_tickets(dataset=dataset)
+
+
+@receiver(promotion_approved, dispatch_uid="search.promote_approved_challenger")
+def promote_approved_challenger(sender, *, version: ModelVersion, user=None, decision=None, **kwargs) -> None:
+    """A retrain's challenger passed the guard: serve it once its index is ready.
+
+    Without the not-worse check: the retrain's guard (better with confidence)
+    is stricter than it, on the same comparison (training.evaluation).
+    """
+    serving.request_promotion(version=version, user=user)

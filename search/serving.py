@@ -25,9 +25,11 @@ from embedportal.errors import ConflictError, ServiceError
 from search.indexing import create_index, hnsw_index_name
 from search.models import Embedding, SearchIndex
 from training import temporary_files
+from training.evaluation import not_worse
 from training.importers import csv_safe
 from training.models import Dataset, ModelVersion
 from training.registry import download_name, held_out_ndcg, production_version
+from training.retraining import retrain_tolerance
 from training.temporary_files import TemporaryExport
 
 logger = logging.getLogger(__name__)
@@ -36,8 +38,12 @@ logger = logging.getLogger(__name__)
 def request_promotion(*, version: ModelVersion, user=None, require_not_worse: bool = False) -> ModelVersion:
     """Ask for `version` to serve its dataset; switch now if its index is ready, else when it is.
 
-    With require_not_worse, a candidate whose held-out nDCG@10 is below the
-    current production's is refused (the guard daily retraining uses).
+    With require_not_worse, the candidate must not be worse than the current
+    production: the champion/challenger comparison of daily retraining
+    (training.evaluation.not_worse: paired bootstrap over per-query nDCG@10,
+    95% lower bound of the gain above -tolerance, no metric of the held-out
+    table down by more than the tolerance; the dataset's retrain tolerance,
+    else EMBEDPORTAL_RETRAIN_TOLERANCE).
     Side effects: sets promotion_requested_at/promoted_by; creates or re-queues
     the (dataset, version) search index.
     """
@@ -53,11 +59,12 @@ def request_promotion(*, version: ModelVersion, user=None, require_not_worse: bo
                 f"Cannot compare {version} with production {current}: held-out nDCG@10 is missing on "
                 f"{'the candidate' if mine is None else 'production'}. Promote without the guard, or evaluate both."
             )
-        if mine < theirs:
-            raise ConflictError(
-                f"{version} scores nDCG@10 {mine:.4f} on held-out tickets, below production {current} ({theirs:.4f}); "
-                "not promoted."
-            )
+        verdict = not_worse(candidate=version, champion=current, tolerance=retrain_tolerance(dataset=version.dataset))
+        if not verdict.promote:
+            lower = (f"{version} scores nDCG@10 {mine:.4f} on held-out tickets, below production {current} "
+                     f"({theirs:.4f})" if mine < theirs else f"{version} is not shown to be as good as {current}")
+            comparison = f" ({verdict.comparison.describe()})" if verdict.comparison else ""
+            raise ConflictError(f"{lower}: {verdict.reason}{comparison}; not promoted.")
     with transaction.atomic():
         ModelVersion.objects.filter(pk=version.pk).update(promotion_requested_at=timezone.now(), promoted_by=user)
         index = create_index(owner=version.owner, dataset=version.dataset, model_version=version)

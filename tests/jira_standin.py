@@ -286,6 +286,7 @@ class JiraStandIn:
         self.before_page: Callable[[int], None] | None = None
         self.served_faults: list[tuple[int, int]] = []
         self._issues = list(issues or [])
+        self.port = 0  # 0: any free port
         self._fault_counts: dict[tuple[str, int], int] = {}
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -313,7 +314,7 @@ class JiraStandIn:
         class Handler(_Handler):
             site = standin
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="jira-standin", daemon=True)
         self._thread.start()
@@ -473,3 +474,38 @@ class _Handler(BaseHTTPRequestHandler):
                 body["nextPageToken"] = _page_token(offset + size, jql)
             return 200, body, {}
         return 200, {"startAt": offset, "maxResults": size, "total": len(chosen), "issues": page}, {}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m tests.jira_standin`: serve a Jira export on a port until Ctrl-C (to try the connector by hand)."""
+    import argparse
+    import gzip
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(prog="python -m tests.jira_standin")
+    parser.add_argument("--data", type=Path,
+                        default=Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "jira"
+                        / "apache-hadoop.jira.json.gz")
+    parser.add_argument("--limit", type=int, default=0, help="serve only the issues created first (0: all)")
+    parser.add_argument("--flavor", choices=(CLOUD, DATA_CENTER), default=DATA_CENTER)
+    parser.add_argument("--email", default="bot@example.com")
+    parser.add_argument("--token", default="jira-api-token")
+    parser.add_argument("--port", type=int, default=8031)
+    args = parser.parse_args(argv)
+    with gzip.open(args.data, "rt") if args.data.suffix == ".gz" else open(args.data) as fh:
+        issues = json.load(fh)["issues"]
+    issues = sorted(issues, key=lambda i: i["fields"]["created"])[: args.limit or None]
+    for issue in issues:  # as Jira held them when created: a larger --limit later brings newer issues
+        issue["fields"]["updated"] = issue["fields"]["created"]
+    site = JiraStandIn(issues, flavor=args.flavor, email=args.email, token=args.token)
+    site.port = args.port
+    site.start()
+    print(f"Jira stand-in ({args.flavor}, {len(issues)} issues) at {site.base_url}", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        site.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -206,13 +206,12 @@ def test_launcher_env_persists_a_private_secret_key_and_serves_local_http(tmp_pa
 
 
 def test_launcher_env_keeps_what_the_caller_set(tmp_path):
-    env = local_http_env(
-        env={"SECRET_KEY": STRONG_KEY, "ALLOWED_HOSTS": "portal.example.com", "EMBEDPORTAL_LOCAL_HTTP": "0"},
-        var_dir=tmp_path, host="10.0.0.5",
-    )
+    given = {"SECRET_KEY": STRONG_KEY, "ALLOWED_HOSTS": "portal.example.com", "EMBEDPORTAL_LOCAL_HTTP": "0",
+             "EMBEDPORTAL_CREDENTIALS_KEY": "b" * 43 + "="}
+    env = local_http_env(env=dict(given), var_dir=tmp_path, host="10.0.0.5")
     lan = local_http_env(env={}, var_dir=tmp_path, host="10.0.0.5")
 
-    assert env == {"SECRET_KEY": STRONG_KEY, "ALLOWED_HOSTS": "portal.example.com", "EMBEDPORTAL_LOCAL_HTTP": "0"}
+    assert env == given
     assert lan["ALLOWED_HOSTS"] == "localhost,127.0.0.1,10.0.0.5"
 
 

@@ -7,7 +7,9 @@ class TrainingConfig(AppConfig):
 
     def ready(self) -> None:
         from embedportal import jobs
-        from training import import_jobs
+        from training import import_jobs, retraining
 
         # Previews nobody imported expire, and files of ended imports go, with every reaper pass.
         jobs.register_housekeeping(import_jobs.expire_staged)
+        # A retrain the reaper failed (its worker died) still notifies the dataset's webhook.
+        jobs.register_housekeeping(retraining.notify_failed)

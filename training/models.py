@@ -276,3 +276,250 @@ class ModelVersion(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} v{self.version}"
+
+
+# --- Daily retraining fed from Jira (training/connectors/jira.py, training/retraining.py) --------------------
+
+
+class JiraConnection(models.Model):
+    """A dataset's link to a Jira site: where, which issues (JQL), and the credentials, sealed.
+
+    The token is stored encrypted (training.connectors.credentials: Fernet with
+    EMBEDPORTAL_CREDENTIALS_KEY) and is never shown again, logged, serialized
+    or exported; `token_set_at` tells that one is set. Cloud signs in with
+    e-mail + API token (basic auth), Data Center with a personal access token
+    (bearer).
+    """
+
+    class Flavor(models.TextChoices):
+        CLOUD = "cloud", "Jira Cloud (e-mail + API token)"
+        DATA_CENTER = "data_center", "Jira Data Center / Server (personal access token)"
+
+    dataset = models.OneToOneField(Dataset, on_delete=models.CASCADE, related_name="jira_connection")
+    base_url = models.URLField(max_length=500)
+    flavor = models.CharField(max_length=16, choices=Flavor.choices, default=Flavor.CLOUD)
+    jql = models.TextField()
+    email = models.CharField(max_length=254, blank=True)
+    token_sealed = models.TextField(editable=False)
+    token_set_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # The Jira user's time zone (GET /myself): Jira reads the dates of a JQL query in it.
+    time_zone = models.CharField(max_length=64, default="UTC")
+    # The latest `updated` among the issues synced so far (Jira's clock); the next sync asks from a little before.
+    synced_until = models.DateTimeField(null=True, blank=True)
+    last_synced_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"{self.base_url} ({self.jql[:60]})"
+
+
+class JiraSync(Job):
+    """One pull of a dataset's Jira issues into a new dataset version (a Job of embedportal.jobs).
+
+    Pages are appended to a file of the attempt; after every page the cursor
+    (Cloud's nextPageToken or Data Center's startAt) and the file's length are
+    written to this row, so a new attempt after a crash copies what was kept
+    and asks for the next page, not the first. The pages go through the same
+    write path as an upload (datasets.add_version): same validation, same row report.
+    """
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+        CANCELLED = "cancelled", "Cancelled"
+
+    TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED})
+    task_name = "training.run_jira_sync"
+    kind_label = "Jira sync"
+    heartbeat_every_s = 5.0
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="jira_syncs")
+    dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="jira_syncs")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    # The query sent, with the `updated >= "..."` of an incremental sync; `since` is that watermark.
+    jql = models.TextField(blank=True)
+    since = models.DateTimeField(null=True, blank=True)
+    # Where to go on: Cloud's nextPageToken, or Data Center's startAt; pages and issues kept so far.
+    next_page_token = models.TextField(blank=True)
+    start_at = models.PositiveIntegerField(default=0)
+    pages = models.PositiveIntegerField(default=0)
+    issues_fetched = models.PositiveIntegerField(default=0)
+    pages_file = models.CharField(max_length=1024, blank=True)
+    pages_bytes = models.BigIntegerField(default=0)
+    # The latest `updated` among the fetched issues: the connection's next watermark.
+    max_updated = models.DateTimeField(null=True, blank=True)
+    # Fetched issues already stored with the same `updated` (the overlap of two syncs): not imported again.
+    up_to_date = models.PositiveIntegerField(default=0)
+    version = models.ForeignKey(DatasetVersion, on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"Jira sync #{self.pk} of {self.dataset_id} ({self.status})"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in self.TERMINAL
+
+
+def _default_start_from() -> str:
+    return settings.RETRAIN_START_FROM
+
+
+def _default_margin() -> float:
+    return settings.RETRAIN_MARGIN
+
+
+def _default_tolerance() -> float:
+    return settings.RETRAIN_TOLERANCE
+
+
+def _default_time_zone() -> str:
+    return settings.TIME_ZONE
+
+
+class RetrainSchedule(models.Model):
+    """When and how a dataset is retrained; its beat entry is a django-celery-beat PeriodicTask.
+
+    minute/hour/day_of_week (crontab syntax) and time_zone are the truth; the
+    service (retraining.save_schedule) writes them to a CrontabSchedule with
+    that explicit time zone and a PeriodicTask, so admin, page and API edit one
+    row. The guard: the challenger is promoted when the 95% lower bound of its
+    nDCG@10 gain is above `margin` and no metric drops by more than `tolerance`.
+    """
+
+    class StartFrom(models.TextChoices):
+        PRODUCTION = "production", "The production model (continue its fine-tuning)"
+        BASE = "base", "The base model (fine-tune afresh on all tickets)"
+
+    dataset = models.OneToOneField(Dataset, on_delete=models.CASCADE, related_name="retrain_schedule")
+    enabled = models.BooleanField(default=True)
+    minute = models.CharField(max_length=64, default="0")
+    hour = models.CharField(max_length=64, default="2")
+    day_of_week = models.CharField(max_length=64, default="*")
+    time_zone = models.CharField(max_length=64, default=_default_time_zone)
+    periodic_task = models.OneToOneField("django_celery_beat.PeriodicTask", on_delete=models.SET_NULL, null=True,
+                                         blank=True, related_name="+", editable=False)
+    start_from = models.CharField(max_length=16, choices=StartFrom.choices, default=_default_start_from)
+    # With start_from=base: the model to start from ("" = settings.DEFAULT_BASE_MODEL).
+    base_model = models.CharField(max_length=500, blank=True)
+    hyperparameters = models.JSONField(default=dict, blank=True)
+    margin = models.FloatField(default=_default_margin)
+    tolerance = models.FloatField(default=_default_tolerance)
+    # Sealed like the Jira token (a Slack webhook URL is a secret); only its host is ever shown.
+    webhook_sealed = models.TextField(blank=True, editable=False)
+    webhook_host = models.CharField(max_length=255, blank=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"retrain {self.dataset_id}: {self.minute} {self.hour} * * {self.day_of_week} ({self.time_zone})"
+
+
+class RetrainOccurrence(Job):
+    """One retrain of a dataset, scheduled or run now (a Job of embedportal.jobs).
+
+    sync from Jira if linked -> skip when no document changed since the data
+    the last model was trained on -> a training run from the production (or
+    base) model -> the champion/challenger decision, recorded with its numbers.
+    `scheduled_for` is the crontab slot that fired it: unique per dataset, so
+    two beat processes cannot start the same retrain twice.
+    """
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+        CANCELLED = "cancelled", "Cancelled"
+
+    class Outcome(models.TextChoices):
+        PENDING = "", "Pending"
+        SKIPPED = "skipped", "Skipped: no new tickets"
+        BUSY = "busy", "Skipped: the previous retrain was still running"
+        PROMOTED = "promoted", "Promoted"
+        KEPT = "kept", "Kept the champion"
+        FAILED = "failed", "Failed"
+
+    class Trigger(models.TextChoices):
+        SCHEDULE = "schedule", "Schedule"
+        MANUAL = "manual", "Run now"
+
+    TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED})
+    ACTIVE = (Status.QUEUED, Status.RUNNING)
+    task_name = "training.run_retrain"
+    kind_label = "retrain"
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="retrain_occurrences")
+    dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="retrain_occurrences")
+    trigger = models.CharField(max_length=16, choices=Trigger.choices, default=Trigger.SCHEDULE)
+    scheduled_for = models.DateTimeField(null=True, blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    outcome = models.CharField(max_length=16, choices=Outcome.choices, default=Outcome.PENDING, blank=True)
+    sync = models.ForeignKey(JiraSync, on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    issues_synced = models.PositiveIntegerField(default=0)
+    # The newest dataset version that changed a document when this occurrence looked, and a digest of the data.
+    data_version = models.PositiveIntegerField(null=True, blank=True)
+    fingerprint = models.CharField(max_length=64, blank=True)
+    run = models.ForeignKey(TrainingRun, on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    champion = models.ForeignKey(ModelVersion, on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    challenger = models.ForeignKey(ModelVersion, on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    # The comparison's numbers: gain, ci_low, ci_high, queries, resamples, seed, margin, tolerance, drops, metrics.
+    decision = models.JSONField(default=dict, blank=True)
+    summary = models.TextField(blank=True)
+    # Held-out nDCG@10 of the model serving after this occurrence, on this occurrence's TEST queries.
+    production_ndcg = models.FloatField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["dataset", "scheduled_for"], name="retrain_one_per_slot"),
+            models.UniqueConstraint(fields=["dataset"], condition=models.Q(status__in=["queued", "running"]),
+                                    name="retrain_one_active_per_dataset"),
+        ]
+
+    def __str__(self) -> str:
+        return f"retrain #{self.pk} of {self.dataset_id} ({self.outcome or self.status})"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in self.TERMINAL
+
+
+class WebhookDelivery(models.Model):
+    """One notification of an occurrence (promotion or failure) to the dataset's webhook, with its retries."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        DELIVERED = "delivered", "Delivered"
+        FAILED = "failed", "Not delivered"
+
+    occurrence = models.ForeignKey(RetrainOccurrence, on_delete=models.CASCADE, related_name="deliveries")
+    event = models.CharField(max_length=16)
+    host = models.CharField(max_length=255, blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    response_status = models.PositiveSmallIntegerField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    payload = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [models.UniqueConstraint(fields=["occurrence", "event"], name="webhook_one_per_event")]
+
+    def __str__(self) -> str:
+        return f"{self.event} of retrain #{self.occurrence_id} to {self.host}: {self.status}"

@@ -12,3 +12,8 @@ dataset_version_added = Signal()
 # A trained model was registered: kwargs version, embeddings = (document ids, vectors) or None —
 # the corpus vectors the run's held-out evaluation already computed, so they are not encoded again.
 model_version_registered = Signal()
+
+# The champion/challenger guard of a retrain approved a version (training.retraining): kwargs version, user,
+# decision (the guard's numbers). Search requests its promotion (search.receivers); the switch happens once
+# its index is ready, as for any promotion.
+promotion_approved = Signal()
