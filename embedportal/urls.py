@@ -47,6 +47,8 @@ router.register("models", search_api.ModelVersionViewSet, basename="api-model")
 router.register("indexes", search_api.SearchIndexViewSet, basename="api-index")
 router.register("duplicates", search_api.DuplicatePairViewSet, basename="api-duplicate")
 router.register("index-jobs", search_api.IndexJobViewSet, basename="api-index-job")
+router.register("jira-syncs", training_api.JiraSyncViewSet, basename="api-jira-sync")
+router.register("retrains", training_api.RetrainOccurrenceViewSet, basename="api-retrain")
 router.register("clusterings", search_api.ClusteringRunViewSet, basename="api-clustering")
 router.register("clusters", search_api.ClusterViewSet, basename="api-cluster")
 router.register("cluster-jobs", search_api.ClusterAssignmentJobViewSet, basename="api-cluster-job")
@@ -62,6 +64,12 @@ urlpatterns = [
     path("datasets/<int:pk>/upload", training_views.dataset_upload, name="dataset_upload"),
     path("datasets/<int:pk>/versions/<int:number>/rejected.csv", training_views.dataset_report_csv, name="dataset_report_csv"),
     path("datasets/<int:pk>/pairs", training_views.dataset_pairs, name="dataset_pairs"),
+    path("datasets/<int:pk>/retraining/", training_views.retraining_page, name="dataset_retraining"),
+    path("datasets/<int:pk>/retraining/jira", training_views.retraining_jira, name="dataset_retraining_jira"),
+    path("datasets/<int:pk>/retraining/jira/test", training_views.retraining_jira_test, name="dataset_retraining_jira_test"),
+    path("datasets/<int:pk>/retraining/schedule", training_views.retraining_schedule, name="dataset_retraining_schedule"),
+    path("datasets/<int:pk>/retraining/run", training_views.retraining_run, name="dataset_retraining_run"),
+    path("retrains/<int:pk>/cancel", training_views.retraining_cancel, name="retrain_cancel"),
     path("imports/<int:pk>/", training_views.import_detail, name="import_detail"),
     path("runs/compare/", training_views.run_compare, name="run_compare"),
     path("runs/<int:pk>/", training_views.run_detail, name="run_detail"),
@@ -101,6 +109,12 @@ urlpatterns = [
     path("login/", auth_views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
+    path("api/datasets/<int:pk>/jira/", training_api.DatasetJiraView.as_view(), name="api_dataset_jira"),
+    path("api/datasets/<int:pk>/jira/test/", training_api.DatasetJiraTestView.as_view(), name="api_dataset_jira_test"),
+    path("api/datasets/<int:pk>/jira/sync/", training_api.DatasetJiraSyncView.as_view(), name="api_dataset_jira_sync"),
+    path("api/datasets/<int:pk>/retraining/", training_api.DatasetRetrainingView.as_view(), name="api_dataset_retraining"),
+    path("api/datasets/<int:pk>/retraining/run/", training_api.DatasetRetrainNowView.as_view(),
+         name="api_dataset_retrain_now"),
     path("api/", include(router.urls)),
     path("api/health/", views.api_health, name="api_health"),
     path("api/embed", search_api.embed, name="api_embed"),

@@ -1,6 +1,6 @@
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
-from django.db.models import Count, Prefetch
+from django.db.models import Count, OuterRef, Prefetch, Subquery
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 from rest_framework.decorators import api_view
@@ -10,7 +10,8 @@ from embedportal.health import system_health
 from embedportal.launcher import read_status, status_path
 from search.models import ClusteringRun
 from training.forms import UploadForm
-from training.models import Dataset, ModelVersion, TrainingRun
+from training.models import Dataset, ModelVersion, RetrainOccurrence, RetrainSchedule, TrainingRun
+from training.retraining import next_run_at
 
 RECENT_RUNS = 10
 
@@ -31,8 +32,19 @@ def dashboard(request: HttpRequest) -> HttpResponse:
     return render(
         request,
         "dashboard.html",
-        {"datasets": datasets, "runs": _recent_runs(request), "upload_form": UploadForm(), "processes": processes},
+        {"datasets": datasets, "runs": _recent_runs(request), "upload_form": UploadForm(), "processes": processes,
+         "retraining": _retraining(request)},
     )
+
+
+def _retraining(request: HttpRequest) -> list[dict]:
+    """The daily retraining card: each retrained dataset's next scheduled retrain and last decision."""
+    decided = (RetrainOccurrence.objects.filter(dataset=OuterRef("dataset"), status=RetrainOccurrence.Status.SUCCEEDED)
+               .exclude(outcome=RetrainOccurrence.Outcome.BUSY).order_by("-finished_at"))
+    schedules = (RetrainSchedule.objects.filter(dataset__owner=request.user).select_related("dataset")
+                 .annotate(last_summary=Subquery(decided.values("summary")[:1]),
+                           last_at=Subquery(decided.values("finished_at")[:1])).order_by("dataset__name"))
+    return [{"schedule": schedule, "next": next_run_at(schedule)} for schedule in schedules]
 
 
 @login_required

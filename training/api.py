@@ -8,16 +8,27 @@ from rest_framework.decorators import action
 from rest_framework.exceptions import NotFound, ValidationError
 from rest_framework.parsers import MultiPartParser
 from rest_framework.response import Response
+from rest_framework.views import APIView
 
-from embedportal import json_limits
+from embedportal import jobs, json_limits
 from embedportal.pagination import BoundedLimitOffsetPagination
 from embedportal.parsers import API_PARSERS, BoundedFormParser, BoundedJSONParser
 
-from training import datasets, forms, import_jobs, importers, pairs, registry, runs, serializers
+from training import datasets, forms, import_jobs, importers, pairs, registry, retraining, runs, serializers
+from training.connectors import jira
 from training.downloads import csv_attachment, temporary_file_response
 from training.errors import ServiceError
 from training.hyperparameters import HyperparameterError
-from training.models import Dataset, DatasetVersion, ImportJob, ModelVersion, TrainingRun
+from training.models import (
+    Dataset,
+    DatasetVersion,
+    ImportJob,
+    JiraConnection,
+    JiraSync,
+    ModelVersion,
+    RetrainOccurrence,
+    TrainingRun,
+)
 
 
 def service_error_response(exc: Exception) -> Response:
@@ -300,3 +311,141 @@ class ModelVersionViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, view
     def download(self, request, pk=None):
         """The model folder as a zip that SentenceTransformer(unzipped_folder) loads."""
         return temporary_file_response(registry.export_zip(version=self.get_object()), "application/zip")
+
+
+# --- Jira link and daily retraining (owner-scoped: a dataset that is missing or not yours is a 404) -------
+
+
+def _owned_dataset(request, pk: int) -> Dataset:
+    dataset = Dataset.objects.filter(owner=request.user, pk=pk).first()
+    if dataset is None:
+        raise NotFound("Not found.")
+    return dataset
+
+
+def _dataset_filter(request, queryset):
+    """?dataset=<id> narrows a list; anything but a whole number is a 400 naming the parameter."""
+    raw = request.query_params.get("dataset")
+    if raw in (None, ""):
+        return queryset
+    if not raw.isdigit() or len(raw) > 18:
+        raise ValidationError({"dataset": [f"must be a dataset id (a whole number), got {raw[:40]!r}."]})
+    return queryset.filter(dataset_id=int(raw))
+
+
+class DatasetJiraView(APIView):
+    """The dataset's Jira link: GET it (never the token), PUT to link or change it, DELETE to unlink."""
+
+    parser_classes = API_PARSERS
+
+    @extend_schema(responses={200: serializers.JiraConnectionSerializer})
+    def get(self, request, pk: int):
+        connection = JiraConnection.objects.filter(dataset=_owned_dataset(request, pk)).first()
+        if connection is None:
+            raise NotFound("This dataset is not linked to Jira.")
+        return Response(serializers.JiraConnectionSerializer(connection).data)
+
+    @extend_schema(request=serializers.JiraConnectionInputSerializer,
+                   responses={200: serializers.JiraConnectionSerializer})
+    def put(self, request, pk: int):
+        dataset = _owned_dataset(request, pk)
+        payload = serializers.JiraConnectionInputSerializer(data=request.data)
+        payload.is_valid(raise_exception=True)
+        connection = jira.save_connection(dataset=dataset, **payload.validated_data)
+        return Response(serializers.JiraConnectionSerializer(connection).data)
+
+    def delete(self, request, pk: int):
+        jira.delete_connection(dataset=_owned_dataset(request, pk))
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class DatasetJiraTestView(APIView):
+    """POST: sign in to Jira and run the link's JQL for one issue; {"ok": true, ...} or {"ok": false, "error"}."""
+
+    parser_classes = API_PARSERS
+
+    @extend_schema(request=None, responses={200: dict})
+    def post(self, request, pk: int):
+        connection = JiraConnection.objects.filter(dataset=_owned_dataset(request, pk)).first()
+        if connection is None:
+            raise NotFound("This dataset is not linked to Jira.")
+        return Response(jira.test_connection(connection=connection))
+
+
+class DatasetJiraSyncView(APIView):
+    """POST: pull the issues updated since the last sync into a new dataset version (202 with the sync job)."""
+
+    parser_classes = API_PARSERS
+
+    @extend_schema(request=None, responses={202: serializers.JiraSyncSerializer})
+    def post(self, request, pk: int):
+        sync = jira.start_sync(dataset=_owned_dataset(request, pk), owner=request.user)
+        return Response(serializers.JiraSyncSerializer(sync).data, status=status.HTTP_202_ACCEPTED)
+
+
+class JiraSyncViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """Jira sync jobs (`?dataset=<id>` for one dataset's): status, pages, issues fetched, the version it added."""
+
+    serializer_class = serializers.JiraSyncSerializer
+    parser_classes = API_PARSERS
+    pagination_class = BoundedLimitOffsetPagination
+
+    def get_queryset(self):
+        return _dataset_filter(self.request, JiraSync.objects.filter(owner=self.request.user).select_related("version"))
+
+    @extend_schema(request=None)
+    @action(detail=True, methods=["post"])
+    def cancel(self, request, pk=None):
+        sync = self.get_object()
+        jobs.request_cancel(sync)
+        sync.refresh_from_db()
+        return Response(self.get_serializer(sync).data)
+
+
+class DatasetRetrainingView(APIView):
+    """The dataset's retrain schedule and guard: GET (defaults until saved), PUT to set them."""
+
+    parser_classes = API_PARSERS
+
+    @extend_schema(responses={200: serializers.RetrainScheduleSerializer})
+    def get(self, request, pk: int):
+        return Response(serializers.RetrainScheduleSerializer(retraining.schedule_of(_owned_dataset(request, pk))).data)
+
+    @extend_schema(request=serializers.RetrainScheduleInputSerializer,
+                   responses={200: serializers.RetrainScheduleSerializer})
+    def put(self, request, pk: int):
+        dataset = _owned_dataset(request, pk)
+        payload = serializers.RetrainScheduleInputSerializer(data=request.data)
+        payload.is_valid(raise_exception=True)
+        schedule = retraining.save_schedule(dataset=dataset, owner=request.user, **payload.validated_data)
+        return Response(serializers.RetrainScheduleSerializer(schedule).data)
+
+
+class DatasetRetrainNowView(APIView):
+    """POST: retrain now, outside the schedule (202 with the occurrence; 409 while one is queued or running)."""
+
+    parser_classes = API_PARSERS
+
+    @extend_schema(request=None, responses={202: serializers.RetrainOccurrenceSerializer})
+    def post(self, request, pk: int):
+        occurrence = retraining.run_now(dataset=_owned_dataset(request, pk), owner=request.user)
+        return Response(serializers.RetrainOccurrenceSerializer(occurrence).data, status=status.HTTP_202_ACCEPTED)
+
+
+class RetrainOccurrenceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """Retrains (`?dataset=<id>` for one dataset's history): outcome, the decision with its numbers, deliveries."""
+
+    serializer_class = serializers.RetrainOccurrenceSerializer
+    parser_classes = API_PARSERS
+    pagination_class = BoundedLimitOffsetPagination
+
+    def get_queryset(self):
+        rows = (RetrainOccurrence.objects.filter(owner=self.request.user)
+                .select_related("champion", "challenger").prefetch_related("deliveries"))
+        return _dataset_filter(self.request, rows)
+
+    @extend_schema(request=None)
+    @action(detail=True, methods=["post"])
+    def cancel(self, request, pk=None):
+        occurrence = retraining.cancel_occurrence(occurrence=self.get_object())
+        return Response(self.get_serializer(occurrence).data)

@@ -3,7 +3,8 @@ from django.conf import settings
 from django.core.files.uploadhandler import FileUploadHandler, SkipFile
 
 from training.hyperparameters import LOSS_LABELS
-from training.models import Dataset
+from embedportal import json_limits
+from training.models import Dataset, JiraConnection, RetrainSchedule
 from training.pairs import STRATEGIES
 
 
@@ -202,3 +203,59 @@ class RunForm(forms.Form):
         values["hard_negatives"] = bool(values.get("hard_negatives"))
         values["evaluate"] = bool(values.get("evaluate"))
         return {k: v for k, v in values.items() if v not in (None, "")}
+
+
+# --- Jira link and daily retraining (training/retraining.py) ----------------------------------------
+
+
+class JiraConnectionForm(forms.Form):
+    """The dataset's Jira link. The token field is never filled in again: an empty one keeps the stored token."""
+
+    base_url = forms.CharField(label="Jira address", max_length=500,
+                               widget=forms.TextInput(attrs={"placeholder": "https://your-site.atlassian.net"}))
+    flavor = forms.ChoiceField(label="Jira type", choices=JiraConnection.Flavor.choices)
+    jql = forms.CharField(label="JQL", max_length=4000, widget=forms.TextInput(attrs={"placeholder": "project = HDFS"}))
+    email = forms.CharField(label="E-mail (Cloud)", max_length=254, required=False)
+    token = forms.CharField(label="API token (Cloud) or personal access token (Data Center)", max_length=2000,
+                            required=False, strip=True, widget=forms.PasswordInput(render_value=False),
+                            help_text="Stored encrypted and never shown again; leave empty to keep the stored one.")
+
+
+class RetrainScheduleForm(forms.Form):
+    """When to retrain (crontab fields in a time zone), from which model, and the guard."""
+
+    enabled = forms.BooleanField(label="Retrain on this schedule", required=False)
+    hour = forms.CharField(label="Hour", max_length=64, initial="2", help_text="crontab: 2, or 2,14")
+    minute = forms.CharField(label="Minute", max_length=64, initial="0")
+    day_of_week = forms.CharField(label="Days", max_length=64, initial="*", help_text="* (daily), mon-fri, sun")
+    time_zone = forms.CharField(label="Time zone", max_length=64, help_text="IANA name, e.g. Europe/Berlin")
+    start_from = forms.ChoiceField(label="Start from", choices=RetrainSchedule.StartFrom.choices)
+    base_model = forms.CharField(label="Base model (when starting from it)", max_length=500, required=False,
+                                 help_text="Empty: the server's default base model")
+    hyperparameters = forms.CharField(label="Hyperparameters (JSON)", required=False,
+                                      widget=forms.TextInput(attrs={"placeholder": '{"max_steps": 500}'}))
+    margin = forms.FloatField(label="Margin", help_text="promote when the 95% lower bound of the nDCG@10 gain is above it")
+    tolerance = forms.FloatField(label="Tolerance", min_value=0, help_text="no metric of the table may drop more")
+    webhook_url = forms.CharField(label="Webhook URL", max_length=2000, required=False,
+                                  widget=forms.PasswordInput(render_value=False),
+                                  help_text="JSON POST (Slack-compatible) on promotion and failure; stored encrypted, "
+                                            "only its host is shown. Empty keeps the stored one.")
+    remove_webhook = forms.BooleanField(label="Remove the webhook", required=False)
+
+    def clean_hyperparameters(self) -> dict:
+        raw = (self.cleaned_data.get("hyperparameters") or "").strip()
+        if not raw:
+            return {}
+        try:
+            value = json_limits.loads(raw, what="hyperparameters")
+        except json_limits.JSONLimitError as exc:
+            raise forms.ValidationError(str(exc)) from None
+        if not isinstance(value, dict):
+            raise forms.ValidationError('Give an object, e.g. {"max_steps": 500}.')
+        return value
+
+    def webhook(self) -> str | None:
+        """What save_schedule takes: "" removes the webhook, None keeps it."""
+        if self.cleaned_data.get("remove_webhook"):
+            return ""
+        return self.cleaned_data.get("webhook_url") or None

@@ -1,7 +1,18 @@
 from django.conf import settings
 from rest_framework import serializers
 
-from training.models import Dataset, DatasetVersion, ImportJob, ModelVersion, TrainingRun
+from training.models import (
+    Dataset,
+    DatasetVersion,
+    ImportJob,
+    JiraConnection,
+    JiraSync,
+    ModelVersion,
+    RetrainOccurrence,
+    RetrainSchedule,
+    TrainingRun,
+    WebhookDelivery,
+)
 from training.pairs import STRATEGIES
 
 
@@ -188,3 +199,133 @@ class ImportJobSerializer(serializers.ModelSerializer):
 
     def get_url(self, job) -> str:
         return f"/api/imports/{job.pk}/"
+
+
+# --- Jira link and daily retraining (training.connectors.jira, training.retraining) ------------------
+
+
+class JiraConnectionSerializer(serializers.Serializer):
+    """A dataset's Jira link as the API shows it: never the token, only that one is set."""
+
+    dataset = serializers.IntegerField(source="dataset_id", read_only=True)
+    base_url = serializers.CharField(read_only=True)
+    flavor = serializers.CharField(read_only=True)
+    jql = serializers.CharField(read_only=True)
+    email = serializers.CharField(read_only=True)
+    token_set = serializers.SerializerMethodField()
+    token_set_at = serializers.DateTimeField(read_only=True)
+    time_zone = serializers.CharField(read_only=True)
+    synced_until = serializers.DateTimeField(read_only=True)
+    last_synced_at = serializers.DateTimeField(read_only=True)
+
+    def get_token_set(self, connection) -> bool:
+        return bool(connection.token_sealed)
+
+
+class JiraConnectionInputSerializer(serializers.Serializer):
+    base_url = serializers.CharField(max_length=500, help_text="The site's root, e.g. https://your-site.atlassian.net")
+    flavor = serializers.ChoiceField(choices=JiraConnection.Flavor.choices, default=JiraConnection.Flavor.CLOUD)
+    jql = serializers.CharField(max_length=4000, help_text="Which issues, e.g. project = HDFS")
+    email = serializers.CharField(max_length=254, required=False, allow_blank=True, default="",
+                                  help_text="Jira Cloud: the Atlassian account's e-mail")
+    token = serializers.CharField(
+        max_length=2000, required=False, allow_blank=True, default="", write_only=True,
+        style={"input_type": "password"},
+        help_text="Cloud: an API token; Data Center: a personal access token. Stored encrypted, never shown again; "
+                  "leave empty to keep the stored one (a new base URL or type needs it again)")
+
+
+class JiraSyncSerializer(serializers.ModelSerializer):
+    url = serializers.SerializerMethodField()
+    version = serializers.SerializerMethodField()
+    waiting_for_queue = serializers.BooleanField(read_only=True)
+
+    class Meta:
+        model = JiraSync
+        fields = ["id", "url", "dataset", "status", "phase", "progress", "jql", "since", "pages", "issues_fetched",
+                  "up_to_date", "version", "error", "attempt", "max_attempts", "cancel_requested",
+                  "waiting_for_queue", "created_at", "started_at", "heartbeat_at", "finished_at"]
+        read_only_fields = fields
+
+    def get_url(self, sync) -> str:
+        return f"/api/jira-syncs/{sync.pk}/"
+
+    def get_version(self, sync) -> int | None:
+        """The dataset version it added (its number); null when nothing new came."""
+        return sync.version.number if sync.version_id else None
+
+
+class RetrainScheduleSerializer(serializers.Serializer):
+    dataset = serializers.IntegerField(source="dataset_id", read_only=True)
+    enabled = serializers.BooleanField(read_only=True)
+    minute = serializers.CharField(read_only=True)
+    hour = serializers.CharField(read_only=True)
+    day_of_week = serializers.CharField(read_only=True)
+    time_zone = serializers.CharField(read_only=True)
+    description = serializers.SerializerMethodField()
+    next_run_at = serializers.SerializerMethodField()
+    start_from = serializers.CharField(read_only=True)
+    base_model = serializers.CharField(read_only=True)
+    hyperparameters = serializers.JSONField(read_only=True)
+    margin = serializers.FloatField(read_only=True)
+    tolerance = serializers.FloatField(read_only=True)
+    webhook_host = serializers.CharField(read_only=True, help_text="Only the host of the webhook is ever shown")
+    saved = serializers.SerializerMethodField()
+
+    def get_description(self, schedule) -> str:
+        from training.retraining import describe_schedule
+
+        return describe_schedule(schedule)
+
+    def get_next_run_at(self, schedule) -> str | None:
+        from training.retraining import next_run_at
+
+        moment = next_run_at(schedule) if schedule.pk else None
+        return moment.isoformat() if moment else None
+
+    def get_saved(self, schedule) -> bool:
+        return schedule.pk is not None
+
+
+class RetrainScheduleInputSerializer(serializers.Serializer):
+    enabled = serializers.BooleanField(default=True)
+    minute = serializers.CharField(max_length=64, default="0", help_text="crontab minute, e.g. 0 or */30")
+    hour = serializers.CharField(max_length=64, default="2", help_text="crontab hour, e.g. 2")
+    day_of_week = serializers.CharField(max_length=64, default="*", help_text="crontab day of week: *, mon-fri, 0-6")
+    time_zone = serializers.CharField(max_length=64, required=False, allow_blank=True, default="",
+                                      help_text="IANA name (default: the server's zone)")
+    start_from = serializers.ChoiceField(choices=RetrainSchedule.StartFrom.choices, required=False, allow_blank=True,
+                                         default="")
+    base_model = serializers.CharField(max_length=500, required=False, allow_blank=True, default="")
+    hyperparameters = serializers.DictField(required=False, default=dict)
+    margin = serializers.FloatField(required=False, allow_null=True, default=None)
+    tolerance = serializers.FloatField(required=False, allow_null=True, default=None)
+    webhook_url = serializers.CharField(max_length=2000, required=False, allow_null=True, default=None,
+                                        write_only=True,
+                                        help_text="JSON POST on promotion and failure; \"\" removes it, absent keeps it")
+
+
+class WebhookDeliverySerializer(serializers.ModelSerializer):
+    class Meta:
+        model = WebhookDelivery
+        fields = ["event", "host", "status", "attempts", "response_status", "error", "created_at", "finished_at"]
+        read_only_fields = fields
+
+
+class RetrainOccurrenceSerializer(serializers.ModelSerializer):
+    url = serializers.SerializerMethodField()
+    champion = serializers.StringRelatedField()
+    challenger = serializers.StringRelatedField()
+    deliveries = WebhookDeliverySerializer(many=True, read_only=True)
+    waiting_for_queue = serializers.BooleanField(read_only=True)
+
+    class Meta:
+        model = RetrainOccurrence
+        fields = ["id", "url", "dataset", "trigger", "scheduled_for", "status", "outcome", "summary", "decision",
+                  "production_ndcg", "phase", "progress", "issues_synced", "data_version", "fingerprint", "sync",
+                  "run", "champion", "challenger", "error", "deliveries", "attempt", "max_attempts",
+                  "cancel_requested", "waiting_for_queue", "created_at", "started_at", "heartbeat_at", "finished_at"]
+        read_only_fields = fields
+
+    def get_url(self, occurrence) -> str:
+        return f"/api/retrains/{occurrence.pk}/"

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 from django.contrib import messages
@@ -5,15 +6,26 @@ from django.contrib.auth.decorators import login_required
 from django.db.models import Count
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt, csrf_protect
 from django.views.decorators.http import require_POST
 
-from training import datasets, forms, import_jobs, pairs, registry, runs
+from training import datasets, forms, import_jobs, pairs, registry, retraining, runs
+from training.connectors import jira
 from training.downloads import csv_attachment, temporary_file_response
 from training.errors import ServiceError
-from training.forms import PairsForm, RunForm, UploadForm, VersionUploadForm
+from training.forms import JiraConnectionForm, PairsForm, RetrainScheduleForm, RunForm, UploadForm, VersionUploadForm
 from training.hyperparameters import HyperparameterError
-from training.models import Dataset, DatasetVersion, ImportJob, ModelVersion, TrainingRun
+from training.models import (
+    Dataset,
+    DatasetVersion,
+    ImportJob,
+    JiraConnection,
+    ModelVersion,
+    RetrainOccurrence,
+    TrainingRun,
+    WebhookDelivery,
+)
 
 
 @csrf_exempt  # the upload size limit must be in place before the CSRF check reads the body;
@@ -350,3 +362,159 @@ def model_download(request: HttpRequest, pk: int) -> HttpResponse:
     return temporary_file_response(export, "application/zip")
 
 
+
+
+# --- Jira link and daily retraining (training/retraining.py) ----------------------------------------
+
+HISTORY_ROWS = 60
+
+
+@login_required
+def retraining_page(request: HttpRequest, pk: int) -> HttpResponse:
+    """The dataset's Jira link, retrain schedule and guard, "run now", and the history with its chart.
+
+    The history part polls itself (HTMX) while a retrain is queued or running.
+    """
+    dataset = get_object_or_404(Dataset, pk=pk, owner=request.user)
+    context = _retraining_context(dataset)
+    if request.headers.get("HX-Request"):
+        return render(request, "training/retrain_history.html", context)
+    return render(request, "training/retrain.html", context)
+
+
+def _retraining_context(dataset: Dataset, *, jira_form: JiraConnectionForm | None = None,
+                        schedule_form: RetrainScheduleForm | None = None) -> dict:
+    connection = JiraConnection.objects.filter(dataset=dataset).first()
+    schedule = retraining.schedule_of(dataset)
+    occurrences = list(
+        dataset.retrain_occurrences.select_related("champion", "challenger").prefetch_related("deliveries")[:HISTORY_ROWS]
+    )
+    chart = [{"label": timezone.localtime(o.finished_at).strftime("%m-%d %H:%M"), "ndcg": o.production_ndcg,
+              "outcome": o.outcome}
+             for o in reversed(occurrences) if o.production_ndcg is not None and o.finished_at is not None]
+    if jira_form is None:
+        jira_form = JiraConnectionForm(initial={
+            "base_url": connection.base_url, "flavor": connection.flavor, "jql": connection.jql,
+            "email": connection.email} if connection else {"flavor": JiraConnection.Flavor.CLOUD})
+    if schedule_form is None:
+        schedule_form = RetrainScheduleForm(initial={
+            # An unsaved schedule shows the default: daily at 02:00 in the server's zone, on.
+            "enabled": schedule.enabled or schedule.pk is None, "hour": schedule.hour, "minute": schedule.minute,
+            "day_of_week": schedule.day_of_week, "time_zone": schedule.time_zone, "start_from": schedule.start_from,
+            "base_model": schedule.base_model, "margin": schedule.margin, "tolerance": schedule.tolerance,
+            "hyperparameters": json.dumps(schedule.hyperparameters) if schedule.hyperparameters else "",
+        })
+    return {
+        "dataset": dataset,
+        "connection": connection,
+        "schedule": schedule,
+        "schedule_text": retraining.describe_schedule(schedule),
+        "next_run": retraining.next_run_at(schedule) if schedule.pk else None,
+        "occurrences": occurrences,
+        "active": any(not o.is_terminal for o in occurrences),
+        "undelivered": [d for o in occurrences for d in o.deliveries.all() if d.status == WebhookDelivery.Status.FAILED],
+        "chart": chart,
+        "jira_form": jira_form,
+        "schedule_form": schedule_form,
+    }
+
+
+def _field_error(form, exc: ServiceError) -> None:
+    """A "field: reason" ServiceError under that field of the form, anything else above the form."""
+    field, sep, reason = str(exc).partition(":")
+    if sep and field in form.fields:
+        form.add_error(field, reason.strip())
+    else:
+        form.add_error(None, str(exc))
+
+
+@login_required
+@require_POST
+def retraining_jira(request: HttpRequest, pk: int) -> HttpResponse:
+    """Link the dataset to Jira, change the link, or unlink it (action=unlink)."""
+    dataset = get_object_or_404(Dataset, pk=pk, owner=request.user)
+    if request.POST.get("action") == "unlink":
+        try:
+            jira.delete_connection(dataset=dataset)
+        except ServiceError as exc:
+            messages.error(request, str(exc))
+        else:
+            messages.success(request, f"{dataset.name} is no longer linked to Jira; its token was deleted.")
+        return redirect("dataset_retraining", pk=pk)
+    form = JiraConnectionForm(request.POST)
+    if form.is_valid():
+        try:
+            connection = jira.save_connection(dataset=dataset, **form.cleaned_data)
+        except ServiceError as exc:
+            _field_error(form, exc)
+        else:
+            messages.success(request, f"Linked to {connection.base_url} ({connection.jql}). Test the connection next.")
+            return redirect("dataset_retraining", pk=pk)
+    return render(request, "training/retrain.html", _retraining_context(dataset, jira_form=form), status=400)
+
+
+@login_required
+@require_POST
+def retraining_jira_test(request: HttpRequest, pk: int) -> HttpResponse:
+    dataset = get_object_or_404(Dataset, pk=pk, owner=request.user)
+    connection = JiraConnection.objects.filter(dataset=dataset).first()
+    if connection is None:
+        messages.error(request, "Link the dataset to Jira first.")
+        return redirect("dataset_retraining", pk=pk)
+    try:
+        result = jira.test_connection(connection=connection)
+    except ServiceError as exc:
+        result = {"ok": False, "error": str(exc)}
+    if result["ok"]:
+        messages.success(request, result["message"])
+    else:
+        messages.error(request, result["error"])
+    return redirect("dataset_retraining", pk=pk)
+
+
+@login_required
+@require_POST
+def retraining_schedule(request: HttpRequest, pk: int) -> HttpResponse:
+    dataset = get_object_or_404(Dataset, pk=pk, owner=request.user)
+    form = RetrainScheduleForm(request.POST)
+    if form.is_valid():
+        data = form.cleaned_data
+        try:
+            schedule = retraining.save_schedule(
+                dataset=dataset, owner=request.user, enabled=data["enabled"], minute=data["minute"],
+                hour=data["hour"], day_of_week=data["day_of_week"], time_zone=data["time_zone"],
+                start_from=data["start_from"], base_model=data["base_model"], hyperparameters=data["hyperparameters"],
+                margin=data["margin"], tolerance=data["tolerance"], webhook_url=form.webhook(),
+            )
+        except ServiceError as exc:
+            _field_error(form, exc)
+        else:
+            following = retraining.next_run_at(schedule)
+            messages.success(request, f"Retraining {retraining.describe_schedule(schedule)}"
+                             + (f"; next at {timezone.localtime(following):%Y-%m-%d %H:%M %Z}." if following
+                                else " is off."))
+            return redirect("dataset_retraining", pk=pk)
+    return render(request, "training/retrain.html", _retraining_context(dataset, schedule_form=form), status=400)
+
+
+@login_required
+@require_POST
+def retraining_run(request: HttpRequest, pk: int) -> HttpResponse:
+    """"Run now": a retrain outside the schedule."""
+    dataset = get_object_or_404(Dataset, pk=pk, owner=request.user)
+    try:
+        occurrence = retraining.run_now(dataset=dataset, owner=request.user)
+    except ServiceError as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, f"Retrain #{occurrence.pk} queued; this page follows it.")
+    return redirect("dataset_retraining", pk=pk)
+
+
+@login_required
+@require_POST
+def retraining_cancel(request: HttpRequest, pk: int) -> HttpResponse:
+    occurrence = get_object_or_404(RetrainOccurrence, pk=pk, owner=request.user)
+    retraining.cancel_occurrence(occurrence=occurrence)
+    messages.info(request, f"Cancellation of retrain #{occurrence.pk} requested.")
+    return redirect("dataset_retraining", pk=occurrence.dataset_id)
