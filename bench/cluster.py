@@ -22,9 +22,10 @@ Figures:
 - meaning: the share of duplicate pairs (connected components of Duplicate
   links, ../shared/DATA.md) whose two tickets share a cluster, over the
   share expected by chance with the same cluster sizes (sum of squared
-  cluster shares; outliers are never "together"), as
-  `<method>_dup_pairs_vs_chance` (target >= 5), and the NMI between the
-  clusters and the tickets' first Jira component.
+  cluster shares), as `<method>_dup_pairs_vs_chance` (target >= 5) with
+  every ticket in a cluster (HDBSCAN after its outliers were moved; before
+  that, with outliers never "together", as `..._before_assignment`), and
+  the NMI between the clusters and the tickets' first Jira component.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def _index(owner, dataset, model_path: str, vectors_by_key: dict, *, copies: int
 
 
 def _cluster(index, owner, method: str, params: dict) -> tuple:
-    """Run the product's clustering job; (run, labels by document id ascending, wall seconds)."""
+    """Run the product's clustering job: (run, document ids ascending, labels, labels before outliers were moved, seconds)."""
     from search.clustering import runs
     from search.models import ClusterAssignment
 
@@ -102,11 +103,12 @@ def _cluster(index, owner, method: str, params: dict) -> tuple:
         raise RuntimeError(f"{method} run failed: {run.error}")
     rows = ClusterAssignment.objects.filter(run=run).order_by("document_id").values_list(
         "document_id", "cluster__number", "moved_from_noise")
-    ids, labels = [], []
+    ids, labels, before = [], [], []
     for doc_id, number, moved in rows.iterator(chunk_size=20000):
         ids.append(doc_id)
-        labels.append(-1 if number is None or moved else number)  # before outlier assignment
-    return run, np.asarray(ids), np.asarray(labels), wall
+        labels.append(-1 if number is None else number)
+        before.append(-1 if number is None or moved else number)
+    return run, np.asarray(ids), np.asarray(labels), np.asarray(before), wall
 
 
 def _dup_pairs_vs_chance(keys_by_id: dict, ids: np.ndarray, labels: np.ndarray, dup_clusters: list) -> dict:
@@ -131,8 +133,8 @@ def _nmi_component(ids: np.ndarray, labels: np.ndarray, component_by_id: dict) -
 def _measure(name: str, index, owner, method: str, params: dict, seeds: tuple[int, int], *, quality: dict | None):
     from sklearn.metrics import adjusted_rand_score
 
-    first, ids, labels, wall = _cluster(index, owner, method, {**params, "seed": seeds[0]})
-    second, ids2, labels2, wall2 = _cluster(index, owner, method, {**params, "seed": seeds[1]})
+    first, ids, labels, before, wall = _cluster(index, owner, method, {**params, "seed": seeds[0]})
+    second, ids2, labels2, _, wall2 = _cluster(index, owner, method, {**params, "seed": seeds[1]})
     assert (ids == ids2).all()
     result = first.result
     figures = {
@@ -152,9 +154,14 @@ def _measure(name: str, index, owner, method: str, params: dict, seeds: tuple[in
                         f"{name}_reduce_and_hdbscan_seconds": round(result["reduce_seconds"] + result["hdbscan_seconds"], 2),
                         f"{name}_fitted_points": result["fitted_points"]})
     if quality is not None:
+        # Every ticket in a cluster (HDBSCAN: after its outliers were moved), so both methods compare.
         dup = _dup_pairs_vs_chance(quality["keys"], ids, labels, quality["dup_clusters"])
         figures.update({f"{name}_{k}": v for k, v in dup.items()})
         figures[f"{name}_nmi_component"] = _nmi_component(ids, labels, quality["components"])
+        if method == "hdbscan":  # outliers are never "together": the tight groups alone
+            dup = _dup_pairs_vs_chance(quality["keys"], ids, before, quality["dup_clusters"])
+            figures.update({f"{name}_{k}_before_assignment": v for k, v in dup.items()})
+            figures[f"{name}_nmi_component_before_assignment"] = _nmi_component(ids, before, quality["components"])
         figures[f"{name}_top_labels"] = [c.auto_label for c in first.clusters.order_by("-size")[:8]]
     figures[f"{name}_peak_rss_mb"] = round(peak_rss_mb(), 1)
     emit({"step": name, **figures})
@@ -216,7 +223,7 @@ def run(argv: list[str]) -> dict:
         for name, method, params in (("kmeans_100k", "kmeans", {"k": "auto"}),
                                      ("hdbscan_100k", "hdbscan", {"assign_outliers": True})):
             started = time.perf_counter()
-            run_, ids, labels, wall = _cluster(big_index, owner, method, {**params, "seed": args.seeds[0]})
+            run_, ids, labels, _, wall = _cluster(big_index, owner, method, {**params, "seed": args.seeds[0]})
             figures.update({f"{name}_seconds": round(wall, 1), f"{name}_clusters": run_.result["clusters"],
                             f"{name}_phase_seconds": run_.result["timings"],
                             f"{name}_peak_rss_mb": round(peak_rss_mb(), 1)})

@@ -10,7 +10,8 @@ from search.models import (
 from search.tuning import EVALUATION_MAX_QUERIES, MAX_EVALUATION_QUERIES
 from embedportal.errors import ServiceError
 from search.clustering.runs import (
-    DIMS_BOUNDS, K_BOUNDS, MIN_CLUSTER_SIZE_BOUNDS, MIN_SAMPLES_BOUNDS, REDUCTIONS, SAMPLE_BOUNDS, SEED_BOUNDS,
+    DEFAULT_K_RANGE, DEFAULT_MIN_SAMPLES, DEFAULT_SAMPLE, DIMS_BOUNDS, K_BOUNDS, MIN_CLUSTER_SIZE_BOUNDS,
+    MIN_SAMPLES_BOUNDS, REDUCTIONS, SAMPLE_BOUNDS, SEED_BOUNDS,
 )
 from search.clustering.runs import METHODS as CLUSTERING_METHODS
 from search.clustering.runs import PARAM_NAMES as CLUSTERING_PARAMS
@@ -257,12 +258,12 @@ class ClusteringStartSerializer(serializers.Serializer):
     index = serializers.IntegerField(min_value=1, max_value=MAX_ID, help_text="A ready search index of yours")
     method = serializers.ChoiceField(choices=CLUSTERING_METHODS)
     k = KField(required=False, help_text='KMeans: clusters, or "auto" (default) to pick k by silhouette')
-    k_min = _bounded(K_BOUNDS, "KMeans auto: smallest k tried (default 5)")
-    k_max = _bounded(K_BOUNDS, "KMeans auto: largest k tried (default 40)")
-    sample_size = _bounded(SAMPLE_BOUNDS, "KMeans auto: documents in the silhouette sample (default 5000)")
-    min_cluster_size = _bounded(MIN_CLUSTER_SIZE_BOUNDS, "HDBSCAN: smallest cluster (default 0.5% of the tickets)",
+    k_min = _bounded(K_BOUNDS, f"KMeans auto: smallest k tried (default {DEFAULT_K_RANGE[0]})")
+    k_max = _bounded(K_BOUNDS, f"KMeans auto: largest k tried (default {DEFAULT_K_RANGE[1]})")
+    sample_size = _bounded(SAMPLE_BOUNDS, f"KMeans auto: documents in the silhouette sample (default {DEFAULT_SAMPLE})")
+    min_cluster_size = _bounded(MIN_CLUSTER_SIZE_BOUNDS, "HDBSCAN: smallest cluster (default 0.15% of the tickets fitted, 10-500)",
                                 allow_null=True)
-    min_samples = _bounded(MIN_SAMPLES_BOUNDS, "HDBSCAN: neighbours that make a point dense (default 5)")
+    min_samples = _bounded(MIN_SAMPLES_BOUNDS, f"HDBSCAN: neighbours that make a point dense (default {DEFAULT_MIN_SAMPLES})")
     reduction = serializers.ChoiceField(choices=REDUCTIONS, required=False, help_text="HDBSCAN: pca (default) or none")
     dims = _bounded(DIMS_BOUNDS, "HDBSCAN with PCA: components kept (default 10)")
     assign_outliers = serializers.BooleanField(required=False, help_text="HDBSCAN: move outliers to the nearest cluster")

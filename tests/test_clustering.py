@@ -414,8 +414,8 @@ def test_bad_parameters_are_refused_naming_the_field(method, params, message):
 
 
 def test_defaults_are_filled_in():
-    assert runs.clean_params("kmeans", {}) == {"seed": 42, "k": "auto", "k_min": 5, "k_max": 40, "sample_size": 5000}
-    assert runs.clean_params("hdbscan", {}) == {"seed": 42, "min_cluster_size": None, "min_samples": 5,
+    assert runs.clean_params("kmeans", {}) == {"seed": 42, "k": "auto", "k_min": 10, "k_max": 40, "sample_size": 3000}
+    assert runs.clean_params("hdbscan", {}) == {"seed": 42, "min_cluster_size": None, "min_samples": 2,
                                                 "reduction": "pca", "dims": 10, "assign_outliers": False}
     assert runs.clean_params("hdbscan", {"reduction": "none"})["dims"] is None
-    assert [runs.auto_min_cluster_size(n) for n in (100, 20_859, 1_000_000)] == [5, 104, 500]
+    assert [runs.auto_min_cluster_size(n) for n in (100, 20_859, 25_000, 1_000_000)] == [10, 31, 38, 500]

@@ -50,10 +50,10 @@ def test_api_starts_a_run_reports_its_status_and_lists_its_clusters(api, grouped
 
 def test_api_k_auto_and_hdbscan_defaults_are_filled_in(api, grouped):
     body = api.post("/api/clusterings/", {"index": grouped.pk, "method": "kmeans", "k": "auto"}, format="json").json()
-    assert body["params"] == {"seed": 42, "k": "auto", "k_min": 5, "k_max": 40, "sample_size": 5000}
+    assert body["params"] == {"seed": 42, "k": "auto", "k_min": 10, "k_max": 40, "sample_size": 3000}
     api.post(f"/api/clusterings/{body['id']}/cancel/")
     body = api.post("/api/clusterings/", {"index": grouped.pk, "method": "hdbscan"}, format="json").json()
-    assert body["params"] == {"seed": 42, "min_cluster_size": None, "min_samples": 5, "reduction": "pca", "dims": 10,
+    assert body["params"] == {"seed": 42, "min_cluster_size": None, "min_samples": 2, "reduction": "pca", "dims": 10,
                               "assign_outliers": False}
 
 
