@@ -316,3 +316,36 @@ def test_jira_sync_list_takes_the_same_queries_for_one_or_three(api, dataset, co
     assert len(queries) == 3  # the token with its user, the count, the rows with their version
     bad = api.get("/api/jira-syncs/?dataset=abc")
     assert (bad.status_code, list(bad.json()["fields"])) == (400, ["dataset"])
+
+
+@pytest.mark.django_db
+def test_a_base_url_that_is_not_jira_never_has_its_answer_repeated(dataset):
+    # The base URL is the owner's to choose: an error quotes Jira's errorMessages, never another server's page.
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Internal(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):  # noqa: N802
+            page = b"<html>internal admin: db password hunter2</html>"
+            self.send_response(403)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Internal)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        connection = jira.save_connection(dataset=dataset, base_url=f"http://127.0.0.1:{server.server_address[1]}",
+                                          flavor=DATA_CENTER, jql="project = X", token=PAT)
+        tested = jira.test_connection(connection=connection)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (tested["ok"], tested["status"]) == (False, 403)
+    assert tested["error"] == ("Jira answered HTTP 403 (forbidden): the account signed in but may not read these "
+                               "issues (no Jira error message). Ask a Jira administrator for the Browse Projects "
+                               "permission on the JQL's projects.")

@@ -575,7 +575,8 @@ def notify(*, occurrence: RetrainOccurrence, event: str) -> WebhookDelivery | No
 
     Retried WEBHOOK_ATTEMPTS times (1 s, then 4 s apart) on timeouts, refused
     connections, 429 and 5xx; any other answer ends it. The URL (a secret) is
-    never stored in the delivery or its error, only its host.
+    never stored in the delivery or its error, only its host; nor is the
+    answer's body, only its status.
     """
     schedule = RetrainSchedule.objects.filter(dataset_id=occurrence.dataset_id).first()
     if schedule is None or not schedule.webhook_sealed:
@@ -607,7 +608,8 @@ def notify(*, occurrence: RetrainOccurrence, event: str) -> WebhookDelivery | No
                     finished_at=timezone.now())
                 break
             transient = status == 429 or status >= 500
-            error = f"HTTP {status} from {delivery.host}: {response.text.strip()[:200]}"
+            # The status only: the URL is the owner's to choose, and the body could be any page it reaches.
+            error = f"HTTP {status} from {delivery.host}"
         final = not transient or number == WEBHOOK_ATTEMPTS
         WebhookDelivery.objects.filter(pk=delivery.pk).update(
             attempts=number, response_status=status, error=error,

@@ -2,8 +2,9 @@ import logging
 
 from celery import shared_task
 
-from training import import_jobs, runs
-from training.models import ImportJob, TrainingRun
+from training import import_jobs, retraining, runs
+from training.connectors import jira
+from training.models import ImportJob, JiraSync, RetrainOccurrence, TrainingRun
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +29,6 @@ def run_import(*, job_id: int) -> None:
 
 @shared_task(name="training.run_jira_sync")
 def run_jira_sync(*, job_id: int) -> None:
-    from training.connectors import jira
-    from training.models import JiraSync
-
     sync = JiraSync.objects.filter(pk=job_id).first()
     if sync is None:
         logger.warning("Jira sync %s is gone; nothing to do", job_id)
@@ -40,9 +38,6 @@ def run_jira_sync(*, job_id: int) -> None:
 
 @shared_task(name="training.run_retrain")
 def run_retrain(*, job_id: int) -> None:
-    from training import retraining
-    from training.models import RetrainOccurrence
-
     occurrence = RetrainOccurrence.objects.filter(pk=job_id).first()
     if occurrence is None:
         logger.warning("retrain %s is gone; nothing to do", job_id)
@@ -53,6 +48,4 @@ def run_retrain(*, job_id: int) -> None:
 @shared_task(name="training.retrain_tick")
 def retrain_tick(*, schedule_id: int) -> None:
     # Beat sends this at every slot of a dataset's schedule; two beats may both send it (fire_scheduled claims).
-    from training import retraining
-
     retraining.fire_scheduled(schedule_id=schedule_id)

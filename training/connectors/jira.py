@@ -94,16 +94,22 @@ class Page:
 
 
 def _messages(response: requests.Response) -> str:
-    """Jira's own words from an error body (errorMessages + errors), else the start of the text."""
+    """Jira's own words from an error body (errorMessages + errors); nothing else of the body.
+
+    Only Jira-shaped errors are repeated: the base URL is the owner's to
+    choose, and echoing any answer would let it read pages of hosts this
+    server can reach and they cannot.
+    """
     try:
         body = response.json()
     except ValueError:
-        return response.text.strip()[:300]
+        return "no Jira error message"
     if not isinstance(body, dict):
-        return str(body)[:300]
-    parts = [str(m) for m in body.get("errorMessages") or []]
-    parts += [f"{k}: {v}" for k, v in (body.get("errors") or {}).items()]
-    return "; ".join(parts)[:600] or str(body)[:300]
+        return "no Jira error message"
+    parts = [str(m) for m in body.get("errorMessages") or [] if isinstance(m, str)]
+    errors = body.get("errors")
+    parts += [f"{k}: {v}" for k, v in errors.items() if isinstance(v, str)] if isinstance(errors, dict) else []
+    return "; ".join(parts)[:600] or "no Jira error message"
 
 
 def _retry_after(response: requests.Response) -> float | None:
