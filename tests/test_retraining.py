@@ -501,3 +501,24 @@ def test_dashboard_shows_the_next_retrain_and_the_last_decision(web, user, datas
     assert "kept v7: gain +0.004, 95% CI [-0.011, +0.019] over 212 queries" in html
     assert "was still running" not in html  # a busy slot is not a decision
     assert f'href="/datasets/{dataset.pk}/retraining/"' in html
+
+
+@pytest.mark.django_db
+def test_a_new_dataset_starts_empty_and_linked_from_the_page_and_the_api(web, api, user):
+    answer = api.post("/api/datasets/from-jira/", {"name": "hdfs", "base_url": "https://jira.example.com",
+                                                   "flavor": "data_center", "jql": "project = HDFS", "token": PAT},
+                      format="json")
+    assert answer.status_code == 201, answer.content
+    assert (answer.json()["name"], answer.json()["kind"], answer.json()["document_count"]) == ("hdfs", "tickets", 0)
+    taken = api.post("/api/datasets/from-jira/", {"name": "hdfs", "base_url": "https://jira.example.com",
+                                                  "flavor": "data_center", "jql": "project = HDFS", "token": PAT},
+                     format="json")
+    assert (taken.status_code, list(taken.json()["fields"])) == (400, ["name"])
+    no_token = web.post("/datasets/from-jira/", {"name": "yarn", "base_url": "https://jira.example.com",
+                                                 "flavor": "data_center", "jql": "project = YARN"})
+    assert no_token.status_code == 400 and not Dataset.objects.filter(name="yarn").exists()  # all or nothing
+    made = web.post("/datasets/from-jira/", {"name": "yarn", "base_url": "https://jira.example.com",
+                                             "flavor": "data_center", "jql": "project = YARN", "token": PAT})
+    yarn = Dataset.objects.get(name="yarn", owner=user)
+    assert made.status_code == 302 and made["Location"] == f"/datasets/{yarn.pk}/retraining/"
+    assert JiraConnection.objects.get(dataset=yarn).jql == "project = YARN"

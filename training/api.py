@@ -359,6 +359,21 @@ class DatasetJiraView(APIView):
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
+class JiraDatasetCreateView(APIView):
+    """POST: a new, empty tickets dataset linked to Jira (201); its first sync or retrain fills it."""
+
+    parser_classes = API_PARSERS
+
+    @extend_schema(request=serializers.JiraDatasetCreateSerializer, responses={201: serializers.DatasetSerializer})
+    def post(self, request):
+        payload = serializers.JiraDatasetCreateSerializer(data=request.data)
+        payload.is_valid(raise_exception=True)
+        dataset = jira.create_linked_dataset(owner=request.user, **payload.validated_data)
+        dataset = Dataset.objects.filter(pk=dataset.pk).annotate(
+            document_count=Count("documents"), latest_version=_latest_version()).get()
+        return Response(serializers.DatasetSerializer(dataset).data, status=status.HTTP_201_CREATED)
+
+
 class DatasetJiraTestView(APIView):
     """POST: sign in to Jira and run the link's JQL for one issue; {"ok": true, ...} or {"ok": false, "error"}."""
 

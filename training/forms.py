@@ -221,6 +221,13 @@ class JiraConnectionForm(forms.Form):
                             help_text="Stored encrypted and never shown again; leave empty to keep the stored one.")
 
 
+class JiraDatasetForm(JiraConnectionForm):
+    """A new tickets dataset that starts empty and is filled from Jira."""
+
+    name = forms.CharField(label="Dataset name", max_length=200)
+    field_order = ["name", "base_url", "flavor", "jql", "email", "token"]
+
+
 class RetrainScheduleForm(forms.Form):
     """When to retrain (crontab fields in a time zone), from which model, and the guard."""
 

@@ -394,7 +394,7 @@ def _retrain(attempt: jobs.Attempt, *, device: str | None) -> None:
                  and schedule.start_from == RetrainSchedule.StartFrom.PRODUCTION else schedule.base_model)
         try:
             run = runs.start_run(owner=occurrence.owner, dataset=dataset, base_model=start,
-                                     hyperparameters=schedule.hyperparameters, enqueue=False)
+                                 hyperparameters=schedule.hyperparameters, enqueue=False)
         except ServiceError as exc:
             raise jobs.JobFailed(f"The training run could not start: {exc}") from None
         attempt.update(run=run, champion=champion, data_version=data_version, fingerprint=fingerprint)

@@ -235,6 +235,12 @@ class JiraConnectionInputSerializer(serializers.Serializer):
                   "leave empty to keep the stored one (a new base URL or type needs it again)")
 
 
+class JiraDatasetCreateSerializer(JiraConnectionInputSerializer):
+    name = serializers.CharField(max_length=200)
+    language = serializers.CharField(max_length=32, default="english",
+                                     help_text="PostgreSQL text-search configuration (english, german, simple, ...)")
+
+
 class JiraSyncSerializer(serializers.ModelSerializer):
     url = serializers.SerializerMethodField()
     version = serializers.SerializerMethodField()

@@ -14,7 +14,15 @@ from training import datasets, forms, import_jobs, pairs, registry, retraining, 
 from training.connectors import jira
 from training.downloads import csv_attachment, temporary_file_response
 from training.errors import ServiceError
-from training.forms import JiraConnectionForm, PairsForm, RetrainScheduleForm, RunForm, UploadForm, VersionUploadForm
+from training.forms import (
+    JiraConnectionForm,
+    JiraDatasetForm,
+    PairsForm,
+    RetrainScheduleForm,
+    RunForm,
+    UploadForm,
+    VersionUploadForm,
+)
 from training.hyperparameters import HyperparameterError
 from training.models import (
     Dataset,
@@ -426,6 +434,22 @@ def _field_error(form, exc: ServiceError) -> None:
         form.add_error(field, reason.strip())
     else:
         form.add_error(None, str(exc))
+
+
+@login_required
+def retraining_new(request: HttpRequest) -> HttpResponse:
+    """A new tickets dataset straight from Jira: created empty and linked; its retraining page fills it."""
+    form = JiraDatasetForm(request.POST or None, initial={"flavor": JiraConnection.Flavor.CLOUD})
+    if request.method == "POST" and form.is_valid():
+        try:
+            dataset = jira.create_linked_dataset(owner=request.user, **form.cleaned_data)
+        except ServiceError as exc:
+            _field_error(form, exc)
+        else:
+            messages.success(request, f"Created {dataset.name}, linked to {form.cleaned_data['base_url']}. Test the "
+                                      "connection, set the schedule, and press Run now for the first sync and model.")
+            return redirect("dataset_retraining", pk=dataset.pk)
+    return render(request, "training/retrain_new.html", {"form": form}, status=400 if form.errors else 200)
 
 
 @login_required

@@ -320,6 +320,22 @@ def save_connection(*, dataset: Dataset, base_url: str, flavor: str, jql: str, e
     return connection
 
 
+def create_linked_dataset(*, owner, name: str, base_url: str, flavor: str, jql: str, email: str = "",
+                          token: str = "", language: str = "english") -> Dataset:
+    """A new, empty tickets dataset linked to Jira: its first sync (or retrain) fills it. All or nothing.
+
+    Raises ServiceError naming the field (the dataset's name and language as
+    an upload checks them, then the link's fields).
+    """
+    name = (name or "").strip()
+    datasets.check_new_dataset(owner=owner, name=name, kind=Dataset.Kind.TICKETS, language=language)
+    with transaction.atomic():
+        dataset = Dataset.objects.create(owner=owner, name=name, kind=Dataset.Kind.TICKETS, language=language,
+                                         source_filename="Jira")
+        save_connection(dataset=dataset, base_url=base_url, flavor=flavor, jql=jql, email=email, token=token)
+    return dataset
+
+
 def delete_connection(*, dataset: Dataset) -> None:
     """Unlink the dataset (the sealed token goes with the row); refused while a sync runs."""
     if dataset.jira_syncs.filter(status__in=[JiraSync.Status.QUEUED, JiraSync.Status.RUNNING]).exists():
