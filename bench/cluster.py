@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import secrets
 import time
 from pathlib import Path
 
@@ -180,6 +181,8 @@ def run(argv: list[str]) -> dict:
     parser.add_argument("--docs", type=int, default=100_000, help="size of the perturbed set (0: skip it)")
     parser.add_argument("--seeds", type=int, nargs=2, default=(1, 2))
     args = parser.parse_args(argv)
+    # A throwaway database that serves no request: any key will do (settings refuse to start without one).
+    os.environ.setdefault("SECRET_KEY", secrets.token_urlsafe(50))
     setup_django()
     from django.contrib.auth import get_user_model
 

@@ -25,6 +25,10 @@ REPRESENTATIVES = 5
 MAX_LABEL_CHARS = 2000
 # Words only (no numbers, hex ids or single letters), at least 3 characters.
 TOKEN_PATTERN = r"(?u)\b[^\W\d_][^\W\d_][^\W\d_]+\b"
+# Besides English stop words: the package-path and URL tokens of stack traces
+# and links ("at org.apache.hadoop...", "https://..."). They name no problem,
+# yet topped the labels of trace-heavy clusters ("java · org · lang · apache").
+TICKET_STOP_WORDS = ("java", "org", "apache", "lang", "com", "http", "https", "www", "html", "jar", "sun", "util")
 # The Jira fields whose shares are shown per cluster: (name shown, metadata key, is a list).
 FIELDS = (("component", "components", True), ("issue_type", "issue_type", False), ("priority", "priority", False))
 TOP_FIELD_VALUES = 3
@@ -34,14 +38,15 @@ def class_tfidf(texts: Sequence[str], labels: np.ndarray, n_clusters: int, *, to
                 ) -> list[list[list[Any]]]:
     """[[term, weight], ...] per cluster number (best first); outliers (label < 0) are left out."""
     from scipy import sparse
-    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS, CountVectorizer
     from sklearn.preprocessing import normalize
 
     keep = np.flatnonzero(labels >= 0)
     if n_clusters == 0 or len(keep) == 0:
         return [[] for _ in range(n_clusters)]
     docs = [texts[i][:MAX_LABEL_CHARS] for i in keep]
-    vectorizer = CountVectorizer(stop_words="english", token_pattern=TOKEN_PATTERN, lowercase=True,
+    vectorizer = CountVectorizer(stop_words=[*ENGLISH_STOP_WORDS, *TICKET_STOP_WORDS], token_pattern=TOKEN_PATTERN,
+                                 lowercase=True,
                                  min_df=2 if len(docs) >= 50 else 1, dtype=np.float32)
     try:
         counts = vectorizer.fit_transform(docs)
