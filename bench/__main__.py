@@ -18,6 +18,7 @@ BENCHES["search"] = "bench.search"
 BENCHES["quality"] = "bench.quality"
 BENCHES["train-speed"] = "bench.train_speed"
 BENCHES["embed"] = "bench.embed"
+BENCHES["chaos"] = "bench.chaos"
 BENCHES["cluster"] = "bench.cluster"
 
 
