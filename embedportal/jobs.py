@@ -261,7 +261,8 @@ class Attempt:
         status = status or self.model.SUCCEEDED
         fields = {**self._take_reported(), **fields}  # what the heartbeat had not written yet
         if status == self.model.SUCCEEDED:
-            fields = {"progress": 1.0, "phase": "done", **fields}
+            # A job that succeeded on a retry no longer carries the reaper's "retrying" note.
+            fields = {"progress": 1.0, "phase": "done", "error": "", **fields}
         return bool(self._mine.update(status=status, finished_at=timezone.now(), heartbeat_at=timezone.now(), **fields))
 
 
