@@ -385,21 +385,23 @@ def match_previous(*, run: ClusteringRun, clusters: list[Cluster]) -> Clustering
     old = list(previous.clusters.all())
     if not old:
         return previous
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT n.cluster_id, o.cluster_id, count(*) FROM search_clusterassignment n "
-            "JOIN search_clusterassignment o ON o.document_id = n.document_id AND o.run_id = %s "
-            "WHERE n.run_id = %s AND n.cluster_id IS NOT NULL AND o.cluster_id IS NOT NULL GROUP BY 1, 2",
-            [previous.pk, run.pk],
-        )
-        overlaps = cursor.fetchall()
-    if not overlaps:
-        return previous
+    # Counted in numpy from both runs' (document, cluster) rows: a SQL self-join of the
+    # freshly copied, not yet analysed rows got a nested-loop plan (30 s at 20k tickets).
     new_at = {c.pk: i for i, c in enumerate(clusters)}
     old_at = {c.pk: j for j, c in enumerate(old)}
+
+    def members(run_id: int, at: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.asarray(list(ClusterAssignment.objects.filter(run_id=run_id, cluster__isnull=False)
+                               .values_list("document_id", "cluster_id")), dtype=np.int64).reshape(-1, 2)
+        return rows[:, 0], np.asarray([at[c] for c in rows[:, 1].tolist()], dtype=np.int64)
+
+    new_docs, new_rows = members(run.pk, new_at)
+    old_docs, old_cols = members(previous.pk, old_at)
+    _, in_new, in_old = np.intersect1d(new_docs, old_docs, assume_unique=True, return_indices=True)
+    if not len(in_new):
+        return previous
     shared = np.zeros((len(clusters), len(old)))
-    for new_id, old_id, count in overlaps:
-        shared[new_at[new_id], old_at[old_id]] = count
+    np.add.at(shared, (new_rows[in_new], old_cols[in_old]), 1)
     new_sizes = np.asarray([c.size for c in clusters], dtype=float)[:, None]
     old_sizes = np.asarray([c.size for c in old], dtype=float)[None, :]
     jaccard = shared / np.maximum(new_sizes + old_sizes - shared, 1.0)
