@@ -9,6 +9,8 @@ class ServiceError(ValueError):
     """
 
     status = 400
+    # Set by errors that name several fields at once (field -> reason); else parsed from "field: reason".
+    fields: dict[str, str] | None = None
 
 
 class NotFoundError(ServiceError):

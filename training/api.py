@@ -18,7 +18,6 @@ from training import datasets, forms, import_jobs, importers, pairs, registry, r
 from training.connectors import jira
 from training.downloads import csv_attachment, temporary_file_response
 from training.errors import ServiceError
-from training.hyperparameters import HyperparameterError
 from training.models import (
     Dataset,
     DatasetVersion,
@@ -29,18 +28,6 @@ from training.models import (
     RetrainOccurrence,
     TrainingRun,
 )
-
-
-def service_error_response(exc: Exception) -> Response:
-    """400 with {"error": ..., "fields": {...}} for ServiceError/HyperparameterError."""
-    if isinstance(exc, HyperparameterError):
-        return Response({"error": str(exc), "fields": exc.errors}, status=status.HTTP_400_BAD_REQUEST)
-    message = str(exc)
-    field, _, _ = message.partition(":")
-    body = {"error": message}
-    if field.isidentifier():
-        body["fields"] = {field: message.partition(":")[2].strip()}
-    return Response(body, status=status.HTTP_400_BAD_REQUEST)
 
 
 def _latest_version():
@@ -86,7 +73,7 @@ class DatasetViewSet(
             try:
                 json_limits.loads(mapping, what="mapping")
             except json_limits.JSONLimitError as exc:
-                return service_error_response(exc)
+                raise ServiceError(str(exc)) from exc
         return None
 
     @extend_schema(request=serializers.DatasetUploadSerializer,
@@ -99,19 +86,13 @@ class DatasetViewSet(
         upload.is_valid(raise_exception=True)
         data = upload.validated_data
         if import_jobs.wants_background(data["file"], data["background"]):
-            try:
-                job = import_jobs.submit(owner=request.user, upload=data["file"], name=data["name"], kind=data["kind"],
-                                     strict=data["strict"], mapping=data["mapping"], language=data["language"])
-            except ServiceError as exc:
-                return service_error_response(exc)
+            job = import_jobs.submit(owner=request.user, upload=data["file"], name=data["name"], kind=data["kind"],
+                                 strict=data["strict"], mapping=data["mapping"], language=data["language"])
             return Response(serializers.ImportJobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
-        try:
-            dataset = datasets.import_upload(
-                owner=request.user, name=data["name"], kind=data["kind"], upload=data["file"],
-                strict=data["strict"], mapping=data["mapping"], language=data["language"],
-            )
-        except ServiceError as exc:
-            return service_error_response(exc)
+        dataset = datasets.import_upload(
+            owner=request.user, name=data["name"], kind=data["kind"], upload=data["file"],
+            strict=data["strict"], mapping=data["mapping"], language=data["language"],
+        )
         dataset = self.get_queryset().get(pk=dataset.pk)
         return Response(self.get_serializer(dataset).data, status=status.HTTP_201_CREATED)
 
@@ -129,21 +110,18 @@ class DatasetViewSet(
             dataset = Dataset.objects.filter(owner=request.user, pk=data["dataset"]).first()
             if dataset is None:
                 raise ValidationError({"dataset": [f"No dataset {data['dataset']} of yours."]})
-        try:
-            if data["keep"]:
-                job, result = import_jobs.stage_and_preview(
-                    owner=request.user, upload=data["file"], dataset=dataset, name=data["name"], kind=data["kind"],
-                    strict=data["strict"], mapping=data["mapping"], language=data["language"])
-                if result["needs_mapping"]:  # nothing to start: the API caller sends a mapping with the next file
-                    import_jobs.discard(job=job)
-                else:
-                    result["staged_import"] = serializers.ImportJobSerializer(job).data
+        if data["keep"]:
+            job, result = import_jobs.stage_and_preview(
+                owner=request.user, upload=data["file"], dataset=dataset, name=data["name"], kind=data["kind"],
+                strict=data["strict"], mapping=data["mapping"], language=data["language"])
+            if result["needs_mapping"]:  # nothing to start: the API caller sends a mapping with the next file
+                import_jobs.discard(job=job)
             else:
-                with datasets.upload_on_disk(data["file"]) as path:
-                    result = datasets.preview_file(path=path, filename=data["file"].name, kind=data["kind"],
-                                                   mapping=data["mapping"], dataset=dataset)
-        except ServiceError as exc:
-            return service_error_response(exc)
+                result["staged_import"] = serializers.ImportJobSerializer(job).data
+        else:
+            with datasets.upload_on_disk(data["file"]) as path:
+                result = datasets.preview_file(path=path, filename=data["file"].name, kind=data["kind"],
+                                               mapping=data["mapping"], dataset=dataset)
         all_errors = result.pop("all_errors", [])
         if request.query_params.get("errors") == "csv":
             return csv_attachment(importers.write_csv(importers.error_csv_rows(all_errors)), "preview-errors.csv")
@@ -164,12 +142,9 @@ class DatasetViewSet(
             job = import_jobs.submit(owner=request.user, upload=data["file"], dataset=dataset, strict=data["strict"],
                                  mapping=data["mapping"])
             return Response(serializers.ImportJobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
-        try:
-            with datasets.upload_on_disk(data["file"]) as path:
-                version = datasets.add_version(dataset=dataset, path=path, filename=data["file"].name,
-                                               strict=data["strict"], mapping=data["mapping"])
-        except ServiceError as exc:
-            return service_error_response(exc)
+        with datasets.upload_on_disk(data["file"]) as path:
+            version = datasets.add_version(dataset=dataset, path=path, filename=data["file"].name,
+                                           strict=data["strict"], mapping=data["mapping"])
         return Response(serializers.DatasetVersionSerializer(version).data, status=status.HTTP_201_CREATED)
 
     @extend_schema(request=serializers.DatasetMappingSerializer, responses={200: serializers.DatasetMappingSerializer})
@@ -180,10 +155,7 @@ class DatasetViewSet(
         if request.method == "PUT":
             payload = serializers.DatasetMappingSerializer(data=request.data)
             payload.is_valid(raise_exception=True)
-            try:
-                dataset = datasets.save_mapping(dataset=dataset, mapping=payload.validated_data["mapping"])
-            except ServiceError as exc:
-                return service_error_response(exc)
+            dataset = datasets.save_mapping(dataset=dataset, mapping=payload.validated_data["mapping"])
         return Response({"mapping": dataset.column_mapping})
 
     @extend_schema(responses={200: serializers.DatasetVersionSerializer(many=True)})
@@ -217,8 +189,8 @@ class DatasetViewSet(
         query.is_valid(raise_exception=True)
         try:
             result = pairs.preview_pairs(dataset=dataset, **query.options())
-        except ValueError as exc:
-            return service_error_response(exc)
+        except ValueError as exc:  # strategy options checked by pairs (plain ValueError)
+            raise ServiceError(str(exc)) from exc
         return Response(result)
 
     def destroy(self, request, pk=None):
@@ -253,11 +225,8 @@ class ImportJobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewset
         job = self.get_object()
         payload = serializers.ImportStartSerializer(data=request.data)
         payload.is_valid(raise_exception=True)
-        try:
-            job = import_jobs.start(job=job, background=payload.validated_data["background"],
-                                name=payload.validated_data["name"])
-        except ServiceError as exc:
-            return service_error_response(exc)
+        job = import_jobs.start(job=job, background=payload.validated_data["background"],
+                            name=payload.validated_data["name"])
         done = job.is_terminal
         return Response(self.get_serializer(job).data, status=status.HTTP_200_OK if done else status.HTTP_202_ACCEPTED)
 
@@ -278,15 +247,12 @@ class TrainingRunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, views
         dataset = Dataset.objects.filter(owner=request.user, pk=data["dataset"]).first()
         if dataset is None:
             raise ValidationError({"dataset": [f"No dataset {data['dataset']} of yours."]})
-        try:
-            run = runs.start_run(
-                owner=request.user,
-                dataset=dataset,
-                base_model=data["base_model"],
-                hyperparameters=data["hyperparameters"],
-            )
-        except (ServiceError, HyperparameterError) as exc:
-            return service_error_response(exc)
+        run = runs.start_run(
+            owner=request.user,
+            dataset=dataset,
+            base_model=data["base_model"],
+            hyperparameters=data["hyperparameters"],
+        )
         return Response(self.get_serializer(run).data, status=status.HTTP_201_CREATED)
 
     @extend_schema(request=None)

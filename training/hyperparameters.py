@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from embedportal.errors import ServiceError
+
 LOSSES = ("auto", "mnrl", "cached_mnrl", "triplet", "contrastive", "online_contrastive", "cosine")
 LOSS_LABELS = {
     "auto": "Chosen from the data's shape",
@@ -22,10 +24,13 @@ LOSS_LABELS = {
 }
 
 
-class HyperparameterError(ValueError):
+class HyperparameterError(ServiceError):
+    """Several fields refused at once: `errors` (also `fields`) maps each to its reason (HTTP 400)."""
+
     def __init__(self, errors: dict[str, str]):
         super().__init__("; ".join(f"{k}: {v}" for k, v in errors.items()))
         self.errors = errors
+        self.fields = errors
 
 
 @dataclass(frozen=True)
