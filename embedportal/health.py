@@ -15,7 +15,7 @@ from training.models import TrainingRun
 
 logger = logging.getLogger(__name__)
 
-QUEUES = (settings.CELERY_TASK_DEFAULT_QUEUE, settings.GPU_QUEUE)
+QUEUES = (settings.CELERY_TASK_DEFAULT_QUEUE, settings.GPU_QUEUE, settings.EMBED_QUEUE)
 INSPECT_TIMEOUT_S = 1.0
 
 

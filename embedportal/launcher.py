@@ -4,7 +4,7 @@ Starts (or reuses) the embedded PostgreSQL under var/pgdata unless
 DATABASE_URL is set, uses Redis at REDIS_URL when it answers and otherwise
 starts a local redis-server under var/redis, migrates, makes sure an admin
 account exists, then runs the web server, a worker for the gpu (training)
-queue, a worker for the default queue and Celery beat under `Supervisor`.
+queue, a worker for the embed (index build) queue, a worker for the default queue and Celery beat under `Supervisor`.
 A process that dies is restarted with backoff; only Ctrl-C (SIGINT or SIGTERM
 to the launcher) stops them all, then the servers this launcher started.
 
@@ -141,6 +141,9 @@ def product_processes(*, python: str, host: str, port: str) -> dict[str, list[st
                 "--threads", "4", "--timeout", "120", "--access-logfile", "-"],
         # One task at a time on the gpu queue: a solo pool frees CUDA memory with the task.
         "gpu-worker": [*celery, "worker", "-Q", "gpu", "--pool", "solo", "-n", "gpu@%h", "--loglevel", "INFO"],
+        # Index builds on their own queue and worker, so they never wait behind a training run
+        # (settings.EMBED_QUEUE says why a queue and not a priority); solo for the same CUDA reason.
+        "embed-worker": [*celery, "worker", "-Q", "embed", "--pool", "solo", "-n", "embed@%h", "--loglevel", "INFO"],
         "worker": [*celery, "worker", "-Q", "default", "--concurrency", "2", "-n", "default@%h", "--loglevel", "INFO"],
         "beat": [*celery, "beat", "--loglevel", "INFO", "--schedule", str(VAR_DIR / "celerybeat-schedule")],
     }

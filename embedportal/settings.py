@@ -208,6 +208,9 @@ UPLOADS_DIR = Path(env_str("EMBEDPORTAL_UPLOADS_DIR", str(VAR_DIR / "uploads")))
 # --- Product --------------------------------------------------------------------
 MODELS_DIR = Path(env_str("EMBEDPORTAL_MODELS_DIR", str(VAR_DIR / "models"))).resolve()
 DEFAULT_BASE_MODEL = env_str("EMBEDPORTAL_BASE_MODEL", "sentence-transformers/all-MiniLM-L6-v2")
+# A new dataset gets an index with the base model at once (search.indexing.create_base_index), so it is
+# searchable by meaning before any training run; replaced by the production model's index once that is ready.
+BASE_INDEX = env_bool("EMBEDPORTAL_BASE_INDEX", True)
 # "auto" picks cuda, then mps, then cpu.
 TRAINING_DEVICE = env_str("EMBEDPORTAL_DEVICE", "auto")
 # Optional S3-compatible store for model artifacts (s3://bucket/prefix); see training/artifacts.py.
@@ -251,13 +254,23 @@ CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", REDIS_URL)
 CELERY_RESULT_BACKEND = None
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_DEFAULT_QUEUE = "default"
-# Training and embedding need the accelerator: they go to the "gpu" queue,
-# consumed by a worker with a solo pool and prefetch 1 (see Procfile and
-# docker-compose.yml). Everything else runs on the "default" queue.
+# Training needs the accelerator: it goes to the "gpu" queue, consumed by a
+# worker with a solo pool and prefetch 1 (see embedportal/launcher.py and
+# docker-compose.yml); index builds go to "embed" (below). Everything else runs
+# on the "default" queue.
 GPU_QUEUE = "gpu"
+# Index builds have their own "embed" queue and solo worker, so a new dataset's
+# base-model index (and a promotion's index) does not wait hours behind an
+# unrelated training run on the gpu queue. A queue rather than a Celery priority:
+# the gpu worker runs one task at a time, so a priority only reorders what waits
+# and the build still waits for the running training to end. Embedding a corpus
+# needs a model's weights and a batch of activations (MiniLM: ~0.5 GB of GPU
+# memory), small enough to share the card with a training run.
+EMBED_QUEUE = "embed"
+EXTRA_QUEUES = (EMBED_QUEUE,)
 CELERY_TASK_ROUTES = {
     "training.run_training": {"queue": GPU_QUEUE},
-    "search.build_index": {"queue": GPU_QUEUE},
+    "search.build_index": {"queue": EMBED_QUEUE},
     # A retrain syncs, then trains in the same task (training.retraining): it needs the accelerator.
     "training.run_retrain": {"queue": GPU_QUEUE},
 }

@@ -115,6 +115,8 @@ urlpatterns = [
     path("api/datasets/<int:pk>/jira/test/", training_api.DatasetJiraTestView.as_view(), name="api_dataset_jira_test"),
     path("api/datasets/<int:pk>/jira/sync/", training_api.DatasetJiraSyncView.as_view(), name="api_dataset_jira_sync"),
     path("api/datasets/<int:pk>/search/", search_api.DatasetSearchView.as_view(), name="api_dataset_search"),
+    path("api/datasets/<int:pk>/documents/<str:key>/", search_api.DatasetDocumentView.as_view(),
+         name="api_dataset_document"),
     path("api/datasets/<int:pk>/retraining/", training_api.DatasetRetrainingView.as_view(), name="api_dataset_retraining"),
     path("api/datasets/<int:pk>/retraining/run/", training_api.DatasetRetrainNowView.as_view(),
          name="api_dataset_retrain_now"),

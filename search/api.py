@@ -6,12 +6,15 @@ from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action, api_view, parser_classes
 from rest_framework.exceptions import ValidationError
+from rest_framework.exceptions import NotFound
+from rest_framework.generics import get_object_or_404
 from rest_framework.response import Response
+from rest_framework.views import APIView
 
 from embedportal import jobs
 from embedportal.pagination import BoundedLimitOffsetPagination
 from embedportal.parsers import API_PARSERS
-from search import duplicates, encoders, hybrid, indexing, serializers, serving, tuning
+from search import duplicates, encoders, hybrid, indexing, serializers, serving, tickets, tuning
 from search.clustering import assignment as cluster_assignment
 from search.clustering import runs as clustering_runs
 from search.filters import FILTER_PARAMS
@@ -30,6 +33,39 @@ _FILTER_PARAMETERS = [
     OpenApiParameter("created_from", str, description="Created on or after this date (YYYY-MM-DD)"),
     OpenApiParameter("created_to", str, description="Created on or before this date (YYYY-MM-DD)"),
 ]
+
+
+_SEARCH_PARAMETERS = [
+    OpenApiParameter("q", str, description="Query text (websearch syntax on the keyword side: \"phrase\", -word, or)"),
+    OpenApiParameter("mode", str, enum=list(hybrid.MODES), default="hybrid"),
+    OpenApiParameter("k", int, default=10, description=f"Results per page (1-{hybrid.MAX_K})"),
+    OpenApiParameter("page", int, default=1),
+    OpenApiParameter("fusion", str, enum=list(hybrid.FUSION_METHODS), description="Default: the index's tuned fusion"),
+    OpenApiParameter("alpha", float, description="Weighted fusion: weight of the vector side, 0-1"),
+    OpenApiParameter("rrf_k", int, description="RRF constant (default 60)"),
+    *_FILTER_PARAMETERS,
+]
+
+
+def _search(index: SearchIndex, request) -> dict:
+    """One search of `index` with the request's parameters, as the API answers it (both search endpoints)."""
+    params = serializers.SearchParamsSerializer(data=serializers.query_data(request.query_params))
+    params.is_valid(raise_exception=True)
+    data = params.validated_data
+    result = hybrid.hybrid_search(
+        index=index, query=data["q"], k=data["k"], mode=data["mode"], page=data["page"],
+        filters=serializers.FiltersSerializer.to_filters(data),
+        fusion=data["fusion"], alpha=data["alpha"], rrf_k=data["rrf_k"],
+    )
+    return {
+        "index": index.pk, "model_version": index.model_version_id,
+        "query": result.query, "mode": result.mode, "page": result.page, "k": data["k"],
+        "has_more": result.has_more, "total": result.total, "total_capped": result.total_capped,
+        "key_document": result.key_document_id,
+        "message": result.message, "notice": result.notice,
+        "fusion": result.fusion, "filters": result.filters, "timings_ms": result.timings_ms,
+        "results": [hybrid.serialize_hit(hit) for hit in result.hits],
+    }
 
 
 class SearchIndexViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
@@ -55,37 +91,12 @@ class SearchIndexViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, views
 
     @extend_schema(
         summary="Hybrid, keyword or vector search over the index's dataset",
-        parameters=[
-            OpenApiParameter("q", str, description="Query text (websearch syntax on the keyword side: \"phrase\", -word, or)"),
-            OpenApiParameter("mode", str, enum=list(hybrid.MODES), default="hybrid"),
-            OpenApiParameter("k", int, default=10, description=f"Results per page (1-{hybrid.MAX_K})"),
-            OpenApiParameter("page", int, default=1),
-            OpenApiParameter("fusion", str, enum=list(hybrid.FUSION_METHODS), description="Default: the index's tuned fusion"),
-            OpenApiParameter("alpha", float, description="Weighted fusion: weight of the vector side, 0-1"),
-            OpenApiParameter("rrf_k", int, description="RRF constant (default 60)"),
-            *_FILTER_PARAMETERS,
-        ],
+        parameters=_SEARCH_PARAMETERS,
         responses={200: serializers.SearchResponseSerializer},
     )
     @action(detail=True, methods=["get"])
     def search(self, request, pk=None):
-        index = self.get_object()
-        params = serializers.SearchParamsSerializer(data=serializers.query_data(request.query_params))
-        params.is_valid(raise_exception=True)
-        data = params.validated_data
-        result = hybrid.hybrid_search(
-            index=index, query=data["q"], k=data["k"], mode=data["mode"], page=data["page"],
-            filters=serializers.FiltersSerializer.to_filters(data),
-            fusion=data["fusion"], alpha=data["alpha"], rrf_k=data["rrf_k"],
-        )
-        return Response(
-            {
-                "query": result.query, "mode": result.mode, "page": result.page, "k": data["k"],
-                "has_more": result.has_more, "message": result.message, "notice": result.notice,
-                "fusion": result.fusion, "filters": result.filters, "timings_ms": result.timings_ms,
-                "results": [hybrid.serialize_hit(hit) for hit in result.hits],
-            }
-        )
+        return Response(_search(self.get_object(), request))
 
     @extend_schema(
         summary="Tickets most similar to one ticket (vector neighbours under this index's model)",
@@ -500,3 +511,35 @@ class ClusterAssignmentJobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMix
         jobs.request_cancel(job)
         job.refresh_from_db()
         return Response(self.get_serializer(job).data)
+
+
+class DatasetSearchView(APIView):
+    """`GET /api/datasets/{id}/search/`: search a dataset with whatever serves it now.
+
+    A stable address for integrations: after a promotion it answers from the
+    new production model's index, where /api/indexes/{id}/search/ stays on one
+    (possibly archived) version. Before any trained model it answers from the
+    base-model index (search.serving.serving_index says which).
+    """
+
+    @extend_schema(summary="Search a dataset with its production model (or its base-model index before one)",
+                   parameters=_SEARCH_PARAMETERS, responses={200: serializers.SearchResponseSerializer})
+    def get(self, request, pk: int):
+        dataset = get_object_or_404(Dataset, pk=pk, owner=request.user)
+        index = serving.serving_index(dataset=dataset)
+        if index is None:
+            raise NotFound("This dataset has no search index yet; its base-model index is created at import.")
+        return Response(_search(index, request))
+
+
+class DatasetDocumentView(APIView):
+    """`GET /api/datasets/{id}/documents/{key}/`: one ticket by its key (or numeric id), with links and Jira URL."""
+
+    @extend_schema(summary="A ticket of the dataset by key: fields, links (with their document ids), Jira URL",
+                   responses={200: OpenApiTypes.OBJECT})
+    def get(self, request, pk: int, key: str):
+        dataset = get_object_or_404(Dataset, pk=pk, owner=request.user)
+        document = tickets.find(dataset=dataset, key=key)
+        if document is None:
+            raise NotFound(f"No ticket {key} in this dataset.")
+        return Response(tickets.serialize(tickets.ticket(document=document)))

@@ -20,7 +20,7 @@ from embedportal.errors import ServiceError
 from search import encoders
 from search.filters import SearchFilters
 from training.fusion import DEFAULT_ALPHA, RRF_K, reciprocal_rank_fusion, weighted_score_fusion
-from search.keyword import keyword_ranking, snippets
+from search.keyword import key_document, keyword_ranking, snippets
 from search.models import Embedding, SearchIndex
 from search.vectors import vector_cast
 from training.models import Document
@@ -67,6 +67,11 @@ class SearchResponse:
     # Set when the keyword side relaxed "all words" to "any word".
     notice: str = ""
     filters: dict[str, Any] = field(default_factory=dict)
+    # How many results the query has (all pages), counted up to MAX_RESULT_DEPTH; total_capped when there are more.
+    total: int = 0
+    total_capped: bool = False
+    # The document whose key the query is (shown first, then its similar tickets), if any.
+    key_document_id: int | None = None
 
 
 def resolve_fusion(
@@ -140,7 +145,15 @@ def hybrid_search(
 
     offset = (page - 1) * k
     depth = offset + k
-    candidates = max(CANDIDATES_PER_SIDE, depth) if mode == "hybrid" else depth + 1
+    # The keyword side ranks every match anyway (ts_rank_cd has no index order), so counting the total up to
+    # the paging depth costs the LIMIT only; the vector side ranks every document: its total is the depth.
+    candidates = max(CANDIDATES_PER_SIDE, depth) if mode == "hybrid" else (
+        MAX_RESULT_DEPTH + 1 if mode == "keyword" else depth + 1)
+    key_id = key_document(index.dataset, query)
+    response.key_document_id = key_id
+    if key_id is not None and mode != "keyword" and query_vector is None:
+        # A ticket's key: its neighbours are its similar tickets, not the neighbours of the key's letters.
+        query_vector = _document_vector(index, key_id)
     keyword: list[tuple[int, float]] = []
     vector: list[tuple[int, float]] = []
     identifier_ids: set[int] = set()
@@ -174,6 +187,13 @@ def hybrid_search(
         ranked = reciprocal_rank_fusion([[d for d, _ in keyword], [d for d, _ in vector]], k=fusion_used["rrf_k"])
     else:
         ranked = weighted_score_fusion(keyword, vector, alpha=fusion_used["alpha"])
+    if key_id is not None:
+        # The ticket the query names comes first in every mode, scored as the best hit.
+        top = max((score for _, score in ranked), default=1.0)
+        ranked = [(key_id, top)] + [(d, score) for d, score in ranked if d != key_id]
+        identifier_ids = identifier_ids | {key_id}
+    response.total = min(len(ranked), MAX_RESULT_DEPTH)
+    response.total_capped = len(ranked) > MAX_RESULT_DEPTH
     response.has_more = len(ranked) > depth
     ranked = ranked[offset:depth]
     response.hits = _hits(index, query, ranked, keyword, vector, identifier_ids)
@@ -194,6 +214,13 @@ def hybrid_search(
 # requests get their parallelism from the web server's processes instead.
 QUERY_ENCODE_THREADS = 1
 _encode_lock = threading.Lock()
+
+
+def _document_vector(index: SearchIndex, document_id: int) -> list[float] | None:
+    """The document's vector under the index's model, None while it has none (then the query text is embedded)."""
+    row = Embedding.objects.filter(document_id=document_id, model_version_id=index.model_version_id).values_list(
+        "embedding", flat=True).first()
+    return None if row is None else [float(x) for x in row]
 
 
 def encode_query(*, artifact_path: str, text: str) -> list[float]:

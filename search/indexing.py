@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 
+from django.conf import settings
 from django.db import connection
 
 from embedportal import jobs
 from search import embedding
 from training.fusion import RRF_K
-from search.models import SearchIndex
+from search.models import Embedding, SearchIndex
 from search.vectors import vector_cast
 from training.models import Dataset, ModelVersion
 
@@ -37,6 +38,68 @@ def create_index(*, owner, dataset: Dataset, model_version: ModelVersion) -> Sea
         jobs.requeue(index)
     index.refresh_from_db()
     return index
+
+
+# The default base model's width (all-MiniLM-L6-v2). Known here, not measured, so an import does not load
+# a model inside its request; another EMBEDPORTAL_BASE_MODEL gets no automatic base index (keyword search
+# still works at once, and the first trained model's index follows).
+BASE_MODEL_DIMENSIONS = {"all-minilm-l6-v2": 384, "sentence-transformers/all-minilm-l6-v2": 384}
+
+
+def is_base_version(version: ModelVersion) -> bool:
+    """A version that stands for an untrained base model (made by base_model_version, not by a run)."""
+    return version.source_run_id is None and version.artifact_path == version.base_model
+
+
+def base_model_version(*, owner) -> ModelVersion | None:
+    """The owner's one version standing for the configured base model (created on first use), or None.
+
+    No dataset: it is never a dataset's production model, so a first trained model is still promoted.
+    """
+    name = settings.DEFAULT_BASE_MODEL
+    dims = BASE_MODEL_DIMENSIONS.get(name.strip().lower())
+    if dims is None:
+        return None
+    version, _ = ModelVersion.objects.get_or_create(
+        owner=owner, name=f"{name} (base model)", version=1,
+        defaults={"base_model": name, "artifact_path": name, "dimensions": dims, "created_by": owner},
+    )
+    return version
+
+
+def create_base_index(*, dataset: Dataset) -> SearchIndex | None:
+    """Queue (after commit) an index of the dataset with the untrained base model, so it is searchable at once.
+
+    Nothing when settings.BASE_INDEX is off, the dataset already has an index,
+    or the base model's width is unknown (BASE_MODEL_DIMENSIONS).
+    """
+    if not settings.BASE_INDEX or SearchIndex.objects.filter(dataset=dataset).exists():
+        return None
+    version = base_model_version(owner=dataset.owner)
+    if version is None:
+        logger.info("no base-model index for dataset %s: the width of %s is not known", dataset.pk,
+                    settings.DEFAULT_BASE_MODEL)
+        return None
+    return create_index(owner=dataset.owner, dataset=dataset, model_version=version)
+
+
+def retire_base_indexes(*, dataset: Dataset) -> int:
+    """Delete the dataset's base-model indexes (and their vectors) once its production model's index is ready.
+
+    Returns how many were deleted; none while the production index is not ready.
+    """
+    if not SearchIndex.objects.filter(
+        dataset=dataset, status=SearchIndex.Status.READY,
+        model_version__dataset=dataset, model_version__stage=ModelVersion.Stage.PRODUCTION,
+    ).exists():
+        return 0
+    retired = 0
+    for index in SearchIndex.objects.filter(dataset=dataset).select_related("model_version"):
+        if is_base_version(index.model_version) and index.is_terminal:
+            Embedding.objects.filter(model_version=index.model_version, document__dataset=dataset).delete()
+            index.delete()
+            retired += 1
+    return retired
 
 
 def hnsw_index_name(version_id: int) -> str:
@@ -76,6 +139,7 @@ def run_build(*, index_id: int) -> None:
         from search import serving  # serving creates indexes through this module: imported here, not at the top
 
         serving.on_index_ready(index=index)  # a pending promotion switches now, atomically
+        retire_base_indexes(dataset=index.dataset)  # the production model's index replaces the base model's
         _tune_after_build(index)
         from search.clustering import assignment  # needs this index's new vectors: after the build, not at the signal
 

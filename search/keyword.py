@@ -12,7 +12,7 @@ from django.db import connection
 from django.utils.html import escape
 
 from search.filters import SearchFilters
-from training.models import Dataset
+from training.models import Dataset, Document
 
 # The identifier side index (migration search 0003): this expression must stay
 # byte-for-byte the one indexed there, or PostgreSQL falls back to a scan.
@@ -36,6 +36,22 @@ HEADLINE_CHARS = 4000
 def query_identifiers(query: str) -> list[str]:
     """The identifier-like tokens of a query (shown to people; the SQL splits them itself)."""
     return [t for t in (tok.strip(".-/:$#") for tok in _TOKEN.findall(query)) if t and _IDENTIFIER.search(t)]
+
+
+# A whole query that is one ticket key (HDFS-6602) or one numeric id (a CSV export's "Issue id").
+_KEY_QUERY = re.compile(r"^(?:[A-Za-z][A-Za-z0-9_]*-\d+|\d+)$")
+
+
+def key_document(dataset: Dataset, query: str) -> int | None:
+    """The id of the dataset's document whose key the whole query is (case-insensitive), or None.
+
+    Keys are stored as Jira writes them (upper case); one indexed lookup on (dataset, key).
+    """
+    text = (query or "").strip()
+    if not _KEY_QUERY.match(text):
+        return None
+    return Document.objects.filter(dataset=dataset, external_key__in={text, text.upper()}).values_list(
+        "pk", flat=True).first()
 
 
 _KEYWORD_SQL = (

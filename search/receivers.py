@@ -8,7 +8,7 @@ from search import indexing, serving
 from search.clustering import assignment
 from search.vectors import store_embeddings
 from training.models import Document, ModelVersion
-from training.signals import dataset_version_added, model_version_registered, promotion_approved
+from training.signals import dataset_created, dataset_version_added, model_version_registered, promotion_approved
 
 
 @receiver(model_version_registered, dispatch_uid="search.store_run_vectors_and_first_promotion")
@@ -28,11 +28,21 @@ def store_run_vectors_and_first_promotion(sender, *, version: ModelVersion, embe
         serving.request_promotion(version=version, user=version.owner)
 
 
+@receiver(dataset_created, dispatch_uid="search.index_new_dataset_with_base_model")
+def index_new_dataset_with_base_model(sender, *, dataset, version, **kwargs) -> None:
+    """A new dataset is searchable at once: keyword search needs no model, and a base-model index is queued."""
+    indexing.create_base_index(dataset=dataset)
+
+
 @receiver(dataset_version_added, dispatch_uid="search.refresh_indexes_of_new_dataset_version")
 def refresh_indexes_of_new_dataset_version(sender, *, dataset, version, **kwargs) -> None:
-    """New and changed documents get vectors; the indexes keep serving their current ones meanwhile."""
+    """New and changed documents get vectors; the indexes keep serving their current ones meanwhile.
+
+    A dataset imported before base-model indexes existed (so with no index at all) gets one now.
+    """
     if version.added or version.changed:
         indexing.refresh_indexes(dataset=dataset)
+        indexing.create_base_index(dataset=dataset)
 
 
 @receiver(dataset_version_added, dispatch_uid="search.assign_new_tickets_to_clusters")

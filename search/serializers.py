@@ -147,11 +147,16 @@ class HitSerializer(serializers.Serializer):
 
 
 class SearchResponseSerializer(serializers.Serializer):
+    index = serializers.IntegerField(help_text="The index that answered (GET /api/datasets/{id}/search/ picks it)")
+    model_version = serializers.IntegerField()
     query = serializers.CharField()
     mode = serializers.CharField()
     page = serializers.IntegerField()
     k = serializers.IntegerField()
     has_more = serializers.BooleanField()
+    total = serializers.IntegerField(help_text="Results over all pages, counted up to the paging depth (500)")
+    total_capped = serializers.BooleanField(help_text="True when there are more than `total`")
+    key_document = serializers.IntegerField(allow_null=True, help_text="Id of the ticket whose key the query is (first)")
     message = serializers.CharField()
     notice = serializers.CharField()
     fusion = serializers.DictField()

@@ -22,7 +22,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from embedportal.errors import ConflictError, ServiceError
-from search.indexing import create_index, hnsw_index_name
+from search.indexing import create_index, hnsw_index_name, is_base_version
 from search.models import Embedding, SearchIndex
 from training import temporary_files
 from training.evaluation import not_worse
@@ -187,3 +187,19 @@ def _batches(iterator, size: int = EXPORT_BATCH) -> Iterator[list]:
             batch = []
     if batch:
         yield batch
+
+
+def serving_index(*, dataset: Dataset):
+    """The index that answers for the dataset now: its production model's, else its base model's, else the newest.
+
+    A searchable index wins over one still being built (which answers keyword
+    queries only). None when the dataset has no index.
+    """
+    indexes = list(SearchIndex.objects.filter(dataset=dataset).select_related("model_version").order_by("-pk"))
+
+    def rank(index) -> tuple:
+        version = index.model_version
+        production = version.stage == ModelVersion.Stage.PRODUCTION and version.dataset_id == dataset.pk
+        return (index.is_searchable, production, is_base_version(version))
+
+    return max(indexes, key=rank, default=None)

@@ -19,7 +19,7 @@ from django.views.decorators.http import require_POST
 
 from embedportal import jobs
 from embedportal.errors import ServiceError
-from search import duplicates, hybrid, indexing, serializers, serving, tuning
+from search import duplicates, hybrid, indexing, serializers, serving, tickets, tuning
 from search.clustering import assignment as cluster_assignment
 from search.clustering import runs as clustering_runs
 from search.filters import FILTERS, filter_options
@@ -37,10 +37,15 @@ def _indexes(request: HttpRequest):
     return SearchIndex.objects.filter(owner=request.user).select_related("dataset", "model_version")
 
 
-def _pick(indexes, wanted: str | None) -> SearchIndex | None:
-    """The index asked for, else the production one, else the newest."""
+LAST_INDEX_SESSION_KEY = "search_last_index"
+
+
+def _pick(indexes, wanted: str | None, last: str | None = None) -> SearchIndex | None:
+    """The index asked for, else the one last used (`last`), else the production one, else the newest."""
     indexes = list(indexes)
     chosen = next((i for i in indexes if str(i.pk) == (wanted or "")), None)
+    if chosen is None:
+        chosen = next((i for i in indexes if str(i.pk) == str(last or "")), None)
     if chosen is None:
         production = [i for i in indexes if i.model_version.stage == ModelVersion.Stage.PRODUCTION]
         chosen = (production or indexes or [None])[0]
@@ -59,17 +64,38 @@ def _params(request: HttpRequest) -> tuple[dict, dict[str, str]]:
 
 
 def _run(index: SearchIndex | None, data: dict) -> tuple[hybrid.SearchResponse | None, str]:
+    """Search the index; while its first build runs, by keywords (they need no model), saying so."""
     if index is None:
         return None, ""
+    mode = data["mode"]
+    building = mode != "keyword" and not index.is_searchable and index.status != SearchIndex.Status.FAILED
     try:
         result = hybrid.hybrid_search(
-            index=index, query=data["q"], k=data["k"], mode=data["mode"], page=data["page"],
+            index=index, query=data["q"], k=data["k"], mode="keyword" if building else mode, page=data["page"],
             filters=serializers.FiltersSerializer.to_filters(data),
             fusion=data["fusion"], alpha=data["alpha"], rrf_k=data["rrf_k"],
         )
     except ServiceError as exc:
         return None, str(exc)
+    if building:
+        result.notice = " ".join(filter(None, [
+            f"Keyword results: this index is {index.get_status_display().lower()} "
+            f"({index.embedded_count}/{index.total_count} tickets embedded); {mode} search follows once it is ready.",
+            result.notice,
+        ]))
     return result, ""
+
+
+def _without_filters(data: dict) -> dict:
+    """The parameters with every filter cleared: another index's dataset has other values."""
+    cleared = dict(data)
+    for f in FILTERS:
+        if f.param in cleared:
+            cleared[f.param] = []
+    for name in ("created_from", "created_to"):
+        if name in cleared:
+            cleared[name] = None
+    return cleared
 
 
 def _page_links(request: HttpRequest, result: hybrid.SearchResponse | None) -> dict[str, str]:
@@ -111,8 +137,15 @@ def _other_clusters(index: SearchIndex, ids: set[str]) -> list[tuple[str, int, s
 @login_required
 def search_page(request: HttpRequest) -> HttpResponse:
     indexes = _indexes(request)
-    selected = _pick(indexes, request.GET.get("index"))
+    last = request.session.get(LAST_INDEX_SESSION_KEY)
+    selected = _pick(indexes, request.GET.get("index"), last)
     data, errors = _params(request)
+    if selected is not None:
+        shown = request.GET.get("shown_index")  # the index the form was showing when submitted
+        if shown and shown != str(selected.pk):
+            data = _without_filters(data)  # another index was chosen: the filters follow it
+        if request.GET.get("index") and last != selected.pk:  # remembered when chosen: no session write per page
+            request.session[LAST_INDEX_SESSION_KEY] = selected.pk
     result, error = (None, "")
     if "q" in request.GET and not errors:
         result, error = _run(selected, data)
@@ -164,14 +197,18 @@ def compare_page(request: HttpRequest) -> HttpResponse:
 
 @login_required
 def similar_page(request: HttpRequest, index_pk: int, document_pk: int) -> HttpResponse:
+    """The ticket page: the whole ticket, its links, its Jira address, and its similar tickets under the index."""
     index = get_object_or_404(_indexes(request), pk=index_pk)
-    document = get_object_or_404(Document, pk=document_pk, dataset_id=index.dataset_id)
+    document = get_object_or_404(Document.objects.select_related("dataset"), pk=document_pk,
+                                 dataset_id=index.dataset_id)
     hits, error = [], ""
     try:
         hits = hybrid.similar_documents(index=index, document=document, k=10)
     except ServiceError as exc:
         error = str(exc)
-    return render(request, "search/similar.html", {"index": index, "document": document, "hits": hits, "error": error})
+    context = {"index": index, "document": document, "ticket": tickets.ticket(document=document),
+               "hits": hits, "error": error}
+    return render(request, "search/similar.html", context)
 
 
 @login_required

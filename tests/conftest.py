@@ -76,6 +76,16 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(autouse=True)
+def _no_base_index(settings):
+    """Imports queue no base-model index here unless a test turns it on (tests/test_new_user_path.py does).
+
+    The product does it by default; other tests keep their exact index counts
+    and their workers do not spend minutes embedding with the real base model.
+    """
+    settings.BASE_INDEX = False
+
+
 @pytest.fixture
 def user(db):
     return get_user_model().objects.create_user(username="alice", password="pw-alice-123")
@@ -108,10 +118,10 @@ def celery_worker(transactional_db):
     from embedportal.celery import app as celery_app
 
     client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
-    for queue in ("default", settings.GPU_QUEUE):
+    for queue in ("default", settings.GPU_QUEUE, settings.EMBED_QUEUE):
         client.delete(queue)
     with start_worker(
-        celery_app, pool="solo", perform_ping_check=False, queues=["default", settings.GPU_QUEUE],
+        celery_app, pool="solo", perform_ping_check=False, queues=["default", settings.GPU_QUEUE, settings.EMBED_QUEUE],
         shutdown_timeout=60, loglevel="WARNING",
     ) as worker:
         yield worker
@@ -128,7 +138,7 @@ def _database_url() -> str:
 def start_worker(tmp_path, transactional_db):
     """Start `celery worker` processes on the test database and Redis; kill them afterwards."""
     broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
-    for queue in ("default", settings.GPU_QUEUE):
+    for queue in ("default", settings.GPU_QUEUE, settings.EMBED_QUEUE):
         broker.delete(queue)
     procs: list[subprocess.Popen] = []
     env = {
@@ -144,7 +154,7 @@ def start_worker(tmp_path, transactional_db):
     def start(name: str) -> subprocess.Popen:
         log = open(tmp_path / f"worker-{name}.log", "wb")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "embedportal", "worker", "-Q", f"{settings.GPU_QUEUE},default",
+            [sys.executable, "-m", "celery", "-A", "embedportal", "worker", "-Q", f"{settings.GPU_QUEUE},{settings.EMBED_QUEUE},default",
              "--pool", "solo", "-n", f"{name}@%h", "--loglevel", "INFO", "--without-mingle", "--without-gossip"],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )

@@ -86,16 +86,16 @@ def test_stale_running_build_is_requeued_then_failed_after_max_attempts(index):
     from embedportal import jobs
 
     broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
-    broker.delete(settings.GPU_QUEUE)
+    broker.delete(settings.EMBED_QUEUE)
     # Given a build whose worker stopped beating on its first attempt
     SearchIndex.objects.filter(pk=index.pk).update(status=SearchIndex.Status.RUNNING, attempt=1, phase="embedding",
                                                    heartbeat_at=timezone.now() - timedelta(seconds=900))
-    # When the reaper runs, then it is queued again and its task is on the gpu queue
+    # When the reaper runs, then it is queued again and its task is on the embed queue (never behind training)
     assert jobs.reap(SearchIndex, timeout_s=300)["requeued"] == 1
     index.refresh_from_db()
     assert (index.status, index.attempt) == (SearchIndex.Status.QUEUED, 1)
-    assert broker.llen(settings.GPU_QUEUE) == 1
-    broker.delete(settings.GPU_QUEUE)
+    assert broker.llen(settings.EMBED_QUEUE) == 1
+    broker.delete(settings.EMBED_QUEUE)
     # Given the last attempt also stopped, when reaped, then it fails with the phase it died in
     SearchIndex.objects.filter(pk=index.pk).update(status=SearchIndex.Status.RUNNING, attempt=3,
                                                    heartbeat_at=timezone.now() - timedelta(seconds=900))
@@ -103,7 +103,7 @@ def test_stale_running_build_is_requeued_then_failed_after_max_attempts(index):
     index.refresh_from_db()
     assert index.status == SearchIndex.Status.FAILED
     assert index.error.startswith("The worker stopped reporting during 'embedding' on attempt 3 of 3")
-    assert broker.llen(settings.GPU_QUEUE) == 0
+    assert broker.llen(settings.EMBED_QUEUE) == 0
 
 
 def test_bm25_ranks_the_duplicate_of_a_ticket_first(user):

@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+from django.conf import settings
 
 from training.models import Dataset, Document, ModelVersion, TrainingRun
 
@@ -40,7 +41,7 @@ def test_api_health_json(api):
     body = api.get("/api/health/").json()
     assert body["broker"] == "ok"
     assert body["database"] == "ok"
-    assert set(body["queues"]) == {"default", "gpu"}
+    assert set(body["queues"]) == {"default", "gpu", "embed"}
 
 
 def test_search_page_without_index_explains_next_step(web):
@@ -69,12 +70,16 @@ def test_admin_registers_models(admin_client):
 def test_docker_compose_matches_settings():
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert set(services) == {"db", "redis", "web", "gpu-worker", "cpu-worker", "beat"}
+    assert set(services) == {"db", "redis", "web", "gpu-worker", "embed-worker", "cpu-worker", "beat"}
     assert services["db"]["image"].startswith("pgvector/pgvector:")
     gpu = services["gpu-worker"]
     assert "-Q gpu" in gpu["command"] and "--pool solo" in gpu["command"]
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
-    for name in ("web", "gpu-worker", "cpu-worker", "beat"):
+    # Index builds have their own queue and worker: never behind a training run (issue 16)
+    embed = services["embed-worker"]
+    assert "-Q embed" in embed["command"] and "--pool solo" in embed["command"]
+    assert settings.CELERY_TASK_ROUTES["search.build_index"] == {"queue": "embed"}
+    for name in ("web", "gpu-worker", "embed-worker", "cpu-worker", "beat"):
         env = services[name]["environment"]
         assert env["DATABASE_URL"].startswith("postgres://")
         assert env["REDIS_URL"].startswith("redis://redis:6379")

@@ -32,7 +32,7 @@ from training.corpus import ticket_links
 from training.errors import ServiceError
 from training.models import Dataset, DatasetVersion, Document, ImportJob, ModelVersion, TrainingRun
 from training.pairs import Example, Ticket
-from training.signals import dataset_version_added
+from training.signals import dataset_created, dataset_version_added
 
 # Rows per bulk_update when a links upload touches documents.
 LINK_UPDATE_BATCH = 1000
@@ -85,7 +85,7 @@ def import_dataset(
 
     kind "" takes the kind the file's format implies. Side effects: creates the
     Dataset, its Documents (with their full-text vectors) and DatasetVersion 1
-    in one transaction; raises ServiceError (nothing stored) when the file
+    in one transaction and sends dataset_created inside it; raises ServiceError (nothing stored) when the file
     cannot be imported, no row is usable, or strict is set and a row is bad.
     """
     name = name.strip()
@@ -108,8 +108,10 @@ def import_dataset(
                 source_filename=filename[:255],
                 column_mapping=upload.mapping if upload.format == "mapped" else {},
             )
-            versions.store_version(dataset=dataset, upload=upload, report=report, filename=filename,
-                                   strict=strict, progress=progress)
+            first = versions.store_version(dataset=dataset, upload=upload, report=report, filename=filename,
+                                           strict=strict, progress=progress)
+            # Inside the transaction: a receiver's rows (search's base-model index) commit with the dataset.
+            dataset_created.send(sender=Dataset, dataset=dataset, version=first)
     except importers.UploadError as exc:
         raise ServiceError(str(exc)) from exc
     except IntegrityError as exc:  # a concurrent upload took the same name

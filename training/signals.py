@@ -6,6 +6,10 @@ writes commit or roll back with the fact they react to.
 
 from django.dispatch import Signal
 
+# A dataset was created from its first import (version 1): kwargs dataset, version. Sent inside the
+# import's transaction; search queues a base-model index so the dataset is searchable at once.
+dataset_created = Signal()
+
 # A dataset got a new version (upload, links upload, Jira sync): kwargs dataset, version.
 dataset_version_added = Signal()
 

@@ -1,0 +1,232 @@
+"""The new user's path (issue 16): searchable at once after an import, index builds off the training queue,
+the search page remembers its index, a stable per-dataset search endpoint."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+from django.conf import settings
+
+from search import indexing, serving
+from search.models import SearchIndex
+from training import datasets
+from training.models import Dataset, Document, ModelVersion
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+CSV = (
+    "Summary,Issue id,Status,Priority,Description\n"
+    "NameNode fails to start after upgrade,13404344,Open,Blocker,The namenode crashes with an IOException\n"
+    "DataNode disk full,13404345,Open,Major,A datanode volume fills up and the node stops\n"
+    "Balancer too slow,13404346,Open,Minor,Balancer moves blocks at 1 MB/s between datanode hosts\n"
+)
+
+
+@pytest.fixture
+def broker():
+    client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    queues = ("default", settings.GPU_QUEUE, settings.EMBED_QUEUE)
+    client.delete(*queues)
+    yield client
+    client.delete(*queues)
+
+
+@pytest.fixture
+def imported(user, tmp_path, settings, broker) -> Dataset:
+    settings.BASE_INDEX = True
+    path = tmp_path / "export.csv"
+    path.write_text(CSV)
+    return datasets.import_dataset(owner=user, name="hadoop", path=path, filename="export.csv")
+
+
+def _ready(index: SearchIndex) -> SearchIndex:
+    """Mark a base index built (embedding with the real base model is not what these tests are about)."""
+    SearchIndex.objects.filter(pk=index.pk).update(status=SearchIndex.Status.READY)
+    index.refresh_from_db()
+    return index
+
+
+def _production_index(user, dataset: Dataset, tiny_model_dir) -> SearchIndex:
+    version = ModelVersion.objects.create(owner=user, name="hadoop", version=1, base_model="tiny",
+                                          artifact_path=str(tiny_model_dir), dimensions=32, dataset=dataset,
+                                          stage=ModelVersion.Stage.PRODUCTION)
+    index = SearchIndex.objects.create(owner=user, dataset=dataset, model_version=version)
+    return indexing.build_index(index=index)
+
+
+def test_import_queues_base_model_index_on_embed_queue(imported, broker):
+    # Given a dataset just imported, then one index with the base model is queued on the embed queue, not gpu
+    index = SearchIndex.objects.select_related("model_version").get(dataset=imported)
+    assert (index.status, index.model_version.artifact_path, index.model_version.dimensions) == (
+        SearchIndex.Status.QUEUED, settings.DEFAULT_BASE_MODEL, 384)
+    assert indexing.is_base_version(index.model_version)
+    assert index.model_version.dataset_id is None  # never the dataset's production model
+    assert (broker.llen(settings.EMBED_QUEUE), broker.llen(settings.GPU_QUEUE)) == (1, 0)
+
+
+def test_import_without_base_index_setting_creates_no_index(user, tmp_path, settings, broker):
+    settings.BASE_INDEX = False
+    path = tmp_path / "export.csv"
+    path.write_text(CSV)
+    dataset = datasets.import_dataset(owner=user, name="hadoop", path=path, filename="export.csv")
+    assert SearchIndex.objects.filter(dataset=dataset).count() == 0
+
+
+def test_search_page_answers_by_keywords_while_base_index_builds(web, imported):
+    # Given the base index still queued, when the user searches in the default (hybrid) mode
+    response = web.get("/search/", {"q": "datanode disk"})
+    html = response.content.decode()
+    # Then keyword results come at once, with a notice saying why
+    assert response.status_code == 200
+    assert "DataNode disk full" in html
+    assert "Keyword results: this index is queued (0/0 tickets embedded); hybrid search follows once it is ready." in html
+
+
+def test_dataset_search_api_answers_from_base_then_production_index(api, user, imported, tiny_model_dir):
+    base = _ready(SearchIndex.objects.get(dataset=imported))
+    # Given only the base index, then the dataset endpoint answers from it
+    body = api.get(f"/api/datasets/{imported.pk}/search/", {"q": "datanode", "mode": "keyword"}).json()
+    assert (body["index"], [r["key"] for r in body["results"]]) == (base.pk, ["13404345", "13404346"])
+    # When a production model's index is built, then it answers from that one and the base index is retired
+    production = _production_index(user, imported, tiny_model_dir)
+    body = api.get(f"/api/datasets/{imported.pk}/search/", {"q": "datanode", "mode": "keyword"}).json()
+    assert (body["index"], body["model_version"]) == (production.pk, production.model_version_id)
+    assert list(SearchIndex.objects.filter(dataset=imported).values_list("pk", flat=True)) == [production.pk]
+
+
+def test_dataset_search_api_of_dataset_without_index_is_404(api, user):
+    dataset = Dataset.objects.create(owner=user, name="empty")
+    response = api.get(f"/api/datasets/{dataset.pk}/search/", {"q": "x"})
+    assert (response.status_code, response.json()["error"]) == (
+        404, "This dataset has no search index yet; its base-model index is created at import.")
+
+
+def test_dataset_search_api_of_another_users_dataset_is_404(api, other_user):
+    dataset = Dataset.objects.create(owner=other_user, name="theirs")
+    assert api.get(f"/api/datasets/{dataset.pk}/search/", {"q": "x"}).status_code == 404
+
+
+def test_search_page_opens_on_the_index_last_used(web, user, imported, tmp_path):
+    # Given two datasets' indexes and a search on the first (older) one
+    first = _ready(SearchIndex.objects.get(dataset=imported))
+    path = tmp_path / "other.csv"
+    path.write_text(CSV)
+    other = datasets.import_dataset(owner=user, name="other", path=path, filename="other.csv")
+    second = SearchIndex.objects.get(dataset=other)
+    web.get("/search/", {"index": first.pk, "q": "datanode"})
+    # When the user opens /search/ again, then the index last used is selected
+    html = web.get("/search/").content.decode()
+    assert f'<option value="{first.pk}" selected>' in html
+    assert f'<option value="{second.pk}" >' in html
+
+
+def test_search_page_clears_filters_when_another_index_is_chosen(web, user, imported, tmp_path):
+    first = _ready(SearchIndex.objects.get(dataset=imported))
+    path = tmp_path / "other.csv"
+    path.write_text(CSV.replace("Blocker", "Critical"))
+    other = datasets.import_dataset(owner=user, name="other", path=path, filename="other.csv")
+    second = SearchIndex.objects.get(dataset=other)
+    # Given a form showing the first index with a priority filter, when the second index is chosen
+    response = web.get("/search/", {"index": second.pk, "shown_index": first.pk, "q": "namenode",
+                                    "mode": "keyword", "priority": "Blocker"})
+    html = response.content.decode()
+    # Then the filter is dropped (the other dataset has no Blocker) and its ticket is found
+    assert "NameNode fails to start after upgrade" in html
+    assert 'value="Blocker"' not in html
+    # And the same filter on the same index still applies
+    kept = web.get("/search/", {"index": first.pk, "shown_index": first.pk, "q": "namenode", "mode": "keyword",
+                                "priority": "Minor"}).content.decode()
+    assert "No document matches this query with these filters." in kept
+
+
+def test_serving_index_prefers_searchable_production_over_base(user, imported, tiny_model_dir):
+    base = _ready(SearchIndex.objects.get(dataset=imported))
+    assert serving.serving_index(dataset=imported) == base
+    assert Document.objects.filter(dataset=imported).count() == 3
+
+
+# --- Tickets found by key (issue 16, "Tickets you can open and find by key") ---------------------------
+
+
+@pytest.fixture
+def keyed(user, tiny_model_dir) -> SearchIndex:
+    """Jira-keyed tickets where one key is mentioned in another ticket's text, with a built production index."""
+    from training.datasets import refresh_search_vectors
+
+    dataset = Dataset.objects.create(owner=user, name="jira")
+    Document.objects.bulk_create([
+        Document(dataset=dataset, external_key="HDFS-6602", title="PendingDeletionBlocks metric is wrong",
+                 body="The metric never goes down after deletes"),
+        Document(dataset=dataset, external_key="HDFS-7000", title="Metric regression",
+                 body="Looks like HDFS-6602 came back after the upgrade"),
+        Document(dataset=dataset, external_key="HDFS-7001", title="Balancer too slow", body="Moves blocks slowly"),
+    ])
+    refresh_search_vectors(dataset=dataset)
+    return _production_index(user, dataset, tiny_model_dir)
+
+
+@pytest.mark.parametrize("mode", ["keyword", "vector", "hybrid"])
+def test_ticket_key_query_puts_that_ticket_first_in_every_mode(keyed, mode):
+    from search import hybrid
+
+    result = hybrid.hybrid_search(index=keyed, query="hdfs-6602", mode=mode, k=3)
+    keys = [hit.document.external_key for hit in result.hits]
+    assert keys[0] == "HDFS-6602"
+    assert result.hits[0].identifier_match is True
+    assert result.key_document_id == result.hits[0].document.pk
+    if mode == "keyword":  # then the ticket that mentions it
+        assert keys == ["HDFS-6602", "HDFS-7000"]
+    else:  # then its similar tickets (every other ticket here), each once
+        assert sorted(keys[1:]) == ["HDFS-7000", "HDFS-7001"]
+
+
+def test_numeric_id_query_puts_that_ticket_first(api, user, imported):
+    body = api.get(f"/api/datasets/{imported.pk}/search/", {"q": "13404346", "mode": "keyword"}).json()
+    assert ([r["key"] for r in body["results"]], body["key_document"]) == (
+        ["13404346"], Document.objects.get(dataset=imported, external_key="13404346").pk)
+
+
+def test_result_count_is_the_total_not_the_page_size(api, web, keyed):
+    body = api.get(f"/api/indexes/{keyed.pk}/search/", {"q": "metric", "mode": "keyword", "k": 1}).json()
+    assert ([r["key"] for r in body["results"]], body["total"], body["total_capped"], body["has_more"]) == (
+        ["HDFS-6602"], 2, False, True)
+    html = web.get("/search/", {"index": keyed.pk, "q": "metric", "mode": "keyword", "k": 1}).content.decode()
+    assert "2 results · page 1" in html
+
+
+def _link_tickets(keyed: SearchIndex) -> None:
+    """HDFS-7000 duplicates HDFS-6602 and relates to a ticket outside the dataset; the dataset has a Jira."""
+    from training.models import JiraConnection
+
+    Document.objects.filter(dataset=keyed.dataset, external_key="HDFS-7000").update(metadata={
+        "priority": "Major", "components": ["namenode", "metrics"],
+        "links": [{"type": "Duplicate", "direction": "outward", "key": "HDFS-6602"},
+                  {"type": "Relates", "direction": "outward", "key": "YARN-1"}],
+    })
+    JiraConnection.objects.create(dataset=keyed.dataset, base_url="https://issues.apache.org/jira/",
+                                  jql="project = HDFS", token_sealed="x")
+
+
+def test_ticket_page_shows_fields_links_similar_and_jira(web, keyed):
+    _link_tickets(keyed)
+    doc = Document.objects.get(dataset=keyed.dataset, external_key="HDFS-7000")
+    target = Document.objects.get(dataset=keyed.dataset, external_key="HDFS-6602")
+    html = web.get(f"/search/similar/{keyed.pk}/{doc.pk}").content.decode()
+    assert "Looks like HDFS-6602 came back after the upgrade" in html
+    assert "<tr><th>Components</th><td>namenode, metrics</td></tr>" in html
+    assert f'duplicate: <a href="/search/similar/{keyed.pk}/{target.pk}">HDFS-6602</a>' in html
+    assert 'relates: YARN-1 <span class="muted">(not in this dataset)</span>' in html
+    assert '<a href="https://issues.apache.org/jira/browse/HDFS-7000" rel="noopener noreferrer">' in html
+    assert html.count('class="result"') == 2  # its similar tickets: the two others
+
+
+def test_document_api_returns_ticket_by_key(api, keyed):
+    _link_tickets(keyed)
+    target = Document.objects.get(dataset=keyed.dataset, external_key="HDFS-6602")
+    body = api.get(f"/api/datasets/{keyed.dataset_id}/documents/hdfs-7000/").json()
+    assert (body["key"], body["jira_url"], body["links"]) == (
+        "HDFS-7000", "https://issues.apache.org/jira/browse/HDFS-7000",
+        [{"type": "duplicate", "key": "HDFS-6602", "document": target.pk},
+         {"type": "relates", "key": "YARN-1", "document": None}])
+    missing = api.get(f"/api/datasets/{keyed.dataset_id}/documents/HDFS-1/")
+    assert (missing.status_code, missing.json()["error"]) == (404, "No ticket HDFS-1 in this dataset.")
