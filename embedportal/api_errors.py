@@ -13,11 +13,7 @@ from embedportal.errors import ServiceError
 
 def service_error_body(exc: ServiceError) -> dict:
     """{"error": message, "fields": {field: reason}} — a message "field: reason" also fills `fields`."""
-    message = str(exc)
-    if exc.fields is not None:
-        return {"error": message, "fields": dict(exc.fields)}
-    field, sep, reason = message.partition(":")
-    return {"error": message, "fields": {field: reason.strip()} if sep and field.isidentifier() else {}}
+    return {"error": str(exc), "fields": exc.by_field()}
 
 
 def _first(messages) -> str:

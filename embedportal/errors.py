@@ -12,6 +12,16 @@ class ServiceError(ValueError):
     # Set by errors that name several fields at once (field -> reason); else parsed from "field: reason".
     fields: dict[str, str] | None = None
 
+    def by_field(self) -> dict[str, str]:
+        """{field: reason} this error is about: `fields`, or the "field: reason" of its message, else {}.
+
+        The one parser of that convention, for the API (api_errors) and for forms.
+        """
+        if self.fields is not None:
+            return dict(self.fields)
+        field, sep, reason = str(self).partition(":")
+        return {field: reason.strip()} if sep and field.isidentifier() else {}
+
 
 class NotFoundError(ServiceError):
     """Missing, or not the caller's: one answer for both (HTTP 404)."""
