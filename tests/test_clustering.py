@@ -419,3 +419,20 @@ def test_defaults_are_filled_in():
                                                 "reduction": "pca", "dims": 10, "assign_outliers": False}
     assert runs.clean_params("hdbscan", {"reduction": "none"})["dims"] is None
     assert [runs.auto_min_cluster_size(n) for n in (100, 20_859, 25_000, 1_000_000)] == [10, 31, 38, 500]
+
+
+def test_new_outliers_follow_a_run_that_moved_its_own(grouped, user, tiny_model_dir):
+    # Given an HDBSCAN run that moved its outliers, and a new far-off ticket with a vector
+    run = _fit(grouped, user, "hdbscan", min_cluster_size=5, min_samples=3, dims=5, assign_outliers=True)
+    doc = Document.objects.create(dataset=grouped.dataset, external_key="NEW-1", title="Far away", body="",
+                                  changed_in_version=2)
+    far = np.zeros(32, dtype=np.float32)
+    far[15] = 1.0
+    store_embeddings(model_version=grouped.model_version, doc_ids=[doc.pk], vectors=far[None, :])
+    # When new tickets are assigned, then the predicted outlier is moved too, and marked so
+    job = assignment.start_assignment(run=run, owner=user)
+    assignment.run(job_id=job.pk)
+    job.refresh_from_db()
+    row = ClusterAssignment.objects.get(run=run, document=doc)
+    assert (job.result, row.moved_from_noise, row.cluster is not None, row.source) == (
+        {"assigned": 1, "outliers": 0, "to_assign": 1, "waiting_for_vectors": 0, "moved": 1}, True, True, "assigned")

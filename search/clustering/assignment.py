@@ -127,7 +127,8 @@ def _body(attempt: jobs.Attempt) -> None:
 def _assign_new(attempt: jobs.Attempt, job: ClusterAssignmentJob) -> None:
     """Predict the clusters of the run's dataset's documents that have a vector and no assignment, chunk by chunk.
 
-    Side effects: inserts ClusterAssignment rows (source "assigned"), adds
+    Side effects: inserts ClusterAssignment rows (source "assigned"; an
+    outlier moved to its nearest cluster when the run moved its own), adds
     to the clusters' sizes, clears the run's needs_assignment once no
     document is left waiting for a vector. Each chunk is one fenced transaction.
     """
@@ -140,7 +141,8 @@ def _assign_new(attempt: jobs.Attempt, job: ClusterAssignmentJob) -> None:
     pending = (Embedding.objects.filter(model_version_id=index.model_version_id, document__dataset_id=index.dataset_id)
                .exclude(document_id__in=ClusterAssignment.objects.filter(run=run_).values("document_id")))
     ids = list(pending.order_by("document_id").values_list("document_id", flat=True))
-    assigned = outliers = 0
+    assigned = outliers = moved_total = 0
+    move_outliers = run_.method == ClusteringRun.Method.HDBSCAN and bool(run_.params.get("assign_outliers"))
     attempt.set_phase("assigning new tickets", 0.0)
     for start in range(0, len(ids), ASSIGN_CHUNK):
         attempt.check()
@@ -150,20 +152,25 @@ def _assign_new(attempt: jobs.Attempt, job: ClusterAssignmentJob) -> None:
         doc_ids = np.asarray(chunk, dtype=np.int64)
         vectors = fitting.normalise(np.vstack([np.asarray(rows[d], dtype=np.float32) for d in chunk]))
         found, strengths = fitting.predict(model, vectors)
+        moved = np.zeros(len(chunk), dtype=bool)
+        if move_outliers and (found < 0).any():  # the run moved its own outliers: new ones follow
+            moved = found < 0
+            found[moved], strengths[moved] = fitting.nearest_clusters(model, vectors[moved])
         xy = fitting.project(model, vectors) if "map_mean" in model else np.full((len(chunk), 2), np.nan)
         with transaction.atomic():
             attempt.update(progress=round(start / len(ids), 4),
                            result={"assigned": assigned, "outliers": outliers, "to_assign": len(ids)})
-            _copy_assignments(run_.pk, doc_ids, found, strengths, np.zeros(len(chunk), dtype=bool), xy, cluster_ids,
+            _copy_assignments(run_.pk, doc_ids, found, strengths, moved, xy, cluster_ids,
                               source=ClusterAssignment.Source.ASSIGNED)
             _refresh_sizes(run_.pk)
         assigned += int((found >= 0).sum())
         outliers += int((found < 0).sum())
+        moved_total += int(moved.sum())
     waiting = (Document.objects.filter(dataset_id=index.dataset_id)
                .exclude(pk__in=ClusterAssignment.objects.filter(run=run_).values("document_id")).count())
     with transaction.atomic():
         attempt.update(result={"assigned": assigned, "outliers": outliers, "to_assign": len(ids),
-                               "waiting_for_vectors": waiting})
+                               "waiting_for_vectors": waiting, **({"moved": moved_total} if move_outliers else {})})
         if not waiting:
             ClusteringRun.objects.filter(pk=run_.pk).update(needs_assignment=False)
 

@@ -21,6 +21,8 @@ similarity does and KMeans on them is spherical k-means in all but name.
   the cluster's smallest distance over that distance. scikit-learn keeps
   HDBSCAN's condensed tree private, so where a cluster ends and its
   smallest distance are estimated from the fitted points (_cluster_extent).
+  A new point farther from the PCA subspace than any fitted member is an
+  outlier too (what the reduction drops, HDBSCAN cannot see).
 
 Everything the prediction needs is a dict of arrays saved with np.savez
 (no pickle): `save_model` / `load_model`.
@@ -184,6 +186,13 @@ def fit_hdbscan(
     # sklearn's core distance: distance to the min_samples-th neighbour, the point itself counted first.
     core = NearestNeighbors(n_neighbors=min_samples).fit(points).kneighbors(points)[0][:, -1].astype(np.float32)
     densest, reach = _cluster_extent(points, labels_fit, core, hdb.probabilities_, n_clusters)
+    if "pca_components" in model:
+        # What PCA drops is invisible to HDBSCAN: a new ticket on a topic none of the fitted
+        # ones has lies off the kept subspace but may project near its centre. Its distance
+        # from the subspace beyond every fitted member's makes it an outlier (prediction).
+        residual = _pca_residual(model, vectors[fit_rows])
+        model["pca_residual_limit"] = np.array(float(residual[labels_fit >= 0].max()) if n_clusters else np.inf,
+                                               dtype=np.float32)
     model.update({
         "fit_points": points, "fit_labels": labels_fit, "fit_core": core, "cluster_densest_core": densest,
         "cluster_reach": reach, "min_samples": np.array(min_samples),
@@ -241,6 +250,13 @@ def _centroids(vectors: np.ndarray, labels: np.ndarray, n_clusters: int) -> np.n
     return normalise(sums.astype(np.float32))
 
 
+def _pca_residual(model: dict[str, np.ndarray], vectors: np.ndarray) -> np.ndarray:
+    """Each vector's distance from the PCA subspace (what the reduction drops)."""
+    centred = vectors - model["pca_mean"]
+    kept = (centred @ model["pca_components"].T) @ model["pca_components"]
+    return np.linalg.norm(centred - kept, axis=1)
+
+
 def _predict_reduced_hdbscan(model: dict[str, np.ndarray], reduced: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.neighbors import NearestNeighbors
 
@@ -271,7 +287,11 @@ def predict(model: dict[str, np.ndarray], vectors: np.ndarray) -> tuple[np.ndarr
         similarity = vectors @ model["centroids"].T
         labels = np.argmax(similarity, axis=1).astype(np.int64)
         return labels, similarity[np.arange(len(vectors)), labels].astype(np.float32)
-    return _predict_reduced_hdbscan(model, reduce(model, vectors).astype(np.float32))
+    labels, strengths = _predict_reduced_hdbscan(model, reduce(model, vectors).astype(np.float32))
+    if "pca_residual_limit" in model:
+        off = _pca_residual(model, vectors) > float(model["pca_residual_limit"])
+        labels[off], strengths[off] = NOISE, np.nan
+    return labels, strengths
 
 
 def nearest_clusters(model: dict[str, np.ndarray], vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
