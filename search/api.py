@@ -1,6 +1,7 @@
 """REST API for search indexes, hybrid search, similar tickets and the duplicate finder (owner-scoped)."""
 
-from django.db.models import F, Q
+from django.db.models import BooleanField, F, Q
+from django.db.models.expressions import RawSQL
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import mixins, status, viewsets
@@ -22,7 +23,7 @@ from search.models import (
     Cluster, ClusterAssignment, ClusterAssignmentJob, ClusteringRun, DuplicatePair, IndexJob, SearchIndex,
 )
 from training import api as training_api
-from training.downloads import temporary_file_response
+from training.downloads import csv_attachment, temporary_file_response
 from training.models import Dataset, Document, ModelVersion
 
 
@@ -185,13 +186,26 @@ class DuplicatePairViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, vie
     def get_queryset(self):
         pairs = DuplicatePair.objects.filter(dataset__owner=self.request.user).select_related(
             "document_a", "document_b", "decided_by"
-        )
+        ).annotate(jira_linked=RawSQL(duplicates._JIRA_LINKED_SQL, [], output_field=BooleanField()))
         dataset = self.request.query_params.get("dataset")
+        index = self.request.query_params.get("index")
         decision = self.request.query_params.get("decision")
+        jira = self.request.query_params.get("jira")
         if dataset:
             if not dataset.isdigit():
                 raise ValidationError({"dataset": ["must be a dataset id."]})
             pairs = pairs.filter(dataset_id=int(dataset))
+        if index:
+            # Pairs belong to the index's dataset (a rescan with another version keeps the decisions).
+            found = SearchIndex.objects.filter(owner=self.request.user, pk=int(index)).values_list(
+                "dataset_id", flat=True).first() if index.isdigit() else None
+            if found is None:
+                raise ValidationError({"index": ["No such index of yours."]})
+            pairs = pairs.filter(dataset_id=found)
+        if jira:
+            if jira not in duplicates.JIRA_FILTERS:
+                raise ValidationError({"jira": [f"must be one of {', '.join(duplicates.JIRA_FILTERS)}."]})
+            pairs = pairs.filter(jira_linked=jira == "linked")
         if decision:
             if decision not in DuplicatePair.Decision.values:
                 raise ValidationError({"decision": [f"must be one of {', '.join(DuplicatePair.Decision.values)}."]})
@@ -201,11 +215,33 @@ class DuplicatePairViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, vie
     @extend_schema(
         parameters=[
             OpenApiParameter("dataset", int),
+            OpenApiParameter("index", int, description="Pairs of this index's dataset"),
             OpenApiParameter("decision", str, enum=list(DuplicatePair.Decision.values)),
+            OpenApiParameter("jira", str, enum=list(duplicates.JIRA_FILTERS),
+                             description="Pairs Jira (or a links CSV) already links as duplicates, or the others"),
         ]
     )
     def list(self, request, *args, **kwargs):
         return super().list(request, *args, **kwargs)
+
+    @extend_schema(summary="Reviewed pairs of a dataset as CSV (?dataset= or ?index=; ?decision= for one verdict)",
+                   parameters=[OpenApiParameter("dataset", int), OpenApiParameter("index", int),
+                               OpenApiParameter("decision", str, enum=[*DuplicatePair.Decision.values])],
+                   responses={(200, "text/csv"): str})
+    @action(detail=False, methods=["get"])
+    def export(self, request):
+        params = request.query_params
+        index = SearchIndex.objects.filter(owner=request.user, pk=params["index"]).first() if params.get(
+            "index", "").isdigit() else None
+        dataset_id = index.dataset_id if index else params.get("dataset", "")
+        dataset = Dataset.objects.filter(owner=request.user, pk=dataset_id).first() if str(dataset_id).isdigit() else None
+        if dataset is None:
+            raise ValidationError({"dataset": ["Give ?dataset= or ?index= of yours."]})
+        decision = params.get("decision") or None
+        if decision is not None and decision not in DuplicatePair.Decision.values:
+            raise ValidationError({"decision": [f"must be one of {', '.join(DuplicatePair.Decision.values)}."]})
+        return csv_attachment(duplicates.export_csv(dataset=dataset, decision=decision),
+                              f"{dataset.name}-duplicate-decisions.csv")
 
     @extend_schema(summary="Mark a pair as duplicate / not duplicate (pending undoes)",
                    request=serializers.DuplicateDecisionSerializer, responses={200: serializers.DuplicatePairSerializer})

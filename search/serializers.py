@@ -184,10 +184,13 @@ class DuplicatePairSerializer(serializers.ModelSerializer):
     document_a = DocumentBriefSerializer(read_only=True)
     document_b = DocumentBriefSerializer(read_only=True)
     decided_by = serializers.CharField(source="decided_by.username", read_only=True, default=None)
+    jira_linked = serializers.BooleanField(read_only=True, default=False,
+                                           help_text="Jira (or a links CSV) already links the two as duplicates")
 
     class Meta:
         model = DuplicatePair
-        fields = ["id", "document_a", "document_b", "similarity", "decision", "decided_by", "decided_at"]
+        fields = ["id", "document_a", "document_b", "similarity", "decision", "decided_by", "decided_at",
+                  "jira_linked"]
         read_only_fields = fields
 
 

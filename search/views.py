@@ -26,7 +26,7 @@ from search.filters import FILTERS, filter_options
 from search.models import (
     Cluster, ClusterAssignment, ClusterAssignmentJob, ClusteringRun, DuplicatePair, IndexJob, SearchIndex,
 )
-from training.downloads import temporary_file_response
+from training.downloads import csv_attachment, temporary_file_response
 from training.models import Dataset, Document, ModelVersion
 from training.registry import production_version
 
@@ -279,16 +279,49 @@ def tune_fusion(request: HttpRequest, index_pk: int) -> HttpResponse:
 def duplicates_page(request: HttpRequest, index_pk: int) -> HttpResponse:
     index = get_object_or_404(_indexes(request), pk=index_pk)
     decision = request.GET.get("decision", DuplicatePair.Decision.PENDING)
-    if decision not in DuplicatePair.Decision.values and decision != "all":
+    if decision not in DuplicatePair.Decision.values and decision not in ("all", "jira"):
         decision = DuplicatePair.Decision.PENDING
-    pairs = duplicates.duplicate_pairs(dataset=index.dataset, decision=None if decision == "all" else decision)
+    groups = []
+    # Pairs Jira already links as duplicates have their own tab instead of waiting as "Not reviewed".
+    if decision == "jira":
+        pairs = duplicates.duplicate_pairs(dataset=index.dataset, jira="linked")
+    elif decision == DuplicatePair.Decision.PENDING:
+        # Near-identical tickets are one group with one decision, not every pair among them.
+        groups = duplicates.near_identical_groups(dataset=index.dataset)
+        pairs = duplicates.duplicate_pairs(dataset=index.dataset, decision=decision, jira="not_linked").exclude(
+            pk__in=[pk for group in groups for pk in group.pair_ids])
+    else:
+        pairs = duplicates.duplicate_pairs(dataset=index.dataset, decision=None if decision == "all" else decision)
     page = Paginator(pairs, DUPLICATES_PER_PAGE).get_page(request.GET.get("page"))
     scan = duplicates.latest_scan(index=index)
     context = {
         "index": index, "page": page, "decision": decision, "decisions": DuplicatePair.Decision.choices, "scan": scan,
+        "groups": groups, "near_identical": duplicates.NEAR_IDENTICAL,
         "default_threshold": (scan.params.get("threshold") if scan else None) or duplicates.DEFAULT_DUPLICATE_THRESHOLD,
     }
     return render(request, "search/duplicates.html", context)
+
+
+@login_required
+@require_POST
+def duplicate_group_decide(request: HttpRequest, index_pk: int) -> HttpResponse:
+    """One verdict on every pair of a near-identical group (the pair ids the page listed)."""
+    index = get_object_or_404(_indexes(request), pk=index_pk)
+    ids = [int(v) for v in request.POST.getlist("pair") if v.isdigit()]
+    try:
+        count = duplicates.decide_group(dataset=index.dataset, pair_ids=ids, decision=request.POST.get("decision", ""),
+                                        user=request.user)
+        messages.success(request, f"{count} pairs decided.")
+    except ServiceError as exc:
+        messages.error(request, str(exc))
+    return redirect("search_duplicates", index_pk=index.pk)
+
+
+@login_required
+def duplicates_export(request: HttpRequest, index_pk: int) -> HttpResponse:
+    """The reviewed pairs of the index's dataset as CSV (the API's /api/duplicates/export/ writes the same)."""
+    index = get_object_or_404(_indexes(request), pk=index_pk)
+    return csv_attachment(duplicates.export_csv(dataset=index.dataset), f"{index.dataset.name}-duplicate-decisions.csv")
 
 
 @login_required
@@ -336,6 +369,8 @@ def duplicate_decide(request: HttpRequest, pk: int) -> HttpResponse:
     else:
         messages.error(request, "Choose duplicate or not a duplicate.")
     if request.headers.get("HX-Request"):
+        # Read again with its Jira-link mark, so the swapped row shows what the page showed.
+        pair = duplicates.duplicate_pairs(dataset=pair.dataset).get(pk=pair.pk)
         return render(request, "search/partials/duplicate_row.html", {"pair": pair})
     back = request.POST.get("next", "")
     return redirect(back if back.startswith("/search/duplicates/") else reverse("search"))

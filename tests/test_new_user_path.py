@@ -230,3 +230,95 @@ def test_document_api_returns_ticket_by_key(api, keyed):
          {"type": "relates", "key": "YARN-1", "document": None}])
     missing = api.get(f"/api/datasets/{keyed.dataset_id}/documents/HDFS-1/")
     assert (missing.status_code, missing.json()["error"]) == (404, "No ticket HDFS-1 in this dataset.")
+
+
+# --- Duplicate review (issue 16, "Duplicate review that a team can work through") ---------------------
+
+
+def _pairs(keyed: SearchIndex):
+    """Two pairs of the keyed dataset: HDFS-6602/HDFS-7000 (Jira links them) and HDFS-6602/HDFS-7001."""
+    from search.models import DuplicatePair
+
+    _link_tickets(keyed)
+    docs = {d.external_key: d for d in Document.objects.filter(dataset=keyed.dataset)}
+    linked = DuplicatePair.objects.create(dataset=keyed.dataset, document_a=docs["HDFS-6602"],
+                                          document_b=docs["HDFS-7000"], similarity=0.97)
+    other = DuplicatePair.objects.create(dataset=keyed.dataset, document_a=docs["HDFS-6602"],
+                                         document_b=docs["HDFS-7001"], similarity=0.91)
+    return linked, other
+
+
+def test_duplicates_api_filters_by_index_and_jira_link(api, user, keyed, tiny_model_dir):
+    from search.models import DuplicatePair
+
+    linked, other = _pairs(keyed)
+    # Given a second dataset's index with a pair of its own
+    second = Dataset.objects.create(owner=user, name="second")
+    a, b = Document.objects.bulk_create([Document(dataset=second, external_key=k, title=k) for k in ("X-1", "X-2")])
+    DuplicatePair.objects.create(dataset=second, document_a=a, document_b=b, similarity=0.99)
+    second_index = SearchIndex.objects.create(owner=user, dataset=second, model_version=keyed.model_version)
+    # When the list is filtered by index, then only that index's dataset's pairs come back
+    body = api.get("/api/duplicates/", {"index": keyed.pk}).json()
+    assert [(p["id"], p["jira_linked"]) for p in body["results"]] == [(linked.pk, True), (other.pk, False)]
+    assert [p["document_a"]["key"] for p in api.get("/api/duplicates/", {"index": second_index.pk}).json()[
+        "results"]] == ["X-1"]
+    # And by Jira link
+    assert [p["id"] for p in api.get("/api/duplicates/", {"index": keyed.pk, "jira": "not_linked"}).json()[
+        "results"]] == [other.pk]
+    assert [p["id"] for p in api.get("/api/duplicates/", {"jira": "linked"}).json()["results"]] == [linked.pk]
+    bad = api.get("/api/duplicates/", {"index": 999999})
+    assert (bad.status_code, bad.json()["fields"]) == (400, {"index": "No such index of yours."})
+
+
+def test_duplicates_page_puts_jira_linked_pairs_apart_and_shows_both_texts(web, keyed):
+    linked, other = _pairs(keyed)
+    pending = web.get(f"/search/duplicates/{keyed.pk}").content.decode()
+    assert (f'id="pair-{other.pk}"' in pending, f'id="pair-{linked.pk}"' in pending) == (True, False)
+    assert "<div class=\"snippet\">Moves blocks slowly</div>" in pending
+    jira = web.get(f"/search/duplicates/{keyed.pk}", {"decision": "jira"}).content.decode()
+    assert f'id="pair-{linked.pk}"' in jira and '<span class="badge ok">linked in Jira</span>' in jira
+
+
+def test_duplicate_decisions_export_as_csv_from_page_and_api(api, web, user, keyed):
+    from search import duplicates
+
+    linked, other = _pairs(keyed)
+    duplicates.decide_duplicate(pair=other, decision="not_duplicate", user=user)
+    page = b"".join(web.get(f"/search/duplicates/{keyed.pk}/export.csv").streaming_content).decode()
+    lines = page.splitlines()
+    assert lines[0] == "key_a,title_a,key_b,title_b,similarity,decision,linked_in_jira,decided_by,decided_at"
+    assert lines[1].startswith("HDFS-6602,PendingDeletionBlocks metric is wrong,HDFS-7001,Balancer too slow,"
+                               "0.9100,not_duplicate,no,alice,")
+    assert len(lines) == 2  # pending pairs are not decisions
+    response = api.get("/api/duplicates/export/", {"index": keyed.pk})
+    assert b"".join(response.streaming_content).decode() == page
+
+
+def test_six_same_titled_tickets_give_one_group_not_fifteen_pairs(web, user, keyed):
+    from itertools import combinations
+
+    from search.models import DuplicatePair
+
+    # Given six tickets filed with the same title, all 15 pairs found at 0.99, and one ordinary pair
+    docs = Document.objects.bulk_create([
+        Document(dataset=keyed.dataset, external_key=f"HDFS-90{i}", title="Build fails on trunk") for i in range(6)])
+    for a, b in combinations(docs, 2):
+        DuplicatePair.objects.create(dataset=keyed.dataset, document_a=a, document_b=b, similarity=0.99)
+    balancer, metric = (Document.objects.get(dataset=keyed.dataset, external_key=k) for k in ("HDFS-7001", "HDFS-6602"))
+    single = DuplicatePair.objects.create(dataset=keyed.dataset, document_a=metric, document_b=balancer,
+                                          similarity=0.93)
+    groups = duplicates_groups(keyed)
+    assert [(len(g.documents), len(g.pair_ids)) for g in groups] == [(6, 15)]
+    html = web.get(f"/search/duplicates/{keyed.pk}").content.decode()
+    assert html.count('<tr id="pair-') == 1 and f'id="pair-{single.pk}"' in html
+    assert "<strong>6 tickets</strong> · 15 pairs" in html
+    # When the group is decided at once, then its 15 pairs are duplicates and the group is gone
+    web.post(f"/search/duplicates/{keyed.pk}/group", {"pair": groups[0].pair_ids, "decision": "duplicate"})
+    assert DuplicatePair.objects.filter(decision="duplicate").count() == 15
+    assert duplicates_groups(keyed) == []
+
+
+def duplicates_groups(index: SearchIndex):
+    from search import duplicates
+
+    return duplicates.near_identical_groups(dataset=index.dataset)

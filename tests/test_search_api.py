@@ -206,8 +206,8 @@ def test_similar_page_lists_neighbours(web, index):
 @pytest.mark.parametrize("n", [1, 3])
 def test_duplicates_page_query_count_is_flat(web, index, n, django_assert_num_queries):
     _pairs(index, n)
-    # session, user, index, latest scan job, count, page of pairs (documents joined)
-    with django_assert_num_queries(6):
+    # session, user, index, near-identical groups, latest scan job, count, page of pairs (documents joined)
+    with django_assert_num_queries(7):
         html = web.get(f"/search/duplicates/{index.pk}").content.decode()
     assert html.count('<tr id="pair-') == n
 
