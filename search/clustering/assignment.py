@@ -156,7 +156,7 @@ def _assign_new(attempt: jobs.Attempt, job: ClusterAssignmentJob) -> None:
         if move_outliers and (found < 0).any():  # the run moved its own outliers: new ones follow
             moved = found < 0
             found[moved], strengths[moved] = fitting.nearest_clusters(model, vectors[moved])
-        xy = fitting.project(model, vectors) if "map_mean" in model else np.full((len(chunk), 2), np.nan)
+        xy = fitting.project(model, vectors) if "map_matrix" in model else np.full((len(chunk), 2), np.nan)
         with transaction.atomic():
             attempt.update(progress=round(start / len(ids), 4),
                            result={"assigned": assigned, "outliers": outliers, "to_assign": len(ids)})

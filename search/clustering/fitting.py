@@ -304,14 +304,33 @@ def nearest_clusters(model: dict[str, np.ndarray], vectors: np.ndarray) -> tuple
 # --- The 2-D map -------------------------------------------------------------------------
 
 
-def fit_map(vectors: np.ndarray, *, seed: int) -> dict[str, np.ndarray]:
-    """A 2-D projection (PCA) of the vectors, as arrays stored with the model: new tickets get a place too."""
-    arrays = fit_pca(vectors, dims=2, seed=seed)
-    return {"map_mean": arrays["pca_mean"], "map_components": arrays["pca_components"]}
+def fit_map(vectors: np.ndarray, labels: np.ndarray, *, seed: int) -> dict[str, np.ndarray]:
+    """A 2-D projection for the map, as an affine map stored with the model (new tickets get a place too).
+
+    Linear discriminant analysis on the clustered rows: of all linear 2-D
+    views, the one that best separates the clusters (PCA's first two
+    components showed one round blob with the clusters mixed through it).
+    Distances on the map are not similarities; colours are the truth. Under
+    three clusters (LDA has at most clusters - 1 axes) it falls back to PCA.
+    """
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    member = labels >= 0
+    if len(set(labels[member].tolist())) >= 3:
+        rows = np.flatnonzero(member)[sample_rows(int(member.sum()), 50_000, seed)]
+        lda = LinearDiscriminantAnalysis(n_components=2, solver="eigen", shrinkage="auto").fit(
+            vectors[rows], labels[rows])
+        offset = lda.transform(np.zeros((1, vectors.shape[1]), dtype=np.float64))[0]
+        matrix = lda.transform(np.eye(vectors.shape[1], dtype=np.float64)) - offset
+    else:
+        arrays = fit_pca(vectors, dims=2, seed=seed)
+        matrix = arrays["pca_components"].T.astype(np.float64)
+        offset = -(arrays["pca_mean"].astype(np.float64) @ matrix)
+    return {"map_matrix": matrix.astype(np.float32), "map_offset": offset.astype(np.float32)}
 
 
 def project(model: dict[str, np.ndarray], vectors: np.ndarray) -> np.ndarray:
-    return (normalise(vectors) - model["map_mean"]) @ model["map_components"].T
+    return normalise(vectors) @ model["map_matrix"] + model["map_offset"]
 
 
 # --- The artifact -------------------------------------------------------------------------

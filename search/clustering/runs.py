@@ -307,7 +307,7 @@ def _fit(attempt: jobs.Attempt) -> None:
     lap("label")
 
     attempt.set_phase("drawing the map", 0.8)
-    model.update(fitting.fit_map(vectors, seed=seed))
+    model.update(fitting.fit_map(vectors, labels_, seed=seed))
     drawn = fitting.sample_rows(len(doc_ids), MAP_POINTS, seed)
     xy = np.full((len(doc_ids), 2), np.nan, dtype=np.float32)
     xy[drawn] = fitting.project(model, vectors[drawn])
