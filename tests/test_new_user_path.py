@@ -322,3 +322,38 @@ def duplicates_groups(index: SearchIndex):
     from search import duplicates
 
     return duplicates.near_identical_groups(dataset=index.dataset)
+
+
+# --- Imports that explain themselves (issue 16) -------------------------------------------------------
+
+PNG_HEAD = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x10"
+
+
+def test_png_renamed_csv_is_refused_saying_what_it_is(user, tmp_path):
+    from embedportal.errors import ServiceError
+
+    path = tmp_path / "export.csv"
+    path.write_bytes(PNG_HEAD + bytes(range(256)) * 4)
+    with pytest.raises(ServiceError) as caught:
+        datasets.import_dataset(owner=user, name="picture", path=path, filename="export.csv")
+    assert str(caught.value) == ("export.csv: this looks like a PNG image, not a CSV export. "
+                                 "Upload a Jira export (CSV, JSON or JSONL; plain, gzip or zip).")
+    assert Dataset.objects.count() == 0
+
+
+def test_png_preview_is_refused_before_any_column_mapping(web, tmp_path):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    upload = SimpleUploadedFile("export.csv", PNG_HEAD + b"\x00" * 64, content_type="text/csv")
+    response = web.post("/api/datasets/preview/", {"file": upload})
+    assert "this looks like a PNG image, not a CSV export" in response.content.decode()
+
+
+def test_links_cell_with_several_ids_becomes_several_links(user, tmp_path, imported):
+    path = tmp_path / "links.csv"
+    path.write_text('Issue id,Duplicate id\n13404344,"13404345, 13404346"\n13404345,99999999\n')
+    version = datasets.import_links(dataset=imported, path=path, filename="links.csv")
+    first = Document.objects.get(dataset=imported, external_key="13404344")
+    assert [link["key"] for link in first.metadata["extra_links"]] == ["13404345", "13404346"]
+    # One row read and accepted whole, one rejected whole: read = accepted + rejected
+    assert (version.report["rows_read"], version.report["rows_accepted"], version.report["rows_rejected"]) == (2, 1, 1)

@@ -212,7 +212,7 @@ def import_links(
         links = list(upload.documents)
     except importers.UploadError as exc:
         raise ServiceError(str(exc)) from exc
-    keys = {link.key for link in links} | {link.other for link in links}
+    keys = {link.key for link in links} | {other for link in links for other in (link.others or (link.other,))}
     with transaction.atomic():
         locked = Dataset.objects.select_for_update().get(pk=dataset.pk)
         docs = {d.external_key: d for d in Document.objects.filter(dataset=locked, external_key__in=keys)}
@@ -222,21 +222,24 @@ def import_links(
         touched: dict[int, Document] = {}
         added = 0
         for link in links:
-            missing = [(value, name) for value, name in ((link.key, link.key_field), (link.other, link.other_field))
-                       if value not in docs]
+            others = link.others or (link.other,)
+            # A row is accepted whole or rejected whole, so rows read = accepted + rejected still holds.
+            missing = [(value, name) for value, name in ((link.key, link.key_field),
+                                                         *((o, link.other_field) for o in others)) if value not in docs]
             if missing:
                 report.reject(row=link.row, key=link.key, field_name=missing[0][1],
                               reason=f"no ticket {missing[0][0]!r} in dataset {locked.name}")
                 continue
-            report.accept(title=link.key, body=link.other)
-            for doc, other, direction in ((docs[link.key], docs[link.other], "outward"),
-                                          (docs[link.other], docs[link.key], "inward")):
-                entry = {"type": "Duplicate", "direction": direction, "key": other.external_key}
-                extra = doc.metadata.setdefault("extra_links", [])
-                if entry not in extra and entry not in doc.metadata.get("links", []):
-                    extra.append(entry)
-                    touched[doc.pk] = doc
-                    added += 1
+            report.accept(title=link.key, body=", ".join(others))
+            for other_key in others:
+                for doc, other, direction in ((docs[link.key], docs[other_key], "outward"),
+                                              (docs[other_key], docs[link.key], "inward")):
+                    entry = {"type": "Duplicate", "direction": direction, "key": other.external_key}
+                    extra = doc.metadata.setdefault("extra_links", [])
+                    if entry not in extra and entry not in doc.metadata.get("links", []):
+                        extra.append(entry)
+                        touched[doc.pk] = doc
+                        added += 1
         if report.rows_accepted == 0:
             first = report.errors[0] if report.errors else {}
             raise ServiceError(f"{filename}: no usable link (first problem: row {first.get('row')}, "
@@ -318,9 +321,10 @@ def preview_file(
         try:
             if upload.format == "jira_links":
                 for link in upload.documents:
-                    report.accept(title=link.key, body=link.other)
+                    others = ", ".join(link.others or (link.other,))
+                    report.accept(title=link.key, body=others)
                     if len(sample) < rows:
-                        sample.append({"row": link.row, "key": link.key, "title": link.key, "body": link.other,
+                        sample.append({"row": link.row, "key": link.key, "title": link.key, "body": others,
                                        "metadata": {}})
             else:
                 for staged in importers.validate_rows(upload.documents, report):

@@ -197,6 +197,12 @@ class LinkRow:
     other: str
     key_field: str
     other_field: str
+    # Every id of the duplicate cell: "13547000, 13396667" names two duplicates of one issue.
+    others: tuple[str, ...] = ()
+
+
+# Separators of several ids in one duplicate cell (Jira's exports join them with ", ").
+_IDS = re.compile(r"[\s,;|]+")
 
 
 def is_links_header(lowered: list[str]) -> bool:
@@ -216,7 +222,8 @@ def links_rows(header: list[str], rows, report: ImportReport) -> Iterator[LinkRo
         if not key or not other:
             report.reject(row=row, key=key, field_name=header[a] if not key else header[b], reason="empty")
             continue
-        if key == other:
+        others = tuple(dict.fromkeys(i for i in _IDS.split(other) if i))
+        if key in others:
             report.reject(row=row, key=key, field_name=header[b], reason="an issue cannot duplicate itself")
             continue
-        yield LinkRow(row, key, other, header[a], header[b])
+        yield LinkRow(row, key, others[0], header[a], header[b], others)

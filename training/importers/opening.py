@@ -116,6 +116,33 @@ def declared_expanded_size(source: Path | IO[bytes]) -> int | None:
             fh.seek(start)
 
 
+# Files people upload by mistake, by their first bytes: said plainly instead of a column mapping built from
+# binary. Only signatures no text export starts with (a CSV may start with "MZ", none with "\x89PNG").
+BINARY_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"GIF87a", "a GIF image"),
+    (b"GIF89a", "a GIF image"),
+    (b"%PDF-", "a PDF document"),
+    (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "an old Excel or Word file (.xls, .doc)"),
+    (b"SQLite format 3\x00", "an SQLite database"),
+    (b"\x7fELF", "a program (ELF executable)"),
+    (b"BZh", "a bzip2 archive"),
+    (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive"),
+    (b"Rar!\x1a\x07", "a RAR archive"),
+    (b"\x28\xb5\x2f\xfd", "a zstd archive"),
+    (b"\xfd7zXZ\x00", "an xz archive"),
+)
+_FORMATS = "a Jira export (CSV, JSON or JSONL; plain, gzip or zip)"
+
+
+def refuse_binary(head: bytes, filename: str) -> None:
+    """UploadError naming what the file looks like when its first bytes are a known binary format's."""
+    for signature, what in BINARY_SIGNATURES:
+        if head.startswith(signature):
+            raise UploadError(f"{filename}: this looks like {what}, not a CSV export. Upload {_FORMATS}.")
+
+
 def open_payload(path: Path, filename: str, max_bytes: int | None = None) -> IO[bytes]:
     """Open a plain, gzip or zip file as a buffered binary stream of its (first) payload.
 
@@ -124,9 +151,10 @@ def open_payload(path: Path, filename: str, max_bytes: int | None = None) -> IO[
     raises UploadError naming the file.
     """
     with open(path, "rb") as fh:
-        head = fh.read(4)
+        head = fh.read(16)
     if not head:
         raise UploadError(f"{filename}: the file is empty. Upload an export with at least one row.")
+    refuse_binary(head, filename)
     size = path.stat().st_size
     if head.startswith(GZIP_MAGIC):
         raw = gzip.open(path, "rb")
@@ -149,6 +177,11 @@ def _open_zip_member(path: Path, filename: str, max_bytes: int | None = None) ->
     if not members:
         archive.close()
         raise UploadError(f"{filename}: the zip archive holds no file. Put the export file in it.")
+    if any(m.filename.startswith(("xl/", "word/", "ppt/")) for m in members):
+        archive.close()
+        what = "an Excel workbook" if any(m.filename.startswith("xl/") for m in members) else "an Office document"
+        raise UploadError(f"{filename}: this looks like {what}, not a CSV export. Save it as CSV (UTF-8) and "
+                          "upload that.")
     member = members[0]
     if member.compress_size and member.file_size / member.compress_size > MAX_ZIP_RATIO:
         archive.close()
