@@ -137,7 +137,7 @@ def test_qa_upload_detects_kind_and_stores_group_label(api):
     assert response.status_code == 201, response.content
     body = response.json()
     assert (body["kind"], body["document_count"]) == ("qa", 1486)
-    assert (body["import_report"]["duplicates"], body["import_report"]["rows_rejected"]) == (278, 1)
+    assert (body["import_report"]["duplicates"], body["import_report"]["rows_rejected"]) == (277, 1)
     doc = Document.objects.filter(dataset_id=body["id"]).order_by("id").first()
     assert doc.metadata == {"label": "security"}
 

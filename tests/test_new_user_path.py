@@ -357,3 +357,16 @@ def test_links_cell_with_several_ids_becomes_several_links(user, tmp_path, impor
     assert [link["key"] for link in first.metadata["extra_links"]] == ["13404345", "13404346"]
     # One row read and accepted whole, one rejected whole: read = accepted + rejected
     assert (version.report["rows_read"], version.report["rows_accepted"], version.report["rows_rejected"]) == (2, 1, 1)
+
+
+def test_qa_import_accounts_for_every_row(user, tmp_path):
+    # Given a Q&A file: one question answered twice the same way, once differently, and an empty answer
+    path = tmp_path / "faq.csv"
+    path.write_text("id,question,answer\n1,Reset password?,Use the link\n1,Reset password?,Use the link\n"
+                    "1,Reset password?,Call us\n2,Open account?,\n3,Close account?,Write to us\n")
+    dataset = datasets.import_dataset(owner=user, name="faq", path=path, filename="faq.csv")
+    report = dataset.versions.get().report
+    # Then read = accepted + rejected + merged, and each merged or rejected row is listed with its reason
+    assert (report["rows_read"], report["rows_accepted"], report["rows_rejected"], report["rows_merged"]) == (5, 2, 2, 1)
+    assert report["merged"] == [{"row": 2, "key": "1", "reason": "the same as row 1: merged into it"}]
+    assert [(e["row"], e["field"]) for e in report["errors"]] == [(3, "key"), (4, "answer")]

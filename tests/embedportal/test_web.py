@@ -7,7 +7,7 @@ from django.conf import settings
 
 from training.models import Dataset, Document, ModelVersion, TrainingRun
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_dashboard_requires_login(client):

@@ -22,7 +22,7 @@ from django.core.exceptions import ValidationError
 
 from embedportal.launcher import local_http_env
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LOCKOUT_MESSAGE = "Too many failed logins; try again in 15 minutes."
 # A database no test reaches: settings skip the embedded PostgreSQL when DATABASE_URL is set,
 # and neither `check --deploy` nor reading settings opens a connection.
