@@ -193,7 +193,8 @@ def hybrid_search(
         ranked = [(key_id, top)] + [(d, score) for d, score in ranked if d != key_id]
         identifier_ids = identifier_ids | {key_id}
     response.total = min(len(ranked), MAX_RESULT_DEPTH)
-    response.total_capped = len(ranked) > MAX_RESULT_DEPTH
+    # The vector side stops at its candidates: a full list means more documents lie beyond it.
+    response.total_capped = len(ranked) > MAX_RESULT_DEPTH or (mode != "keyword" and len(vector) >= candidates)
     response.has_more = len(ranked) > depth
     ranked = ranked[offset:depth]
     response.hits = _hits(index, query, ranked, keyword, vector, identifier_ids)

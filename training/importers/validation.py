@@ -89,7 +89,10 @@ class ImportReport:
     rows_read: int = 0
     rows_accepted: int = 0
     rows_rejected: int = 0
+    # Rows merged into an earlier row with the same key and the same content (an exact repeat):
+    # rows_read = rows_accepted + rows_rejected + duplicates. `merged` lists the first of them.
     duplicates: int = 0
+    merged: list[dict[str, Any]] = field(default_factory=list)
     empty_bodies: int = 0
     errors: list[dict[str, Any]] = field(default_factory=list)
     all_errors: list[dict[str, Any]] = field(default_factory=list)
@@ -121,6 +124,12 @@ class ImportReport:
             self.all_errors.append(error)
         else:
             self.errors_not_stored += 1
+
+    def merge(self, *, row: int, key: str, first_row: int) -> None:
+        """Count a row that repeats an earlier one exactly (merged into it), listing the first few with why."""
+        self.duplicates += 1
+        if len(self.merged) < MAX_REPORTED_ERRORS:
+            self.merged.append({"row": row, "key": key, "reason": f"the same as row {first_row}: merged into it"})
 
     def accept(self, *, title: str, body: str) -> None:
         self.rows_accepted += 1
@@ -163,6 +172,8 @@ class ImportReport:
             "rows_accepted": self.rows_accepted,
             "rows_rejected": self.rows_rejected,
             "duplicates": self.duplicates,
+            "rows_merged": self.duplicates,
+            "merged": self.merged,
             "empty_bodies": self.empty_bodies,
             "text_length": self.length_distribution(),
             "errors": self.errors,
@@ -256,13 +267,14 @@ def validate_rows(documents: Iterable[ParsedDocument], report: ImportReport) -> 
         digest = content_hash(key, title, body, metadata_json)
         packed = (int(digest[:15], 16) << 32) | (doc.row & 0xFFFFFFFF)
         if key in first_row:
-            report.duplicates += 1
             first = first_row[key] & 0xFFFFFFFF
             if first_row[key] >> 32 != packed >> 32:
                 # Same key, other content: which one is right is the user's call, so say so.
                 report.reject(row=doc.row, key=key, field_name="key",
                               reason=f"duplicate key with different content (first seen in row {first}); "
                                      "this row was skipped")
+            else:  # an exact repeat: counted and listed as merged, never dropped silently
+                report.merge(row=doc.row, key=key, first_row=first)
             continue
         first_row[key] = packed
         report.accept(title=title, body=body)
