@@ -162,6 +162,10 @@ def test_default_schedule_is_daily_at_two_in_the_server_zone(api, dataset, setti
         True, "2", "0", "*", settings.TIME_ZONE, True)
     assert (body["start_from"], body["margin"], body["tolerance"], body["webhook_host"]) == ("production", 0.0, 0.01,
                                                                                              "")
+    assert body["hyperparameters"] == {}
+    tuned = api.put(f"/api/datasets/{dataset.pk}/retraining/", {"hyperparameters": {"max_steps": "200"}},
+                    format="json")
+    assert tuned.json()["hyperparameters"] == {"max_steps": 200}  # what was set, parsed; the rest stay defaults
     assert datetime.fromisoformat(body["next_run_at"]).astimezone(ZoneInfo(settings.TIME_ZONE)).strftime("%H:%M") == \
         "02:00"
     assert PeriodicTask.objects.get(name=f"retrain-schedule-{RetrainSchedule.objects.get().pk}").enabled

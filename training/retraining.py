@@ -159,9 +159,11 @@ def save_schedule(
                                "(start_from=production); give a base model here.")
         base_model = runs.check_base_model(owner=owner, name=base_model)
     try:
-        hyper = parse_hyperparameters(hyperparameters or {}).as_dict()
+        checked = parse_hyperparameters(hyperparameters or {}).as_dict()
     except HyperparameterError as exc:
         raise ServiceError(f"hyperparameters: {exc}") from None
+    # Only what was set, as parsed: the rest follow the product's defaults when they change.
+    hyper = {name: checked[name] for name in (hyperparameters or {}) if name in checked}
     margin = settings.RETRAIN_MARGIN if margin is None else float(margin)
     tolerance = settings.RETRAIN_TOLERANCE if tolerance is None else float(tolerance)
     if not -1.0 <= margin <= 1.0:
