@@ -20,6 +20,7 @@ BENCHES["train-speed"] = "bench.train_speed"
 BENCHES["embed"] = "bench.embed"
 BENCHES["chaos"] = "bench.chaos"
 BENCHES["cluster"] = "bench.cluster"
+BENCHES["retrain"] = "bench.retrain"
 
 
 def main(argv: list[str] | None = None) -> int:
