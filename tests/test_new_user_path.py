@@ -370,3 +370,29 @@ def test_qa_import_accounts_for_every_row(user, tmp_path):
     assert (report["rows_read"], report["rows_accepted"], report["rows_rejected"], report["rows_merged"]) == (5, 2, 2, 1)
     assert report["merged"] == [{"row": 2, "key": "1", "reason": "the same as row 1: merged into it"}]
     assert [(e["row"], e["field"]) for e in report["errors"]] == [(3, "key"), (4, "answer")]
+
+
+def test_links_import_names_its_file_and_shows_link_figures_only(web, user, tmp_path, imported):
+    path = tmp_path / "links.csv"
+    path.write_text("Issue id,Duplicate id\n13404344,13404345\n")
+    datasets.import_links(dataset=imported, path=path, filename="links.csv")
+    html = web.get(f"/datasets/{imported.pk}/").content.decode()
+    assert "From <code>links.csv</code>" in html
+    assert "<tr><th>Links added</th><td>1</td></tr>" in html
+    assert "Text length" not in html and "Empty bodies" not in html
+
+
+def test_upload_error_on_page_has_no_internal_prefix(web):
+    import re
+
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from embedportal.errors import ServiceError
+    from training.views import _readable
+
+    upload = SimpleUploadedFile("faq.csv", b"id,question,answer\n", content_type="text/csv")
+    html = web.post("/datasets/", {"name": "empty", "file": upload}).content.decode()
+    assert re.findall(r"<ul class=\"errorlist\"><li>(.*?)</li>", html) == [
+        "faq.csv: the file has a header row (id, question, answer) but no data rows."]
+    # The API's "field:" prefix is for the API's `fields`; a page shows the sentence
+    assert _readable(ServiceError("mapping: no column 'Body' in the file.")) == "No column 'Body' in the file."

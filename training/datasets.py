@@ -263,7 +263,8 @@ def import_links(
             rejected_rows=report.all_errors,
         )
         locked.import_report = summary
-        locked.save(update_fields=["import_report"])
+        locked.source_filename = filename[:255]  # "Last import" names the links file, whose report it shows
+        locked.save(update_fields=["import_report", "source_filename"])
     dataset.refresh_from_db()
     return version
 

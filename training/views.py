@@ -69,7 +69,7 @@ def _dataset_list(request: HttpRequest, limiter) -> HttpResponse:
             else:
                 dataset = datasets.import_upload(owner=request.user, upload=data["file"], **options)
         except ServiceError as exc:
-            form.add_error(None, str(exc))
+            form.add_error(None, _readable(exc))
         else:
             if preview is None:
                 report = dataset.import_report
@@ -172,7 +172,7 @@ def dataset_detail(request: HttpRequest, pk: int) -> HttpResponse:
             for name, message in exc.errors.items():
                 form.add_error(name if name in form.fields else None, message)
         except ServiceError as exc:
-            form.add_error(None, str(exc))
+            form.add_error(None, _readable(exc))
         else:
             messages.success(request, f"Training run #{run.pk} queued.")
             return redirect("run_detail", pk=run.pk)
@@ -231,7 +231,7 @@ def _dataset_upload(request: HttpRequest, pk: int, limiter) -> HttpResponse:
                                                strict=upload_form.cleaned_data["strict"],
                                                mapping=upload_form.mapping())
         except ServiceError as exc:
-            upload_form.add_error(None, str(exc))
+            upload_form.add_error(None, _readable(exc))
         else:
             messages.success(
                 request,
@@ -268,7 +268,7 @@ def dataset_pairs(request: HttpRequest, pk: int) -> HttpResponse:
         try:
             result = pairs.preview_pairs(dataset=dataset, **form.options())
         except ValueError as exc:
-            form.add_error(None, str(exc))
+            form.add_error(None, _readable(exc))
     return render(request, "training/dataset_pairs.html", {"dataset": dataset, "form": form, "result": result},
                   status=400 if form.errors else 200)
 
@@ -427,13 +427,24 @@ def _retraining_context(dataset: Dataset, *, jira_form: JiraConnectionForm | Non
     }
 
 
+def _readable(exc: ServiceError) -> str:
+    """The message for a page: without the API's "field:" prefix ("mapping: no row ..." -> "No row ...").
+
+    The API keeps the prefix (it fills `fields` from it); a page shows the sentence above its form.
+    """
+    field, sep, reason = str(exc).partition(": ")
+    if sep and field.isidentifier() and reason:
+        return reason[0].upper() + reason[1:]
+    return str(exc)
+
+
 def _field_error(form, exc: ServiceError) -> None:
     """A "field: reason" ServiceError under that field of the form, anything else above the form."""
     field, sep, reason = str(exc).partition(":")
     if sep and field in form.fields:
         form.add_error(field, reason.strip())
     else:
-        form.add_error(None, str(exc))
+        form.add_error(None, _readable(exc))
 
 
 @login_required
