@@ -78,9 +78,10 @@ def _run(index: SearchIndex | None, data: dict) -> tuple[hybrid.SearchResponse |
     except ServiceError as exc:
         return None, str(exc)
     if building:
+        done = f" ({index.embedded_count:,}/{index.total_count:,} tickets embedded)" if index.total_count else ""
         result.notice = " ".join(filter(None, [
-            f"Keyword results: this index is {index.get_status_display().lower()} "
-            f"({index.embedded_count}/{index.total_count} tickets embedded); {mode} search follows once it is ready.",
+            f"Keyword results: this index is {index.get_status_display().lower()}{done}; "
+            f"{mode} search follows once it is ready.",
             result.notice,
         ]))
     return result, ""
