@@ -140,7 +140,9 @@ def _assign_new(attempt: jobs.Attempt, job: ClusterAssignmentJob) -> None:
     attempt.set_phase("finding new tickets", 0.0)
     pending = (Embedding.objects.filter(model_version_id=index.model_version_id, document__dataset_id=index.dataset_id)
                .exclude(document_id__in=ClusterAssignment.objects.filter(run=run_).values("document_id")))
-    ids = list(pending.order_by("document_id").values_list("document_id", flat=True))
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SET LOCAL enable_nestloop = off")  # as in runs.load_vectors: fresh rows, no statistics
+        ids = list(pending.order_by("document_id").values_list("document_id", flat=True))
     assigned = outliers = moved_total = 0
     move_outliers = run_.method == ClusteringRun.Method.HDBSCAN and bool(run_.params.get("assign_outliers"))
     attempt.set_phase("assigning new tickets", 0.0)
