@@ -41,7 +41,7 @@ def test_api_starts_a_run_reports_its_status_and_lists_its_clusters(api, grouped
         "queued", "kmeans", {"k": 3, "seed": 1}, 1)
     runs.run(job_id=body["id"])
     body = api.get(f"/api/clusterings/{body['id']}/").json()
-    assert (body["status"], body["phase"], body["progress"], body["result"]["clusters"]) == ("succeeded", "saving", 1.0, 3)
+    assert (body["status"], body["phase"], body["progress"], body["result"]["clusters"]) == ("succeeded", "done", 1.0, 3)
     clusters = api.get(f"/api/clusterings/{body['id']}/clusters/").json()
     assert clusters["count"] == 3 and sum(c["size"] for c in clusters["results"]) == 63
     first = clusters["results"][0]

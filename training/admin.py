@@ -98,8 +98,11 @@ class RetrainScheduleAdminForm(forms.ModelForm):
                 minute=data.get("minute", ""), hour=data.get("hour", ""), day_of_week=data.get("day_of_week", ""),
                 time_zone=data.get("time_zone", ""))
         except ServiceError as exc:
-            field, _, reason = str(exc).partition(":")
-            self.add_error(field if field in self.fields else None, reason.strip() or str(exc))
+            mine = {field: reason for field, reason in exc.by_field().items() if field in self.fields}
+            for field, reason in mine.items():
+                self.add_error(field, reason)
+            if not mine:
+                self.add_error(None, str(exc))
         return data
 
 

@@ -432,18 +432,18 @@ def _readable(exc: ServiceError) -> str:
 
     The API keeps the prefix (it fills `fields` from it); a page shows the sentence above its form.
     """
-    field, sep, reason = str(exc).partition(": ")
-    if sep and field.isidentifier() and reason:
-        return reason[0].upper() + reason[1:]
+    reasons = [reason for reason in exc.by_field().values() if reason]
+    if len(reasons) == 1:
+        return reasons[0][0].upper() + reasons[0][1:]
     return str(exc)
 
 
 def _field_error(form, exc: ServiceError) -> None:
-    """A "field: reason" ServiceError under that field of the form, anything else above the form."""
-    field, sep, reason = str(exc).partition(":")
-    if sep and field in form.fields:
-        form.add_error(field, reason.strip())
-    else:
+    """A ServiceError about fields of the form under those fields, anything else above the form."""
+    mine = {field: reason for field, reason in exc.by_field().items() if field in form.fields}
+    for field, reason in mine.items():
+        form.add_error(field, reason)
+    if not mine:
         form.add_error(None, _readable(exc))
 
 
