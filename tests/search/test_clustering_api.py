@@ -14,7 +14,7 @@ from rest_framework.test import APIClient
 from search import serializers
 from search.clustering import assignment, runs
 from search.models import Cluster, ClusterAssignment, ClusterAssignmentJob, ClusteringRun
-from tests.test_clustering import _fit, _groups_of, grouped  # noqa: F401 (grouped is a fixture)
+from tests.search.test_clustering import _fit, _groups_of, grouped  # noqa: F401 (grouped is a fixture)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
