@@ -7,9 +7,9 @@ from `--start` on (`--days`, default 6: 2014-01-18..23 holds 2, 0, 7, 10, 8
 and 30 issues, so one day is empty). A real local Jira stand-in
 (tests/jira_standin.py, Data Center flavour) serves the issues as they were
 at the end of each day (`updated` = `created`, links only to issues that
-exist by then). The product runs as in production: its own Redis, a gpu
-worker and a default worker (Celery, solo pools) and celery beat with the
-django-celery-beat scheduler. Each day the dataset's schedule is switched on
+exist by then). The product runs as in production: its own Redis, and
+bin/run's Celery workers (embedportal.launcher.product_processes) and beat
+with the django-celery-beat scheduler. Each day the dataset's schedule is switched on
 with a fast crontab (every minute); the first tick beat sends starts the
 day's retrain (sync -> skip or train -> guard), and the schedule is switched
 off again until the next day, so each day has exactly one occurrence.
@@ -87,7 +87,7 @@ def _free_port() -> int:
 
 
 class Processes:
-    """The product's background processes for this run: Redis, a gpu worker, a default worker, beat."""
+    """The product's background processes for this run: its own Redis, then bin/run's workers and beat."""
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -113,13 +113,17 @@ class Processes:
         raise SystemExit(f"redis-server did not answer on port {port}")
 
     def product(self, env: dict[str, str]) -> None:
-        celery = [sys.executable, "-m", "celery", "-A", "embedportal"]
-        self._spawn("gpu-worker", [*celery, "worker", "-Q", "gpu", "--pool", "solo", "-n", "gpu@%h", "--loglevel",
-                                   "INFO", "--without-mingle", "--without-gossip"], env=env)
-        self._spawn("worker", [*celery, "worker", "-Q", "default", "--pool", "solo", "-n", "default@%h",
-                               "--loglevel", "INFO", "--without-mingle", "--without-gossip"], env=env)
-        self._spawn("beat", [*celery, "beat", "--loglevel", "INFO", "--max-interval", "5", "--schedule",
-                             str(self.folder / "celerybeat-schedule")], env=env)
+        """bin/run's workers and beat (embedportal.launcher.product_processes), without the web server; beat
+        re-reads its schedule every 5 s and keeps its state file here."""
+        from embedportal.launcher import product_processes
+
+        for name, command in product_processes(python=sys.executable, host="127.0.0.1", port="0").items():
+            if name == "web":
+                continue
+            if name == "beat":
+                command = [*command[:command.index("--schedule")], "--max-interval", "5", "--schedule",
+                           str(self.folder / "celerybeat-schedule")]
+            self._spawn(name, command, env=env)
 
     def _spawn(self, name: str, command: list[str], *, env: dict[str, str]) -> None:
         self.procs[name] = subprocess.Popen(command, cwd=ROOT, env=env, stdout=open(self.folder / f"{name}.log", "ab"),
@@ -132,7 +136,7 @@ class Processes:
                 raise SystemExit(f"{name} exited with {proc.returncode}:\n{tail}")
 
     def stop(self) -> None:
-        for name in ("beat", "worker", "gpu-worker", "redis"):
+        for name in [n for n in reversed(self.procs) if n != "redis"] + ["redis"]:
             proc = self.procs.get(name)
             if proc is None or proc.poll() is not None:
                 continue
