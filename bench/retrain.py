@@ -37,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import date, datetime, timedelta
+from datetime import date, timedelta
 from pathlib import Path
 
 from bench.harness import SHARED_DATA, emit, setup_django, summary
@@ -188,25 +188,25 @@ def run(argv: list[str]) -> dict:
         emit({"initial_export": len(initial), "increments": [len(day) for day in increments],
               "first_day": args.start.isoformat()})
         processes.product(dict(os.environ))
-        return _days(args, initial, increments, processes, started=started, load_before=load_before)
+        return _days(args, initial, increments, processes, folder=folder, started=started, load_before=load_before)
     finally:
         processes.stop()
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _days(args, initial: list[dict], increments: list[list[dict]], processes: Processes, *, started: float,
-          load_before) -> dict:
+def _days(args, initial: list[dict], increments: list[list[dict]], processes: Processes, *, folder: Path,
+          started: float, load_before) -> dict:
     from django.contrib.auth import get_user_model
 
     from tests.jira_standin import DATA_CENTER, JiraStandIn
-    from training import datasets, retraining
+    from training import retraining
     from training.connectors import jira
     from training.models import Dataset, ModelVersion, RetrainOccurrence
     from training.registry import production_version
 
     owner, _ = get_user_model().objects.get_or_create(username="bench")
     hyper = {"max_steps": args.max_steps, "batch_size": args.batch_size, "max_seq_length": args.max_seq_length}
-    fixed = _fixed_evaluation(owner, initial, args)
+    fixed = _fixed_evaluation(owner, initial, args, folder=folder)
     rows: list[dict] = []
     with JiraStandIn(as_of(initial), flavor=DATA_CENTER, token=PAT) as site:
         dataset = Dataset.objects.create(owner=owner, name="hadoop (from Jira)", kind="tickets")
@@ -214,7 +214,7 @@ def _days(args, initial: list[dict], increments: list[list[dict]], processes: Pr
                              jql="project in (HADOOP, HDFS, MAPREDUCE, YARN)", token=PAT)
         timing = {"minute": "*", "hour": "*", "time_zone": "UTC", "start_from": args.start_from,
                   "base_model": args.model, "hyperparameters": hyper, "tolerance": TOLERANCE}
-        schedule = retraining.save_schedule(dataset=dataset, owner=owner, enabled=False, **timing)
+        retraining.save_schedule(dataset=dataset, owner=owner, enabled=False, **timing)
         present = list(initial)
         for day in range(len(increments) + 1):
             if day:
@@ -275,7 +275,7 @@ def _wait(fetch, processes: Processes, timeout: float, what: str):
         time.sleep(1.0)
 
 
-def _fixed_evaluation(owner, initial: list[dict], args):
+def _fixed_evaluation(owner, initial: list[dict], args, *, folder: Path):
     """nDCG@10 of a model version on the initial export's TEST queries, over the initial corpus (cached per version).
 
     A dataset of its own that no sync touches, evaluated with the product's held-out protocol.
@@ -283,7 +283,7 @@ def _fixed_evaluation(owner, initial: list[dict], args):
     from training import artifacts, datasets
     from training.heldout import HeldOutEvaluation
 
-    export = Path(tempfile.mkdtemp(prefix="embedportal-fixed-")) / "initial.json"
+    export = folder / "initial.json"  # removed with the run's folder
     export.write_text(json.dumps({"issues": as_of(initial)}))
     frozen = datasets.import_dataset(owner=owner, name="fixed held-out set", kind="tickets", path=export,
                                      filename=export.name)

@@ -25,7 +25,7 @@ from search import serving
 from search.models import SearchIndex
 from tests.jira_standin import DATA_CENTER, JiraStandIn
 from tests.waiting import wait_for
-from training import datasets, retraining
+from training import retraining
 from training import evaluation as ev
 from training.connectors import jira
 from training.models import (
