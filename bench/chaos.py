@@ -179,7 +179,7 @@ def unfinished_jobs(*, wait_s: float) -> list[str]:
     deadline = time.monotonic() + wait_s
     while True:
         left = [f"{m.__name__} #{pk} {status}" for m in jobs.job_models()
-                for pk, status in m.objects.exclude(status__in=m.terminal_statuses()).values_list("pk", "status")]
+                for pk, status in m.objects.exclude(status__in=m.TERMINAL).values_list("pk", "status")]
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(1)
@@ -475,7 +475,7 @@ class Tracked:
         self.row = self.model.objects.get(pk=self.pk)
         if self.row.task_id:
             self.task_ids.add(self.row.task_id)
-        self.finished = self.row.status in self.model.terminal_statuses()
+        self.finished = self.row.status in self.model.TERMINAL
 
 
 def scenario(*, seed: int, fixtures: Fixtures, workers: Workers, redis_server: RedisServer, covered: list[str],

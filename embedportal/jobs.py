@@ -71,14 +71,29 @@ class JobFailed(Exception):
     """A failure with a message a person can act on (no traceback class name in front)."""
 
 
-class Job(models.Model):
-    """Abstract base of every long task's row. Subclasses add what the task works on and produces."""
+class JobStatus(models.TextChoices):
+    QUEUED = "queued", "Queued"
+    RUNNING = "running", "Running"
+    SUCCEEDED = "succeeded", "Succeeded"
+    FAILED = "failed", "Failed"
+    CANCELLED = "cancelled", "Cancelled"
 
-    QUEUED: ClassVar[str] = "queued"
-    RUNNING: ClassVar[str] = "running"
-    SUCCEEDED: ClassVar[str] = "succeeded"
-    FAILED: ClassVar[str] = "failed"
-    CANCELLED: ClassVar[str] = "cancelled"
+
+class Job(models.Model):
+    """Abstract base of every long task's row. Subclasses add what the task works on and produces.
+
+    A kind with other status values (a search index is READY, an import can
+    be STAGED) declares its own `Status`, `status` field, the constants below
+    that differ, and `TERMINAL`.
+    """
+
+    Status = JobStatus
+    QUEUED: ClassVar[str] = JobStatus.QUEUED
+    RUNNING: ClassVar[str] = JobStatus.RUNNING
+    SUCCEEDED: ClassVar[str] = JobStatus.SUCCEEDED
+    FAILED: ClassVar[str] = JobStatus.FAILED
+    CANCELLED: ClassVar[str] = JobStatus.CANCELLED
+    TERMINAL: ClassVar[frozenset[str]] = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
     # The Celery task that runs this kind; it takes one keyword argument, job_id.
     task_name: ClassVar[str] = ""
     # Seconds without a heartbeat after which the reaper takes the job back.
@@ -88,6 +103,12 @@ class Job(models.Model):
     # Shown to people as "what kind of job".
     kind_label: ClassVar[str] = "job"
 
+    status = models.CharField(max_length=16, choices=JobStatus.choices, default=JobStatus.QUEUED, db_index=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    # A reason a person can act on, when the job failed (or the reaper's note while it retries).
+    error = models.TextField(blank=True)
     phase = models.CharField(max_length=64, blank=True)
     # 0..1 where the kind can tell; None while unknown.
     progress = models.FloatField(null=True, blank=True)
@@ -103,19 +124,13 @@ class Job(models.Model):
     class Meta:
         abstract = True
 
-    # Subclasses have: status, created_at, started_at, finished_at, error.
-
-    @classmethod
-    def terminal_statuses(cls) -> frozenset[str]:
-        return frozenset({cls.SUCCEEDED, cls.FAILED, cls.CANCELLED})
-
     @classmethod
     def timeout_s(cls) -> int:
         return int(cls.heartbeat_timeout_s or settings.JOB_HEARTBEAT_TIMEOUT_S)
 
     @property
-    def is_finished(self) -> bool:
-        return self.status in self.terminal_statuses()
+    def is_terminal(self) -> bool:
+        return self.status in self.TERMINAL
 
     @property
     def waiting_for_queue(self) -> bool:

@@ -39,14 +39,10 @@ class SearchIndex(Job):
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
     embedded_count = models.PositiveIntegerField(default=0)
     total_count = models.PositiveIntegerField(default=0)
-    created_at = models.DateTimeField(auto_now_add=True)
-    started_at = models.DateTimeField(null=True, blank=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
     # Throughput of the last embedding job, end to end into pgvector.
     docs_per_s = models.FloatField(null=True, blank=True)
     # Encoder of the last embedding job: torch, onnx or onnx-int8 (search.onnx_encoder).
     backend = models.CharField(max_length=16, blank=True)
-    error = models.TextField(blank=True)
     # Default fusion of hybrid search, tuned on the validation split by
     # search.tuning.tune_fusion: {"method": "rrf"|"weighted", "rrf_k": 60,
     # "alpha": 0.5, "systems": {...figures per candidate}}. Empty means RRF k=60.
@@ -62,9 +58,6 @@ class SearchIndex(Job):
     def __str__(self) -> str:
         return f"{self.dataset} / {self.model_version}"
 
-    @property
-    def is_terminal(self) -> bool:
-        return self.status in self.TERMINAL
 
     @property
     def is_searchable(self) -> bool:
@@ -86,12 +79,6 @@ class IndexJob(Job):
         TUNING = "tuning", "Fusion tuning"
         EVALUATION = "evaluation", "Search evaluation"
 
-    class Status(models.TextChoices):
-        QUEUED = "queued", "Queued"
-        RUNNING = "running", "Running"
-        SUCCEEDED = "succeeded", "Succeeded"
-        FAILED = "failed", "Failed"
-        CANCELLED = "cancelled", "Cancelled"
 
     task_name = "search.run_index_job"
     kind_label = "index job"
@@ -103,11 +90,6 @@ class IndexJob(Job):
     params = models.JSONField(default=dict, blank=True)
     # What came out: {"found": 123} for a scan, the metric table for tuning/evaluation.
     result = models.JSONField(default=dict, blank=True)
-    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
-    created_at = models.DateTimeField(auto_now_add=True)
-    started_at = models.DateTimeField(null=True, blank=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
-    error = models.TextField(blank=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -194,12 +176,6 @@ class ClusteringRun(Job):
         KMEANS = "kmeans", "KMeans"
         HDBSCAN = "hdbscan", "HDBSCAN"
 
-    class Status(models.TextChoices):
-        QUEUED = "queued", "Queued"
-        RUNNING = "running", "Running"
-        SUCCEEDED = "succeeded", "Succeeded"
-        FAILED = "failed", "Failed"
-        CANCELLED = "cancelled", "Cancelled"
 
     task_name = "search.run_clustering"
     kind_label = "clustering run"
@@ -221,11 +197,6 @@ class ClusteringRun(Job):
     previous = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     # Dirty flag: the dataset got tickets since; the next ready index build queues their assignment.
     needs_assignment = models.BooleanField(default=False)
-    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
-    created_at = models.DateTimeField(auto_now_add=True)
-    started_at = models.DateTimeField(null=True, blank=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
-    error = models.TextField(blank=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -312,12 +283,6 @@ class ClusterAssignmentJob(Job):
         NEW_DOCUMENTS = "new", "Assign new tickets"
         OUTLIERS = "outliers", "Assign outliers to the nearest cluster"
 
-    class Status(models.TextChoices):
-        QUEUED = "queued", "Queued"
-        RUNNING = "running", "Running"
-        SUCCEEDED = "succeeded", "Succeeded"
-        FAILED = "failed", "Failed"
-        CANCELLED = "cancelled", "Cancelled"
 
     task_name = "search.assign_to_clusters"
     kind_label = "cluster assignment"
@@ -326,11 +291,6 @@ class ClusterAssignmentJob(Job):
     run = models.ForeignKey(ClusteringRun, on_delete=models.CASCADE, related_name="assignment_jobs")
     kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.NEW_DOCUMENTS)
     result = models.JSONField(default=dict, blank=True)
-    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
-    created_at = models.DateTimeField(auto_now_add=True)
-    started_at = models.DateTimeField(null=True, blank=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
-    error = models.TextField(blank=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]

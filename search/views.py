@@ -518,7 +518,7 @@ def cluster_run(request: HttpRequest, pk: int) -> HttpResponse:
     run = get_object_or_404(_clustering_runs(request), pk=pk)
     if request.headers.get("HX-Request"):
         response = render(request, "search/partials/cluster_run_status.html", {"run": run})
-        if run.is_finished:
+        if run.is_terminal:
             response["HX-Refresh"] = "true"  # the finished page has the map and the table
         return response
     context = {"run": run, "rows": [], "jobs": run.assignment_jobs.order_by("-created_at", "-id")[:5]}

@@ -11,7 +11,7 @@ from django.contrib.postgres.indexes import GinIndex
 from django.contrib.postgres.search import SearchVectorField
 from django.db import models
 
-from embedportal.jobs import Job
+from embedportal.jobs import Job, JobStatus
 from training.corpus import ticket_text
 
 
@@ -160,20 +160,12 @@ class ImportJob(Job):
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
     # phase (Job): reading (validating + staging rows), merging (into the dataset), done.
     rows_read = models.BigIntegerField(default=0)
-    error = models.TextField(blank=True)
-    created_at = models.DateTimeField(auto_now_add=True)
-    started_at = models.DateTimeField(null=True, blank=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at"]
 
     def __str__(self) -> str:
         return f"import #{self.pk} {self.filename}"
-
-    @property
-    def is_terminal(self) -> bool:
-        return self.status in self.TERMINAL
 
 
 class TrainingRun(Job):
@@ -185,14 +177,7 @@ class TrainingRun(Job):
     attempt works in its own folder, MODELS_DIR/run-<id>/attempt-<n>/.
     """
 
-    class Status(models.TextChoices):
-        QUEUED = "queued", "Queued"
-        RUNNING = "running", "Running"
-        SUCCEEDED = "succeeded", "Succeeded"
-        FAILED = "failed", "Failed"
-        CANCELLED = "cancelled", "Cancelled"
 
-    TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED})
     task_name = "training.run_training"
     kind_label = "training run"
 
@@ -200,11 +185,6 @@ class TrainingRun(Job):
     dataset = models.ForeignKey(Dataset, on_delete=models.PROTECT, related_name="training_runs")
     base_model = models.CharField(max_length=500)
     hyperparameters = models.JSONField(default=dict, blank=True)
-    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
-    created_at = models.DateTimeField(auto_now_add=True)
-    started_at = models.DateTimeField(null=True, blank=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
-    error = models.TextField(blank=True)
     # Live progress (step, total_steps, loss) and final figures (final_loss,
     # train_pairs, duration_s, device).
     metrics = models.JSONField(default=dict, blank=True)
@@ -225,10 +205,6 @@ class TrainingRun(Job):
     def timeout_s(cls) -> int:
         # Runs keep their own setting (EMBEDPORTAL_RUN_HEARTBEAT_TIMEOUT_S), which operators already tune.
         return int(settings.RUN_HEARTBEAT_TIMEOUT_S)
-
-    @property
-    def is_terminal(self) -> bool:
-        return self.status in self.TERMINAL
 
 
 class ModelVersion(models.Model):
@@ -324,21 +300,13 @@ class JiraSync(Job):
     write path as an upload (datasets.add_version): same validation, same row report.
     """
 
-    class Status(models.TextChoices):
-        QUEUED = "queued", "Queued"
-        RUNNING = "running", "Running"
-        SUCCEEDED = "succeeded", "Succeeded"
-        FAILED = "failed", "Failed"
-        CANCELLED = "cancelled", "Cancelled"
 
-    TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED})
     task_name = "training.run_jira_sync"
     kind_label = "Jira sync"
     heartbeat_every_s = 5.0
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="jira_syncs")
     dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="jira_syncs")
-    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
     # The query sent, with the `updated >= "..."` of an incremental sync; `since` is that watermark.
     jql = models.TextField(blank=True)
     since = models.DateTimeField(null=True, blank=True)
@@ -354,20 +322,12 @@ class JiraSync(Job):
     # Fetched issues already stored with the same `updated` (the overlap of two syncs): not imported again.
     up_to_date = models.PositiveIntegerField(default=0)
     version = models.ForeignKey(DatasetVersion, on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
-    error = models.TextField(blank=True)
-    created_at = models.DateTimeField(auto_now_add=True)
-    started_at = models.DateTimeField(null=True, blank=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at"]
 
     def __str__(self) -> str:
         return f"Jira sync #{self.pk} of {self.dataset_id} ({self.status})"
-
-    @property
-    def is_terminal(self) -> bool:
-        return self.status in self.TERMINAL
 
 
 def _default_start_from() -> str:
@@ -434,12 +394,6 @@ class RetrainOccurrence(Job):
     two beat processes cannot start the same retrain twice.
     """
 
-    class Status(models.TextChoices):
-        QUEUED = "queued", "Queued"
-        RUNNING = "running", "Running"
-        SUCCEEDED = "succeeded", "Succeeded"
-        FAILED = "failed", "Failed"
-        CANCELLED = "cancelled", "Cancelled"
 
     class Outcome(models.TextChoices):
         PENDING = "", "Pending"
@@ -453,8 +407,7 @@ class RetrainOccurrence(Job):
         SCHEDULE = "schedule", "Schedule"
         MANUAL = "manual", "Run now"
 
-    TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED})
-    ACTIVE = (Status.QUEUED, Status.RUNNING)
+    ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
     task_name = "training.run_retrain"
     kind_label = "retrain"
 
@@ -462,7 +415,6 @@ class RetrainOccurrence(Job):
     dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="retrain_occurrences")
     trigger = models.CharField(max_length=16, choices=Trigger.choices, default=Trigger.SCHEDULE)
     scheduled_for = models.DateTimeField(null=True, blank=True)
-    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
     outcome = models.CharField(max_length=16, choices=Outcome.choices, default=Outcome.PENDING, blank=True)
     sync = models.ForeignKey(JiraSync, on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
     issues_synced = models.PositiveIntegerField(default=0)
@@ -477,10 +429,6 @@ class RetrainOccurrence(Job):
     summary = models.TextField(blank=True)
     # Held-out nDCG@10 of the model serving after this occurrence, on this occurrence's TEST queries.
     production_ndcg = models.FloatField(null=True, blank=True)
-    error = models.TextField(blank=True)
-    created_at = models.DateTimeField(auto_now_add=True)
-    started_at = models.DateTimeField(null=True, blank=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at"]
@@ -492,10 +440,6 @@ class RetrainOccurrence(Job):
 
     def __str__(self) -> str:
         return f"retrain #{self.pk} of {self.dataset_id} ({self.outcome or self.status})"
-
-    @property
-    def is_terminal(self) -> bool:
-        return self.status in self.TERMINAL
 
 
 class WebhookDelivery(models.Model):
