@@ -162,6 +162,9 @@ class SearchResponseSerializer(serializers.Serializer):
     fusion = serializers.DictField()
     filters = serializers.DictField()
     timings_ms = serializers.DictField(child=serializers.FloatField())
+    query_encoder = serializers.DictField(
+        help_text='How the query was embedded: {"backend": "onnx-int8"|"onnx"|"torch", "cached": bool}; '
+                  "empty when it was not (keyword mode, a ticket key's own vector)")
     results = HitSerializer(many=True)
 
 
@@ -284,8 +287,7 @@ class ClusteringStartSerializer(serializers.Serializer):
         try:
             attrs["params"] = clean_clustering_params(attrs["method"], params)
         except ServiceError as exc:
-            field_name, _, reason = str(exc).partition(": ")
-            raise serializers.ValidationError({field_name: [reason]}) from None
+            raise serializers.ValidationError(exc.by_field() or {"non_field_errors": [str(exc)]}) from None
         return attrs
 
 

@@ -1,3 +1,5 @@
+"""Celery tasks of training: ids in, the service does the work (state lives in our job tables)."""
+
 import logging
 
 from celery import shared_task
@@ -9,40 +11,36 @@ from training.models import ImportJob, JiraSync, RetrainOccurrence, TrainingRun
 logger = logging.getLogger(__name__)
 
 
+def _job(model, job_id: int):
+    """The job row, or None (logged) when it was deleted after the message was sent."""
+    job = model.objects.filter(pk=job_id).first()
+    if job is None:
+        logger.warning("%s %s is gone; nothing to do", model._meta.verbose_name, job_id)
+    return job
+
+
 @shared_task(name="training.run_training")
 def run_training(*, job_id: int) -> None:
-    run = TrainingRun.objects.filter(pk=job_id).first()
-    if run is None:
-        logger.warning("training run %s is gone; nothing to do", job_id)
-        return
-    runs.execute_run(run=run)
+    if (run := _job(TrainingRun, job_id)) is not None:
+        runs.execute_run(run=run)
 
 
 @shared_task(name="training.run_import")
 def run_import(*, job_id: int) -> None:
-    job = ImportJob.objects.filter(pk=job_id).first()
-    if job is None:
-        logger.warning("import job %s is gone; nothing to do", job_id)
-        return
-    import_jobs.execute(job=job)
+    if (job := _job(ImportJob, job_id)) is not None:
+        import_jobs.execute(job=job)
 
 
 @shared_task(name="training.run_jira_sync")
 def run_jira_sync(*, job_id: int) -> None:
-    sync = JiraSync.objects.filter(pk=job_id).first()
-    if sync is None:
-        logger.warning("Jira sync %s is gone; nothing to do", job_id)
-        return
-    jira.execute_sync(sync=sync)
+    if (sync := _job(JiraSync, job_id)) is not None:
+        jira.execute_sync(sync=sync)
 
 
 @shared_task(name="training.run_retrain")
 def run_retrain(*, job_id: int) -> None:
-    occurrence = RetrainOccurrence.objects.filter(pk=job_id).first()
-    if occurrence is None:
-        logger.warning("retrain %s is gone; nothing to do", job_id)
-        return
-    retraining.execute_occurrence(occurrence=occurrence)
+    if (occurrence := _job(RetrainOccurrence, job_id)) is not None:
+        retraining.execute_occurrence(occurrence=occurrence)
 
 
 @shared_task(name="training.retrain_tick")
