@@ -24,7 +24,7 @@ from django.utils import timezone
 from embedportal.errors import ConflictError, ServiceError
 from search.indexing import create_index, hnsw_index_name, is_base_version
 from search.models import Embedding, SearchIndex
-from training import temporary_files
+from training import artifacts, temporary_files
 from training.evaluation import not_worse
 from training.importers import csv_safe
 from training.models import Dataset, ModelVersion
@@ -130,6 +130,7 @@ def delete_version(*, version: ModelVersion) -> None:
         with connection.cursor() as cursor:
             cursor.execute(f"DROP INDEX IF EXISTS {hnsw_index_name(version.pk)}")
         version.delete()
+    artifacts.forget(version=version)  # the store's copy and this host's cache of it
     models_dir = Path(settings.MODELS_DIR).resolve()
     if artifact.exists() and models_dir in artifact.resolve().parents:
         shutil.rmtree(artifact.parent if artifact.name == "model" else artifact, ignore_errors=True)

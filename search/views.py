@@ -6,7 +6,6 @@ parameters (one set of rules for both), and the services do the work.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -26,6 +25,7 @@ from search.filters import FILTERS, filter_options
 from search.models import (
     Cluster, ClusterAssignment, ClusterAssignmentJob, ClusteringRun, DuplicatePair, IndexJob, SearchIndex,
 )
+from training import artifacts
 from training.downloads import csv_attachment, temporary_file_response
 from training.models import Dataset, Document, ModelVersion
 from training.registry import production_version
@@ -395,11 +395,10 @@ def model_detail(request: HttpRequest, pk: int) -> HttpResponse:
         ModelVersion.objects.select_related("dataset", "source_run", "dataset_version", "created_by", "promoted_by"),
         pk=pk, owner=request.user,
     )
-    card_path = Path(version.artifact_path) / "README.md"
     context = {
         "version": version,
         "indexes": version.search_indexes.select_related("dataset"),
-        "card": card_path.read_text()[-20000:] if card_path.exists() else "",
+        "card": artifacts.read_text(version=version, name="README.md")[-20000:],
         "production": production_version(dataset=version.dataset) if version.dataset else None,
         "export_formats": serving.EXPORT_FORMATS,
     }

@@ -27,7 +27,7 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import Max, Q
 
 from embedportal import jobs
-from training import importers, versions
+from training import artifacts, importers, versions
 from training.corpus import ticket_links
 from training.errors import ServiceError
 from training.models import Dataset, DatasetVersion, Document, ImportJob, ModelVersion, TrainingRun
@@ -424,17 +424,17 @@ def delete_dataset(*, dataset: Dataset) -> None:
         # NO KEY: waits for an import merging into the dataset (FOR UPDATE) to reach its fence and roll back,
         # without blocking a run that registers its model version meanwhile (a foreign key to the dataset).
         Dataset.objects.select_for_update(no_key=True).filter(pk=dataset.pk).first()
-        staged = [Path(p) for p in dataset.import_jobs.exclude(file_path="").values_list("file_path", flat=True)]
+        staged = list(dataset.import_jobs.exclude(file_path="").values_list("owner_id", "file_path"))
         folders = [run_folder(run=run) for run in dataset.training_runs.only("pk")]
         dataset.training_runs.all().delete()  # protected: they go first, the rest by cascade
         dataset.delete()
         transaction.on_commit(lambda: _remove_files(staged=staged, run_folders=folders))
 
 
-def _remove_files(*, staged: list[Path], run_folders: list[Path]) -> None:
-    """Remove staged uploads, and run folders unless a model version's artifact lies inside (it still serves)."""
-    for path in staged:
-        path.unlink(missing_ok=True)
+def _remove_files(*, staged: list[tuple[int, str]], run_folders: list[Path]) -> None:
+    """Remove staged uploads [(owner id, path)] (here and in the artifact store), and run folders unless a
+    model version's artifact lies inside (it still serves)."""
+    artifacts.remove_uploads(staged)
     if not run_folders:
         return
     in_use = Q()

@@ -16,7 +16,9 @@ and right before that transaction commits the job row is locked and the
 attempt checked (the fence), so a stale attempt, reaped while still alive,
 rolls its whole import back instead of storing a second version. The staged
 file is removed when the job ends; previews nobody imported expire after a
-day (expire_staged, run with the reaper).
+day (expire_staged, run with the reaper). With an artifact store the staged
+file is also put there, so the worker (or web process) that reads it may be
+on another host (training.artifacts: local folders are then caches).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from embedportal import jobs
-from training import datasets, importers
+from training import artifacts, datasets, importers
 from training.errors import ServiceError
 from training.models import Dataset, ImportJob
 
@@ -130,7 +132,7 @@ def stage(
             )
         path, size = _stage(upload)
         try:
-            return ImportJob.objects.create(
+            job = ImportJob.objects.create(
                 owner=owner, action=ImportJob.Action.VERSION if dataset else ImportJob.Action.CREATE,
                 dataset=dataset, name=dataset.name if dataset else name.strip(), kind=kind, language=language,
                 strict=strict, mapping=mapping, filename=(upload.name or "upload")[:255], file_path=str(path),
@@ -139,6 +141,14 @@ def stage(
         except BaseException:
             path.unlink(missing_ok=True)
             raise
+    try:
+        # With an artifact store the worker that imports it may be on another host (artifacts.local_upload).
+        artifacts.publish_upload(owner_id=owner.pk, file_path=path)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        ImportJob.objects.filter(pk=job.pk).delete()
+        raise
+    return job
 
 
 def stage_and_preview(*, owner, upload, dataset: Dataset | None = None, name: str = "", kind: str = "",
@@ -173,7 +183,7 @@ def start(*, job: ImportJob, background: bool | None = None, name: str = "") -> 
     elif job.dataset_id is None:
         raise ServiceError("dataset: the dataset of this upload was deleted; nothing was imported.")
     if background is None:
-        background = _is_big(job.size_bytes) or _expands_big(Path(job.file_path))
+        background = _is_big(job.size_bytes) or _expands_big(staged_file(job))
     with transaction.atomic():
         if not ImportJob.objects.filter(pk=job.pk, status=ImportJob.Status.STAGED).update(
             status=ImportJob.Status.QUEUED
@@ -213,9 +223,14 @@ def submit(
         raise
 
 
+def staged_file(job: ImportJob) -> Path:
+    """The job's staged upload on this host (fetched from the artifact store when staged on another)."""
+    return artifacts.local_upload(owner_id=job.owner_id, file_path=job.file_path)
+
+
 def discard(*, job: ImportJob) -> None:
     """Forget a staged job and its file."""
-    Path(job.file_path).unlink(missing_ok=True)
+    artifacts.remove_uploads([(job.owner_id, job.file_path)])
     ImportJob.objects.filter(pk=job.pk, status=ImportJob.Status.STAGED).delete()
 
 
@@ -233,7 +248,7 @@ def execute(*, job: ImportJob, background: bool = True) -> ImportJob:
     jobs.run_job(ImportJob, job.pk, lambda attempt: _import(attempt, background=background))
     ended = ImportJob.objects.select_related("owner", "dataset", "version").filter(pk=job.pk).first()
     if ended is None or ended.is_terminal:  # gone with its dataset, or finished
-        Path(job.file_path).unlink(missing_ok=True)
+        artifacts.remove_uploads([(job.owner_id, job.file_path)])
     return ended or job
 
 
@@ -241,7 +256,6 @@ def _import(attempt: jobs.Attempt, *, background: bool) -> None:
     """The body of one attempt; jobs.run_job finishes the job by how this returns or raises."""
     job = ImportJob.objects.select_related("owner", "dataset").get(pk=attempt.pk)
     attempt.update(phase="reading", rows_read=0, progress=None, error="")
-    path = Path(job.file_path)
 
     def progress(phase: str, rows: int) -> None:
         # Inside the import's transaction: the heartbeat thread writes it (its own connection).
@@ -249,6 +263,7 @@ def _import(attempt: jobs.Attempt, *, background: bool) -> None:
         attempt.check()  # a cancel, or a claim the heartbeat found taken back, stops (and rolls back) here
 
     try:
+        path = staged_file(job)
         if not path.exists():
             raise ServiceError(f"file: the staged upload {job.filename} is gone from {path.parent}; upload it again.")
         with transaction.atomic():
@@ -308,6 +323,5 @@ def expire_staged() -> int:
         discard(job=staged)  # a preview nobody imported within a day
         expired += 1
     ended = ImportJob.objects.filter(status__in=ImportJob.TERMINAL, finished_at__gte=now - STAGED_TTL)
-    for file_path in ended.exclude(file_path="").values_list("file_path", flat=True):
-        Path(file_path).unlink(missing_ok=True)
+    artifacts.remove_uploads(list(ended.exclude(file_path="").values_list("owner_id", "file_path")))
     return expired

@@ -92,7 +92,9 @@ def export_zip(*, version: ModelVersion) -> TemporaryExport:
     Written as version-<id>.zip in a temporary folder of its own; the caller
     removes that folder (training.downloads.temporary_file_response does).
     """
-    folder = Path(version.artifact_path)
+    from training import artifacts
+
+    folder = Path(artifacts.ensure_local(version.artifact_path))  # trained on another host: its cached copy
     if not (folder / "modules.json").exists() and not (folder / "config.json").exists():
         raise NotFoundError(f"The files of {version} are not on this server ({folder}).")
     with temporary_files.new_folder("export") as tmp:

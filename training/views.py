@@ -122,7 +122,7 @@ def _remap_staged(request: HttpRequest) -> HttpResponse:
     job.kind = kind if kind in Dataset.Kind.values else ""
     job.mapping = mapping
     job.save(update_fields=["kind", "mapping"])
-    path = Path(job.file_path)
+    path = import_jobs.staged_file(job)
     try:
         preview = datasets.preview_file(path=path, filename=job.filename, kind=job.kind, mapping=mapping)
     except ServiceError as exc:  # e.g. the mapping makes no usable row: show the columns again with the reason

@@ -15,6 +15,7 @@ import csv
 import json
 import threading
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 from django.db import IntegrityError, connection, transaction
@@ -23,9 +24,9 @@ from embedportal import jobs
 from embedportal.errors import ConflictError, ServiceError
 from search import encoders
 from search.clustering import fitting
-from search.clustering.runs import MAP_POINTS, _copy_assignments
+from search.clustering.runs import MAP_POINTS, _copy_assignments, artifact_cache, artifact_key
 from search.models import Cluster, ClusterAssignment, ClusterAssignmentJob, ClusteringRun, Embedding, SearchIndex
-from training import temporary_files
+from training import artifacts, temporary_files
 from training.importers import csv_safe
 from training.models import Dataset, Document
 from training.temporary_files import TemporaryExport
@@ -43,6 +44,8 @@ _models_lock = threading.Lock()
 def model_of(run: ClusteringRun) -> dict[str, np.ndarray]:
     """The run's fitted model, loaded once per process (the artifact never changes after the run)."""
     path = run.artifact_path
+    if not Path(path).exists() and artifacts.configured():  # fitted on another host: this host's cached copy
+        path = str(artifacts.fetch_file(artifact_cache(run), *artifact_key(run, run.attempt)))
     with _models_lock:
         if path in _models:
             _models.move_to_end(path)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,7 @@ from embedportal import jobs
 from embedportal.errors import ConflictError, ServiceError
 from search.clustering import fitting, labels
 from search.models import Cluster, ClusterAssignment, ClusteringRun, SearchIndex
+from training import artifacts
 from training.corpus import ticket_text
 from training.models import Dataset, Document
 
@@ -317,6 +319,8 @@ def _fit(attempt: jobs.Attempt) -> None:
     xy[drawn] = fitting.project(model, vectors[drawn])
     folder = attempt.workdir(settings.MODELS_DIR / "clustering" / f"run-{int(run.pk)}")
     artifact = fitting.save_model(model, folder / "model.npz")
+    # Assignments may run on another host (no shared disk): the store holds the model by ids.
+    artifacts.publish_file(artifact, *artifact_key(run, attempt.number))
     lap("map_and_artifact")
 
     version_number = run.dataset.versions.aggregate(n=Max("number"))["n"]
@@ -339,6 +343,16 @@ def _fit(attempt: jobs.Attempt) -> None:
                       matched_previous=previous.pk if previous else None)
         attempt.update(result=result, artifact_path=str(artifact), dataset_version=version_number,
                        previous=previous, needs_assignment=False)
+
+
+def artifact_key(run: ClusteringRun, attempt_number: int) -> tuple[str, ...]:
+    """The fitted model's key in the artifact store (training.artifacts): ids only."""
+    return (str(int(run.owner_id)), f"clustering-{int(run.pk)}", f"attempt-{int(attempt_number)}", "model.npz")
+
+
+def artifact_cache(run: ClusteringRun) -> Path:
+    """Where a host that did not fit the run keeps the store's copy: the path it would have written itself."""
+    return Path(settings.MODELS_DIR) / "clustering" / f"run-{int(run.pk)}" / f"attempt-{int(run.attempt)}" / "model.npz"
 
 
 def _silhouette(vectors: np.ndarray, labels_: np.ndarray, seed: int) -> float | None:

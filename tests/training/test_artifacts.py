@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import boto3
 import pytest
@@ -25,7 +26,7 @@ def s3(monkeypatch, settings):
         yield boto3.client("s3")
 
 
-def test_version_is_published_and_fetched_where_missing(s3, user, tiny_model_dir, tmp_path):
+def test_version_is_published_and_fetched_where_missing(s3, settings, user, tiny_model_dir, tmp_path):
     folder = tmp_path / "run-1" / "model"
     shutil.copytree(tiny_model_dir, folder)
     version = ModelVersion.objects.create(owner=user, name="mini", version=3, base_model="tiny",
@@ -36,12 +37,77 @@ def test_version_is_published_and_fetched_where_missing(s3, user, tiny_model_dir
     assert f"embedportal/{user.pk}/version-{version.pk}/modules.json" in keys
     expected = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
 
-    # A machine without the folder downloads it on first use, then serves from it
+    # A machine without the folder downloads it on first use into its own cache, then serves from it
     shutil.rmtree(folder)
     encoders._cache.clear()
     model = encoders.get_model(str(folder))
     assert model.encode(["disk full"]).shape == (1, 32)
-    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == expected
+    cache = settings.MODELS_DIR / "store" / f"version-{version.pk}"
+    assert artifacts.ensure_local(str(folder)) == str(cache)
+    assert sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*") if p.is_file()) == expected
+    assert not folder.exists()  # the recorded path of the training host is never written here
+
+
+def test_model_card_is_read_from_the_store_without_the_model(s3, settings, user, tiny_model_dir, tmp_path):
+    folder = tmp_path / "run-2" / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "README.md").write_text("# EmbedPortal: mini")
+    version = ModelVersion.objects.create(owner=user, name="mini", version=1, base_model="tiny",
+                                          artifact_path=str(folder), dimensions=32)
+    artifacts.publish(version=version)
+    shutil.rmtree(folder)
+
+    assert artifacts.read_text(version=version, name="README.md") == "# EmbedPortal: mini"
+    assert not (settings.MODELS_DIR / "store" / f"version-{version.pk}").exists()  # no model download for a card
+
+
+def test_deleted_version_leaves_the_store(s3, user, tiny_model_dir, tmp_path):
+    folder = tmp_path / "run-3" / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    version = ModelVersion.objects.create(owner=user, name="gone", version=1, base_model="tiny",
+                                          artifact_path=str(folder), dimensions=32)
+    artifacts.publish(version=version)
+
+    artifacts.forget(version=version)
+
+    assert s3.list_objects_v2(Bucket="models", Prefix=f"embedportal/{user.pk}/version-{version.pk}/")["KeyCount"] == 0
+
+
+def test_without_a_store_paths_stay_as_they_are(settings, user, tmp_path):
+    settings.ARTIFACT_STORE = ""
+    missing = tmp_path / "nowhere" / "model"
+    version = ModelVersion.objects.create(owner=user, name="local", version=1, base_model="t",
+                                          artifact_path=str(missing), dimensions=32)
+
+    assert artifacts.publish(version=version) == ""
+    assert artifacts.ensure_local(str(missing)) == str(missing)
+    staged = tmp_path / f"{'a' * 32}.upload"
+    assert artifacts.local_upload(owner_id=user.pk, file_path=staged) == staged
+
+
+def test_staged_upload_travels_through_the_store(s3, settings, user, small_jira_file, tmp_path):
+    """A big upload staged by a web host is imported by a worker host that never saw the file."""
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from training import import_jobs
+
+    upload = SimpleUploadedFile("hadoop.json", small_jira_file.read_bytes())
+    job = import_jobs.stage(owner=user, upload=upload, name="Hadoop via store")
+    staged = Path(job.file_path)
+    key = f"embedportal/uploads/{user.pk}/{staged.name}"
+    assert s3.head_object(Bucket="models", Key=key)["ContentLength"] == staged.stat().st_size
+
+    # The worker's host: its own uploads folder, without the web host's file
+    settings.UPLOADS_DIR = tmp_path / "worker-uploads"
+    staged.unlink()
+    import_jobs.ImportJob.objects.filter(pk=job.pk).update(status=import_jobs.ImportJob.Status.QUEUED)
+    job.refresh_from_db()
+    ended = import_jobs.execute(job=job)
+
+    assert (ended.status, ended.error) == (import_jobs.ImportJob.Status.SUCCEEDED, "")
+    assert ended.dataset.documents.count() == 200
+    assert s3.list_objects_v2(Bucket="models", Prefix="embedportal/uploads/")["KeyCount"] == 0  # removed at the end
+    assert list((tmp_path / "worker-uploads").iterdir()) == []  # and the worker's cached copy
 
 
 def test_bad_store_setting_is_explained(settings, user, tiny_model_dir):
