@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -448,10 +449,17 @@ def _resend_lost(model: type[Job], now, *, skip: set[int]) -> int:
 
 
 def broker_task_ids() -> set[str] | None:
-    """Ids of the messages waiting in (or taken but not acknowledged from) every queue of the Redis broker.
+    """Ids of the messages waiting in every queue of the Redis broker, or taken from one by a worker less
+    than RESEND_GRACE_S ago and not acknowledged yet.
 
     None when the broker cannot be reached. Reads kombu's Redis layout: one
-    list per queue, plus the `unacked` hash of delivered, unacknowledged messages.
+    list per queue, plus the `unacked` hash of delivered, unacknowledged
+    messages and the `unacked_index` of when each was delivered. A message
+    taken longer ago whose job is still QUEUED was taken by a worker that died
+    (or hangs) before claiming the job: Redis gives it back only after the
+    visibility timeout (hours, settings.BROKER_VISIBILITY_TIMEOUT_S), so it
+    counts as lost here and the reaper sends the job again (a second message
+    for one job is harmless: only one claim wins).
     """
     import redis
 
@@ -461,10 +469,13 @@ def broker_task_ids() -> set[str] | None:
         raw: list[bytes] = []
         for queue in queues:
             raw.extend(client.lrange(queue, 0, -1))
-        raw.extend(client.hvals("unacked"))
+        taken = client.hgetall("unacked")
+        taken_at = dict(client.zrange("unacked_index", 0, -1, withscores=True))
     except Exception as exc:
         logger.warning("cannot read the broker's queues: %s", exc)
         return None
+    recent = time.time() - RESEND_GRACE_S
+    raw.extend(item for tag, item in taken.items() if taken_at.get(tag, time.time()) >= recent)
     ids: set[str] = set()
     for item in raw:
         try:

@@ -274,7 +274,25 @@ CELERY_TASK_ROUTES = {
     # A retrain syncs, then trains in the same task (training.retraining): it needs the accelerator.
     "training.run_retrain": {"queue": GPU_QUEUE},
 }
+# Long tasks across many worker hosts (docs/scaling.md). A worker reserves no message beyond the ones it
+# runs: prefetch 1, and disable_prefetch (Redis only) because with early acks a worker busy with a 3-hour
+# training run would otherwise hold the next run's message while a worker on another host sits idle.
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_WORKER_DISABLE_PREFETCH = True
+# acks_late is set on exactly the tasks that run a job (each Job model's task_name; tests/embedportal/
+# test_celery_settings.py checks it): their message is acknowledged when the task returns, so a worker that
+# dies before it has claimed its job does not lose the message. That is safe only because a job task is
+# idempotent under the job system's fencing: a redelivered message finds the row RUNNING (or finished) and
+# does nothing (embedportal.jobs.claim). The reaper and the retrain ticks keep early acks (beat sends them again).
+# Redis hands an unacknowledged message to another worker after the visibility timeout: keep it above the
+# longest task (a training run), else a second worker gets a running run's message (a no-op, but noise). A
+# message taken by a worker that died before claiming is re-sent by the reaper after a minute whatever
+# this says (jobs.broker_task_ids), so a long timeout costs nothing.
+BROKER_VISIBILITY_TIMEOUT_S = env_int("EMBEDPORTAL_BROKER_VISIBILITY_TIMEOUT_S", 24 * 3600)
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": BROKER_VISIBILITY_TIMEOUT_S}
+# A broker blip must not cancel a running training run: its job beats to PostgreSQL, not to Redis, and a
+# redelivery of its message afterwards is a no-op (above).
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = False
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_SEND_TASK_EVENTS = True
 CELERY_TASK_SEND_SENT_EVENT = True

@@ -6,21 +6,21 @@ from search import index_jobs, indexing
 from search.clustering import assignment, runs
 
 
-@shared_task(name="search.build_index")
+@shared_task(name="search.build_index", acks_late=True)
 def build_index(*, job_id: int) -> None:
     indexing.run_build(index_id=job_id)
 
 
-@shared_task(name="search.run_index_job")
+@shared_task(name="search.run_index_job", acks_late=True)
 def run_index_job(*, job_id: int) -> None:
     index_jobs.run(job_id=job_id)
 
 
-@shared_task(name="search.run_clustering")
+@shared_task(name="search.run_clustering", acks_late=True)
 def run_clustering(*, job_id: int) -> None:
     runs.run(job_id=job_id)
 
 
-@shared_task(name="search.assign_to_clusters")
+@shared_task(name="search.assign_to_clusters", acks_late=True)
 def assign_to_clusters(*, job_id: int) -> None:
     assignment.run(job_id=job_id)

@@ -19,25 +19,25 @@ def _job(model, job_id: int):
     return job
 
 
-@shared_task(name="training.run_training")
+@shared_task(name="training.run_training", acks_late=True)
 def run_training(*, job_id: int) -> None:
     if (run := _job(TrainingRun, job_id)) is not None:
         runs.execute_run(run=run)
 
 
-@shared_task(name="training.run_import")
+@shared_task(name="training.run_import", acks_late=True)
 def run_import(*, job_id: int) -> None:
     if (job := _job(ImportJob, job_id)) is not None:
         import_jobs.execute(job=job)
 
 
-@shared_task(name="training.run_jira_sync")
+@shared_task(name="training.run_jira_sync", acks_late=True)
 def run_jira_sync(*, job_id: int) -> None:
     if (sync := _job(JiraSync, job_id)) is not None:
         jira.execute_sync(sync=sync)
 
 
-@shared_task(name="training.run_retrain")
+@shared_task(name="training.run_retrain", acks_late=True)
 def run_retrain(*, job_id: int) -> None:
     if (occurrence := _job(RetrainOccurrence, job_id)) is not None:
         retraining.execute_occurrence(occurrence=occurrence)
