@@ -15,74 +15,60 @@ from django.utils import timezone
 import numpy as np
 
 from search import index_jobs
-from training.fusion import RRF_K
 from search.hybrid import SearchError, resolve_fusion
 from search.models import Embedding, IndexJob, SearchIndex
 from training import evaluation
+from training.fusion import FUSION_CANDIDATES, RRF_K, TUNING_MAX_QUERIES, TUNING_METRIC, TUNING_SPLIT, fusion_name
 
-# Fusions tried on the validation split, RRF k=60 first so it wins ties.
-FUSION_CANDIDATES = (
-    [{"method": "rrf", "rrf_k": 60}, {"method": "rrf", "rrf_k": 20}]
-    + [{"method": "weighted", "alpha": a / 10} for a in range(1, 10)]
-)
-# Validation queries used for tuning, and held-out queries the evaluation
-# page runs by default. The keyword half of these query-by-document runs is
-# BM25 over the stored tsvectors (evaluation.bm25_scored_rankings, the
-# DATA.md keyword baseline): building its matrix takes ~10-20 s for 20k
-# tickets, each query then ~10 ms.
-TUNING_MAX_QUERIES = 300
+# Held-out queries the evaluation page runs by default. The keyword half of
+# these query-by-document runs is BM25 over the stored tsvectors
+# (evaluation.bm25_scored_rankings, the DATA.md keyword baseline): building
+# its matrix takes ~10-20 s for 20k tickets, each query then ~10 ms.
 EVALUATION_MAX_QUERIES = 200
 # The most held-out queries one evaluation may replay (each ~10 ms plus BM25's matrix).
 MAX_EVALUATION_QUERIES = 5000
-TUNING_METRIC = "ndcg@10"
+_fusion_name = fusion_name  # tests and older callers
 
 
-def _fusion_name(fusion: dict[str, Any]) -> str:
-    if fusion["method"] == "rrf":
-        return f"rrf k={fusion['rrf_k']}"
-    return f"weighted alpha={fusion['alpha']:.1f}"
-
-
-def _system_table(
-    *, index: SearchIndex, split: str, max_queries: int | None, fusions: list[dict[str, Any]]
-) -> tuple[dict[str, dict[str, float]], int]:
-    """Metrics of keyword, vector and each fusion on a split's queries (DATA.md protocol)."""
-    eval_set = evaluation.ticket_eval_set(dataset=index.dataset, split=split)
-    queries = evaluation.sample_queries(eval_set.queries, max_queries)
-    if not queries:
-        return {}, 0
+def _scored_sides(*, index: SearchIndex, eval_set: evaluation.EvalSet, queries: list[int]):
+    """BM25 and the index's stored vectors, scored, for the queries (DATA.md protocol, query by document)."""
     eval_set.queries = queries
     keyword = evaluation.bm25_scored_rankings(dataset=index.dataset, eval_set=eval_set, queries=queries)
     embeddings = index_embeddings(eval_set=eval_set, model_version_id=index.model_version_id)
     vector = evaluation.vector_scored_rankings(embeddings=embeddings, eval_set=eval_set, queries=queries)
-    systems = evaluation.hybrid_systems(keyword, vector, fusions=fusions)
-    return {name: evaluation.evaluate(r, eval_set).summary() for name, r in systems.items()}, len(queries)
+    return keyword, vector
 
 
 def tune_fusion(*, index: SearchIndex, max_queries: int | None = TUNING_MAX_QUERIES) -> dict[str, Any]:
-    """Pick the index's default fusion by nDCG@10 on the validation split and record it.
+    """Pick the index's default fusion by nDCG@10 on queries its model never trained on, and record it.
 
-    Validation = the TRAIN duplicate clusters of ../shared/DATA.md (the TEST
-    clusters stay unseen). Side effects: writes SearchIndex.fusion. An index
-    whose dataset has no TRAIN duplicate clusters keeps RRF k=60, recorded
-    with the reason.
+    Tuning queries: the TRAIN duplicate clusters of ../shared/DATA.md none of
+    whose tickets the model (or a version it continued from) trained on
+    (training.evaluation.trained_keys), i.e. the run's held-out validation
+    clusters; TEST clusters stay unseen. The same rule picks the run page's
+    `served` row (training.heldout). Side effects: writes SearchIndex.fusion,
+    with the tuning queries' keys. An index with no such queries keeps RRF
+    k=60, recorded with the reason.
     """
     if index.status != SearchIndex.Status.READY:
         raise SearchError(f"This index is {index.status}: tuning needs a ready index.")
     started = time.perf_counter()
-    table, n_queries = _system_table(
-        index=index, split="train", max_queries=max_queries, fusions=list(FUSION_CANDIDATES)
-    )
-    if not n_queries:
+    trained, source = evaluation.trained_keys(index.model_version)
+    eval_set = evaluation.ticket_eval_set(dataset=index.dataset, split="tuning", trained_keys=trained)
+    queries = evaluation.sample_queries(eval_set.queries, max_queries)
+    if not queries:
         fusion = {
             "method": "rrf", "rrf_k": RRF_K, "tuned": False,
-            "reason": "The dataset has no duplicate clusters in the validation split; RRF k=60 is used untuned.",
+            "reason": "The dataset has no duplicate clusters the model did not train on (outside the TEST split); "
+                      "RRF k=60 is used untuned.",
         }
     else:
-        best = max(FUSION_CANDIDATES, key=lambda f: table[_fusion_name(f)][TUNING_METRIC])
+        keyword, vector = _scored_sides(index=index, eval_set=eval_set, queries=queries)
+        best, table = evaluation.choose_fusion(keyword, vector, eval_set=eval_set)
         fusion = {
-            **best, "tuned": True, "metric": TUNING_METRIC, "split": "validation (TRAIN duplicate clusters)",
-            "queries": n_queries, "systems": table, "seconds": round(time.perf_counter() - started, 1),
+            **best, "tuned": True, "metric": TUNING_METRIC, "split": TUNING_SPLIT, "trained_on": source,
+            "queries": len(queries), "query_keys": sorted(eval_set.keys[q] for q in queries),
+            "systems": table, "seconds": round(time.perf_counter() - started, 1),
             "tuned_at": timezone.now().isoformat(timespec="seconds"),
         }
     SearchIndex.objects.filter(pk=index.pk).update(fusion=fusion)
@@ -108,7 +94,7 @@ def latest(*, index: SearchIndex, kind: str) -> IndexJob | None:
 
 
 def evaluate_search(*, index: SearchIndex, max_queries: int | None = EVALUATION_MAX_QUERIES) -> dict[str, Any]:
-    """Held-out (TEST cluster) queries through keyword, vector and the index's hybrid: the metric table.
+    """Held-out (TEST cluster) queries through keyword, vector and `served` (the index's fusion): the metric table.
 
     Reads only; the page shows it and nothing is stored. Query-by-document as
     in ../shared/DATA.md: a held-out ticket's text is the query.
@@ -117,13 +103,17 @@ def evaluate_search(*, index: SearchIndex, max_queries: int | None = EVALUATION_
         raise SearchError(f"This index is {index.status}: evaluation needs a ready index.")
     started = time.perf_counter()
     default = resolve_fusion(index=index)
-    table, n_queries = _system_table(index=index, split="test", max_queries=max_queries, fusions=[default])
-    if not n_queries:
+    eval_set = evaluation.ticket_eval_set(dataset=index.dataset, split="test")
+    queries = evaluation.sample_queries(eval_set.queries, max_queries)
+    if not queries:
         return {"queries": 0, "systems": {},
                 "message": "This dataset has no held-out duplicate clusters, so there is nothing to evaluate on."}
-    table["hybrid"] = table.pop(_fusion_name(default))
+    keyword, vector = _scored_sides(index=index, eval_set=eval_set, queries=queries)
+    systems = evaluation.hybrid_systems(keyword, vector, fusions=[])
+    systems["served"] = evaluation.fused_rankings(keyword, vector, fusion=default)
+    table = {name: evaluation.evaluate(rankings, eval_set).summary() for name, rankings in systems.items()}
     return {
-        "queries": n_queries, "fusion": default, "systems": table,
+        "queries": len(queries), "fusion": default, "systems": table,
         "seconds": round(time.perf_counter() - started, 1), "metrics": list(evaluation.METRIC_NAMES),
     }
 

@@ -18,7 +18,9 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from training.corpus import MAX_EMBED_CHARS, ticket_links, ticket_text
-from training.fusion import reciprocal_rank_fusion
+from training.fusion import (
+    FUSION_CANDIDATES, TUNING_METRIC, fusion_name, reciprocal_rank_fusion, weighted_score_fusion,
+)
 from training.models import Dataset, Document
 from training.pairs import Ticket, duplicate_clusters, split_clusters
 
@@ -41,8 +43,13 @@ class EvalSet:
         return {doc_id: i for i, doc_id in enumerate(self.doc_ids)}
 
 
-def ticket_eval_set(*, dataset: Dataset, split: str = "test") -> EvalSet:
-    """Queries from the TEST (or TRAIN) duplicate clusters of a ticket dataset."""
+def ticket_eval_set(*, dataset: Dataset, split: str = "test", trained_keys: Iterable[str] = ()) -> EvalSet:
+    """Queries from the TEST (or TRAIN, or tuning) duplicate clusters of a ticket dataset.
+
+    split "tuning": the TRAIN clusters none of whose tickets is in
+    `trained_keys` (what the model's runs trained on, tuning_split_keys), so
+    fusion is tuned on tickets the model never saw; TEST clusters stay unseen.
+    """
     rows = list(
         Document.objects.filter(dataset=dataset).order_by("id").values_list("id", "external_key", "title", "body", "metadata")
     )
@@ -56,7 +63,11 @@ def ticket_eval_set(*, dataset: Dataset, split: str = "test") -> EvalSet:
         for _, key, title, body, metadata in rows
     ]
     train, test = split_clusters(duplicate_clusters(tickets))
-    clusters = test if split == "test" else train
+    if split == "tuning":
+        trained = set(trained_keys)
+        clusters = [cluster for cluster in train if trained.isdisjoint(cluster)]
+    else:
+        clusters = test if split == "test" else train
     id_of = {key: doc_id for doc_id, key, *_ in rows}
     relevant: dict[int, set[int]] = {}
     for cluster in clusters:
@@ -205,25 +216,83 @@ def hybrid_systems(
     *,
     fusions: Sequence[dict],
 ) -> dict[str, dict[int, list[int]]]:
-    """Rankings of keyword-only, vector-only and each fusion ({"method", "rrf_k"|"alpha"})."""
-    from training.fusion import weighted_score_fusion
-
+    """Rankings of keyword-only, vector-only and each fusion ({"method", "rrf_k"|"alpha"}), named by fusion_name."""
     queries = set(keyword) | set(vector)
     systems: dict[str, dict[int, list[int]]] = {
         "keyword": {q: [d for d, _ in keyword.get(q, [])] for q in queries},
         "vector": {q: [d for d, _ in vector.get(q, [])] for q in queries},
     }
     for fusion in fusions:
-        if fusion["method"] == "rrf":
-            name = f"rrf k={fusion['rrf_k']}"
-            systems[name] = fuse(systems["keyword"], systems["vector"], k=fusion["rrf_k"])
-        else:
-            name = f"weighted alpha={fusion['alpha']:.1f}"
-            systems[name] = {
-                q: [d for d, _ in weighted_score_fusion(keyword.get(q, []), vector.get(q, []), alpha=fusion["alpha"])]
-                for q in queries
-            }
+        systems[fusion_name(fusion)] = fused_rankings(keyword, vector, fusion=fusion)
     return systems
+
+
+def fused_rankings(
+    keyword: dict[int, list[tuple[int, float]]], vector: dict[int, list[tuple[int, float]]], *, fusion: dict
+) -> dict[int, list[int]]:
+    """Each query's two scored rankings fused the way search.hybrid serves them (RRF or weighted)."""
+    queries = set(keyword) | set(vector)
+    if fusion["method"] == "rrf":
+        return {q: [d for d, _ in reciprocal_rank_fusion(
+            [[d for d, _ in keyword.get(q, [])], [d for d, _ in vector.get(q, [])]], k=fusion["rrf_k"])]
+            for q in queries}
+    return {q: [d for d, _ in weighted_score_fusion(keyword.get(q, []), vector.get(q, []), alpha=fusion["alpha"])]
+            for q in queries}
+
+
+def choose_fusion(
+    keyword: dict[int, list[tuple[int, float]]], vector: dict[int, list[tuple[int, float]]], *, eval_set: EvalSet,
+    candidates: Sequence[dict] = tuple(FUSION_CANDIDATES),
+) -> tuple[dict, dict[str, dict[str, float]]]:
+    """The candidate fusion with the best TUNING_METRIC on eval_set's queries (the first wins ties), and the table.
+
+    The one rule both the run's `served` row and search.tuning.tune_fusion use.
+    """
+    systems = hybrid_systems(keyword, vector, fusions=candidates)
+    table = {name: evaluate(rankings, eval_set).summary() for name, rankings in systems.items()}
+    best = max(candidates, key=lambda f: table[fusion_name(f)][TUNING_METRIC])
+    return dict(best), table
+
+
+def trained_keys(version) -> tuple[set[str], str]:
+    """Ticket keys whose duplicate/link pairs trained `version` or any version it continued from, and how known.
+
+    Each run stores the keys it trained on (metrics["training_split"]); a
+    run from before that is re-derived from its seed on its dataset as it is
+    now. A base-model version trained on none. A version without a run whose
+    training is unknown counts every TRAIN cluster outside the default seed's
+    validation share as trained (that is what a default run would have seen).
+    """
+    from training.pairs import ticket_cluster_split
+
+    keys: set[str] = set()
+    sources: list[str] = []
+    seen: set[int] = set()
+    while version is not None and version.pk not in seen:
+        seen.add(version.pk)
+        run = version.source_run
+        if run is None:
+            if version.artifact_path == version.base_model:  # a base model, not trained here
+                sources.append("base model")
+                break
+            run_seed, dataset = 42, version.dataset
+            stored = None
+            sources.append(f"{version}: training unknown, default validation share")
+        else:
+            stored = ((run.metrics or {}).get("training_split") or {}).get("trained_keys")
+            run_seed, dataset = int((run.hyperparameters or {}).get("seed", 42)), run.dataset
+            sources.append(f"run #{run.pk}")
+        if stored is not None:
+            keys.update(stored)
+        elif dataset is not None:
+            rows = Document.objects.filter(dataset=dataset).values_list("external_key", "metadata")
+            clusters = duplicate_clusters([Ticket(key=k, title="", body="", links=ticket_links(m)) for k, m in rows])
+            keys.update(key for cluster in clusters if ticket_cluster_split(cluster, seed=run_seed) == "train"
+                        for key in cluster)
+        parent = run.base_model if run is not None else ""
+        match = re.match(r"^version:(\d+)$", parent or "")
+        version = type(version).objects.filter(pk=int(match[1])).select_related("source_run").first() if match else None
+    return keys, ", ".join(sources)
 
 
 # --- BM25 over the stored tsvectors ----------------------------------------------
@@ -238,8 +307,8 @@ def _term_counts(tsvector_text: str) -> dict[str, int]:
     return {m.group(1).replace("''", "'"): m.group(2).count(",") + 1 for m in _LEXEME.finditer(tsvector_text or "")}
 
 
-def _bm25_matrices(dataset: Dataset):
-    """(term counts per document as CSR, BM25 term weights per document as CSC), rows in id order."""
+def bm25_matrices(dataset: Dataset):
+    """Built once, passed as `matrices` to rank several query sets: (term counts per document as CSR, BM25 term weights per document as CSC), rows in id order."""
     from scipy import sparse
 
     rows = Document.objects.filter(dataset=dataset).order_by("id").values_list("id", "search_vector")
@@ -265,7 +334,8 @@ def _bm25_matrices(dataset: Dataset):
 
 
 def bm25_rankings(
-    *, dataset: Dataset, eval_set: EvalSet, queries: Iterable[int] | None = None, limit: int = RANK_DEPTH
+    *, dataset: Dataset, eval_set: EvalSet, queries: Iterable[int] | None = None, limit: int = RANK_DEPTH,
+    matrices=None,
 ) -> dict[int, list[int]]:
     """Okapi BM25 (k1 1.2, b 0.75) with PostgreSQL's own stemming and stop words.
 
@@ -276,7 +346,7 @@ def bm25_rankings(
     a whole ticket's lexemes is not.
     """
     position = eval_set.position
-    tf, term_weights = _bm25_matrices(dataset)
+    tf, term_weights = matrices or bm25_matrices(dataset)
     n_docs = tf.shape[0]
     doc_ids = np.asarray(eval_set.doc_ids)
     out: dict[int, list[int]] = {}
@@ -291,17 +361,18 @@ def bm25_rankings(
 
 
 def bm25_scored_rankings(
-    *, dataset: Dataset, eval_set: EvalSet, queries: Iterable[int] | None = None, limit: int = RANK_DEPTH
+    *, dataset: Dataset, eval_set: EvalSet, queries: Iterable[int] | None = None, limit: int = RANK_DEPTH,
+    matrices=None,
 ) -> dict[int, list[tuple[int, float]]]:
     """bm25_rankings() with the BM25 scores (query removed), for score fusion in search tuning.
 
-    The same Okapi BM25 over the stored tsvectors (shared _bm25_matrices).
+    The same Okapi BM25 over the stored tsvectors (shared bm25_matrices).
     ts_rank_cd over an OR of a whole ticket's lexemes
     scored nDCG@10 0.008 on the Hadoop validation queries at 2.6 s a query;
     this takes seconds for all of them.
     """
     position = eval_set.position
-    tf, term_weights = _bm25_matrices(dataset)
+    tf, term_weights = matrices or bm25_matrices(dataset)
     n_docs = tf.shape[0]
     doc_ids = np.asarray(eval_set.doc_ids)
     out: dict[int, list[tuple[int, float]]] = {}

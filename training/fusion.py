@@ -60,3 +60,27 @@ def weighted_score_fusion(
         order.setdefault(item, len(order))
     fused = {item: alpha * vec.get(item, 0.0) + (1.0 - alpha) * kw.get(item, 0.0) for item in order}
     return sorted(fused.items(), key=lambda kv: (-kv[1], order[kv[0]]))
+
+
+# --- The fusions an index may serve, and how one is chosen ------------------------------
+
+# Tried on the tuning queries, RRF k=60 first so it wins ties. The run's held-out
+# evaluation (its `served` row) and search.tuning (the index's default) both pick
+# from these with training.evaluation.choose_fusion, so the run page shows what
+# the index will serve.
+FUSION_CANDIDATES = (
+    [{"method": "rrf", "rrf_k": 60}, {"method": "rrf", "rrf_k": 20}]
+    + [{"method": "weighted", "alpha": a / 10} for a in range(1, 10)]
+)
+TUNING_METRIC = "ndcg@10"
+# What fusion is tuned on, in words (the run page and the index's tuning record say it).
+TUNING_SPLIT = "validation: TRAIN duplicate clusters none of whose tickets the model trained on"
+# Tuning queries at most (an evenly spaced sample): each is ~10 ms of BM25 plus a kNN.
+TUNING_MAX_QUERIES = 300
+
+
+def fusion_name(fusion: dict) -> str:
+    """'rrf k=60' or 'weighted alpha=0.5': a fusion's row name in tables."""
+    if fusion["method"] == "rrf":
+        return f"rrf k={fusion['rrf_k']}"
+    return f"weighted alpha={fusion['alpha']:.1f}"

@@ -15,6 +15,7 @@ import numpy as np
 
 from training import evaluation as ev
 from training.finetune import Validation, load_model
+from training.fusion import TUNING_MAX_QUERIES, TUNING_METRIC, TUNING_SPLIT, fusion_name
 from training.models import Dataset
 
 # Validation corpus: the validation clusters plus this many other tickets as
@@ -65,6 +66,7 @@ class HeldOutEvaluation:
         self.eval_set = ev.ticket_eval_set(dataset=dataset, split="test")
         self._keyword: ev.EvalResult | None = None
         self._models: dict[str, ModelEvaluation] = {}
+        self._matrices = None
 
     @property
     def available(self) -> bool:
@@ -73,7 +75,7 @@ class HeldOutEvaluation:
     def keyword(self) -> ev.EvalResult:
         if self._keyword is None:
             self.log(f"evaluating keyword search (BM25) on {len(self.eval_set.queries)} held-out queries")
-            rankings = ev.bm25_rankings(dataset=self.dataset, eval_set=self.eval_set)
+            rankings = ev.bm25_rankings(dataset=self.dataset, eval_set=self.eval_set, matrices=self._bm25())
             self._keyword = ev.evaluate(rankings, self.eval_set)
         return self._keyword
 
@@ -93,6 +95,40 @@ class HeldOutEvaluation:
         )
         self._models[path] = result
         return result
+
+    def _bm25(self):
+        if self._matrices is None:
+            self._matrices = ev.bm25_matrices(self.dataset)
+        return self._matrices
+
+    def served(self, path: str, *, trained_keys: set[str], max_seq_length: int, device: str) -> dict | None:
+        """The `served` system: fusion chosen on the tuning queries, then run on the TEST queries.
+
+        The tuning queries are the TRAIN-cluster tickets none of whose
+        cluster was trained on (`trained_keys`: the run's and its ancestors'),
+        picked with the same rule and candidates as search.tuning.tune_fusion,
+        so the index built from this model serves this fusion. None when there
+        are no such queries (the index then keeps RRF k=60, untuned).
+        Returns {"system": metrics, "fusion": {..., "queries", "query_keys"}}.
+        """
+        model = self.model(path, max_seq_length=max_seq_length, device=device)
+        tuning_set = ev.ticket_eval_set(dataset=self.dataset, split="tuning", trained_keys=trained_keys)
+        tuning_set.queries = ev.sample_queries(tuning_set.queries, TUNING_MAX_QUERIES)
+        if not tuning_set.queries:
+            return None
+        self.log(f"tuning the fusion on {len(tuning_set.queries)} queries of untrained TRAIN clusters")
+        keyword = ev.bm25_scored_rankings(dataset=self.dataset, eval_set=tuning_set, matrices=self._bm25())
+        vector = ev.vector_scored_rankings(embeddings=model.embeddings, eval_set=tuning_set)
+        fusion, table = ev.choose_fusion(keyword, vector, eval_set=tuning_set)
+        test_keyword = ev.bm25_scored_rankings(dataset=self.dataset, eval_set=self.eval_set, matrices=self._bm25())
+        test_vector = ev.vector_scored_rankings(embeddings=model.embeddings, eval_set=self.eval_set)
+        result = ev.evaluate(ev.fused_rankings(test_keyword, test_vector, fusion=fusion), self.eval_set)
+        return {
+            "system": result.summary(),
+            "fusion": {**fusion, "metric": TUNING_METRIC, "split": TUNING_SPLIT, "queries": len(tuning_set.queries),
+                       "query_keys": sorted(tuning_set.keys[q] for q in tuning_set.queries),
+                       "tuning_ndcg@10": table[fusion_name(fusion)][TUNING_METRIC]},
+        }
 
     def drilldown(self, before: ev.EvalResult, after: ev.EvalResult) -> list[dict]:
         """Per query: nDCG@10 before/after and the top results of each, biggest changes first."""

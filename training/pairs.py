@@ -98,6 +98,8 @@ class PairSet:
     counts: dict[str, int] = field(default_factory=dict)
     # Groups (clusters, answers, labels, ...) per split, and test queries for tickets.
     split: dict[str, int] = field(default_factory=dict)
+    # Tickets: the keys whose duplicate or link pairs are in `train` (fusion is tuned on none of them).
+    trained_keys: list[str] = field(default_factory=list)
 
     def as_dict(self, *, sample: int = 0, seed: int = 0) -> dict[str, Any]:
         rows = random.Random(seed).sample(self.train, min(sample, len(self.train))) if sample else []
@@ -312,6 +314,7 @@ def _ticket_pairs(tickets, *, seed, link_types, include_self_pairs, weak_positiv
                     add(where, "duplicate", (by_key[a].title, by_key[b].text[:MAX_PAIR_TEXT_CHARS]))
     # Other link types: both ends outside TEST (and in the same split), so no text crosses.
     extra_types = {t.lower() for t in link_types} - {DUPLICATE_LINK}
+    linked: set[str] = set()
     if extra_types:
         seen: set[tuple[str, str]] = set()
         for t in tickets:
@@ -326,6 +329,8 @@ def _ticket_pairs(tickets, *, seed, link_types, include_self_pairs, weak_positiv
                 if where_a != where_b:
                     continue
                 add(where_a, f"link:{link_type}", (t.title, by_key[other].text[:MAX_PAIR_TEXT_CHARS]))
+                if where_a == "train":
+                    linked.update((t.key, other))
     strong = list(train)
     weak: list[tuple[str, str]] = []
     if weak_positives:
@@ -361,7 +366,9 @@ def _ticket_pairs(tickets, *, seed, link_types, include_self_pairs, weak_positiv
     split = {f"{k}_clusters": v for k, v in split_counts.items()}
     split["test_queries"] = sum(1 for where in split_of.values() if where == "test")
     split["tickets"] = len(tickets)
-    return PairSet("tickets", ("anchor", "positive"), strong + weak + self_pairs, validation, counts, split)
+    trained = linked | {key for key, where in split_of.items() if where == "train"}
+    return PairSet("tickets", ("anchor", "positive"), strong + weak + self_pairs, validation, counts, split,
+                   trained_keys=sorted(trained))
 
 
 def _answer_group(example: Example) -> str:

@@ -21,6 +21,8 @@ from django.utils import timezone
 
 from embedportal import jobs
 from training import artifacts, finetune, pairs, registry
+from training import evaluation as evaluation_module
+from training.fusion import fusion_name
 from training.errors import ServiceError
 from training.hyperparameters import Hyperparameters, parse
 from training.models import Dataset, ModelVersion, TrainingRun
@@ -235,6 +237,9 @@ def _train(attempt: jobs.Attempt, *, device: str | None, echo: Callable[[str], N
             progress.log(f"continuing from {run.base_model} ({base_path})")
         pair_set, data, validation = build_training_data(run=run, hyper=hyper, log=progress.log)
         tickets = run.dataset.kind == Dataset.Kind.TICKETS
+        if pair_set.strategy == "tickets":
+            # What this model trained on: fusion is tuned on none of it (training.evaluation.trained_keys).
+            progress.metrics["training_split"] = {"seed": hyper.seed, "trained_keys": pair_set.trained_keys}
         held_out = HeldOutEvaluation(dataset=run.dataset, log=progress.log) if hyper.evaluate and tickets else None
         evaluation = dict(run.evaluation or {})
         if held_out is not None and held_out.available and "base" not in evaluation.get("systems", {}):
@@ -275,6 +280,13 @@ def _train(attempt: jobs.Attempt, *, device: str | None, echo: Callable[[str], N
             evaluation["systems"]["hybrid_fine_tuned"] = tuned.hybrid.summary()
             evaluation["per_query"] = held_out.drilldown(base_result, tuned.vector)
             progress.log(f"fine-tuned model nDCG@10 {tuned.vector.metrics['ndcg@10']:.4f}")
+            served = held_out.served(str(output_dir / "model"), trained_keys=_lineage_trained_keys(run, pair_set),
+                                     max_seq_length=hyper.max_seq_length, device=device)
+            if served is not None:
+                evaluation["systems"]["served"] = served["system"]
+                evaluation["served_fusion"] = served["fusion"]
+                progress.log(f"served (tuned {fusion_name(served['fusion'])} on {served['fusion']['queries']} "
+                             f"untrained validation queries) nDCG@10 {served['system']['ndcg@10']:.4f}")
         elif held_out is not None:
             evaluation = {"unavailable": "The dataset has no held-out duplicate clusters (no Duplicate links "
                                          "inside the dataset), so there is nothing to evaluate on."}
@@ -313,6 +325,16 @@ def _train(attempt: jobs.Attempt, *, device: str | None, echo: Callable[[str], N
         evaluation=evaluation,
         embeddings=(held_out.eval_set.doc_ids, tuned_embeddings) if tuned_embeddings is not None else None,
     )
+
+
+def _lineage_trained_keys(run: TrainingRun, pair_set) -> set[str]:
+    """Ticket keys this run trained on, plus those of the versions it continued from."""
+    keys = set(pair_set.trained_keys)
+    match = VERSION_REF.match(run.base_model)
+    parent = ModelVersion.objects.filter(pk=int(match[1])).select_related("source_run").first() if match else None
+    if parent is not None:
+        keys |= evaluation_module.trained_keys(parent)[0]
+    return keys
 
 
 def register_trained_model(*, attempt: jobs.Attempt, model_dir: Path, dimensions: int, evaluation: dict | None = None,

@@ -287,8 +287,9 @@ SYSTEM_LABELS = {
     "keyword": "keyword (BM25 over the full-text index)",
     "base": "base model",
     "fine_tuned": "fine-tuned model",
-    "hybrid_base": "hybrid with base model",
-    "hybrid_fine_tuned": "hybrid with fine-tuned model",
+    "hybrid_base": "plain hybrid (RRF k=60) with base model",
+    "hybrid_fine_tuned": "plain hybrid (RRF k=60) with fine-tuned model",
+    "served": "served: fine-tuned model with its index's tuned fusion",
 }
 DRILLDOWN_ROWS = 30
 LOG_TAIL_LINES = 8

@@ -28,9 +28,14 @@ def test_build_tunes_fusion_on_train_clusters_only(slice_index):
     train = evaluation.ticket_eval_set(dataset=slice_index.dataset, split="train")
     test = evaluation.ticket_eval_set(dataset=slice_index.dataset, split="test")
     assert train.queries and test.queries and not set(train.queries) & set(test.queries)
+    # A version with no training run behind it: the default run's validation share is what it never saw.
+    tuning_set = evaluation.ticket_eval_set(dataset=slice_index.dataset, split="tuning",
+                                            trained_keys=evaluation.trained_keys(slice_index.model_version)[0])
+    assert tuning_set.queries and set(tuning_set.queries) < set(train.queries)
     assert (fusion["tuned"], fusion["queries"], fusion["split"]) == (
-        True, len(train.queries), "validation (TRAIN duplicate clusters)"
+        True, len(tuning_set.queries), "validation: TRAIN duplicate clusters none of whose tickets the model trained on"
     )
+    assert fusion["query_keys"] == sorted(tuning_set.keys[q] for q in tuning_set.queries)
     candidates = {tuning._fusion_name(f) for f in tuning.FUSION_CANDIDATES}
     assert set(fusion["systems"]) == candidates | {"keyword", "vector"}
     best = max(fusion["systems"][name]["ndcg@10"] for name in candidates)
@@ -46,7 +51,7 @@ def test_evaluate_search_runs_test_queries_through_three_systems(slice_index):
     report = tuning.evaluate_search(index=slice_index, max_queries=None)
     test = evaluation.ticket_eval_set(dataset=slice_index.dataset, split="test")
     assert report["queries"] == len(test.queries)
-    assert list(report["systems"]) == ["keyword", "vector", "hybrid"]
+    assert list(report["systems"]) == ["keyword", "vector", "served"]
     assert report["fusion"] == hybrid.resolve_fusion(index=slice_index)
     # The keyword row is BM25 (the DATA.md keyword baseline, the lead's bm25_rankings) on the same queries.
     plain = evaluation.evaluate(evaluation.bm25_rankings(dataset=slice_index.dataset, eval_set=test), test)
@@ -70,9 +75,9 @@ def test_evaluation_page_shows_metric_table(web, slice_index):
     assert "See the table" in web.get(f"/search/jobs/{job.pk}/").content.decode()
     html = web.get(f"/search/evaluate/{slice_index.pk}").content.decode()
     assert "5 held-out queries" in html
-    for system in ("keyword", "vector", "hybrid"):
+    for system in ("keyword", "vector", "served"):
         assert f"<tr><td>{system}</td>" in html
-    assert "Tuned by ndcg@10 on " in html and "queries of the validation (TRAIN duplicate clusters)" in html
+    assert "Tuned by ndcg@10 on " in html and "queries of the validation: TRAIN duplicate clusters none of" in html
 
 
 def test_evaluation_page_rejects_bad_query_count(web, slice_index):
