@@ -100,6 +100,10 @@ def cached_vectors(*, model_path: str, data: Path, texts_by_key: dict[str, str])
 # dims, sigma 0.025 puts copies at cosine ~0.89 to their original.
 COPY_NOISE_SIGMA = 0.025
 FILTER_FROM, FILTER_TO = "2015-01-01", "2015-12-31"
+# HTTP runs of one bench (see --load-configs): today's server (PyTorch queries, no cache, 2 workers x 4
+# threads), the ONNX int8 query encoder alone, and the product's defaults (ONNX int8 + query cache, bin/run's
+# web sizing). 60 s each by default.
+DEFAULT_LOAD_CONFIGS = "today:torch:0:2x4,onnx:auto:0:2x4,new:auto:1024:product"
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -243,30 +247,49 @@ def transaction_atomic():
     return transaction.atomic()
 
 
+# Query encoding "today" (before issue #17: PyTorch fp32 on one thread, no cache) and the product's default
+# (EMBEDPORTAL_QUERY_BACKEND=auto: ONNX Runtime int8 on one thread). The cache is off in both latency loops,
+# so every query is encoded.
+TODAY_QUERY_SETTINGS = {"QUERY_BACKEND": "torch", "QUERY_CACHE_SIZE": 0}
+NEW_QUERY_SETTINGS = {"QUERY_CACHE_SIZE": 0}
+
+
 def _latency(index, queries: list[str], query_vectors: np.ndarray) -> dict:
+    from django.test import override_settings
+
     from search import hybrid
 
     for q, v in zip(queries[:20], query_vectors[:20]):  # warm caches and the model
         hybrid.hybrid_search(index=index, query=q, k=10, query_vector=v.tolist())
-        hybrid.hybrid_search(index=index, query=q, k=10)
-    without, with_embedding, keyword_ms, vector_ms, embed_ms = [], [], [], [], []
+    without, keyword_ms, vector_ms = [], [], []
     for q, v in zip(queries, query_vectors):
         t0 = time.perf_counter()
         result = hybrid.hybrid_search(index=index, query=q, k=10, query_vector=v.tolist())
         without.append((time.perf_counter() - t0) * 1000)
         keyword_ms.append(result.timings_ms.get("keyword", 0.0))
         vector_ms.append(result.timings_ms.get("vector", 0.0))
-    for q in queries:
-        t0 = time.perf_counter()
-        result = hybrid.hybrid_search(index=index, query=q, k=10)
-        with_embedding.append((time.perf_counter() - t0) * 1000)
-        embed_ms.append(result.timings_ms.get("embed", 0.0))
+    figures = {"hybrid_p50_ms": _percentile(without, 50), "hybrid_p95_ms": _percentile(without, 95),
+               "keyword_side_p95_ms": _percentile(keyword_ms, 95), "vector_side_p95_ms": _percentile(vector_ms, 95)}
+    for prefix, overrides in (("today_", TODAY_QUERY_SETTINGS), ("", NEW_QUERY_SETTINGS)):
+        with override_settings(**overrides):
+            for q in queries[:20]:
+                hybrid.hybrid_search(index=index, query=q, k=10)
+            with_embedding, embed_ms, backends = [], [], set()
+            for q in queries:
+                t0 = time.perf_counter()
+                result = hybrid.hybrid_search(index=index, query=q, k=10)
+                with_embedding.append((time.perf_counter() - t0) * 1000)
+                embed_ms.append(result.timings_ms.get("embed", 0.0))
+                backends.add(result.query_encoder.get("backend", ""))
+        figures.update({
+            f"{prefix}hybrid_with_embedding_p50_ms": _percentile(with_embedding, 50),
+            f"{prefix}hybrid_with_embedding_p95_ms": _percentile(with_embedding, 95),
+            f"{prefix}query_embedding_p50_ms": _percentile(embed_ms, 50),
+            f"{prefix}query_embedding_p95_ms": _percentile(embed_ms, 95),
+            f"{prefix}query_backend": ",".join(sorted(b for b in backends if b)),
+        })
     return {
-        "hybrid_p50_ms": _percentile(without, 50), "hybrid_p95_ms": _percentile(without, 95),
-        "hybrid_with_embedding_p50_ms": _percentile(with_embedding, 50),
-        "hybrid_with_embedding_p95_ms": _percentile(with_embedding, 95),
-        "keyword_side_p95_ms": _percentile(keyword_ms, 95), "vector_side_p95_ms": _percentile(vector_ms, 95),
-        "query_embedding_p95_ms": _percentile(embed_ms, 95), "latency_queries": len(queries),
+        **figures, "latency_queries": len(queries),
         # The machine is shared: the 1-minute load average when the latency
         # loop ended says how busy the 2 cores were with other work.
         "load_avg_1m_after_latency": round(os.getloadavg()[0], 2),
@@ -308,8 +331,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _load(index, owner, queries: list[str], *, seconds: int, clients: int, workers: int, threads: int) -> dict:
-    """20 threads hammering GET /api/indexes/{id}/search/ over keep-alive HTTP on loopback."""
+def _load(index, owner, queries: list[str], *, seconds: int, clients: int, workers: int, threads: int,
+          env_extra: dict[str, str] | None = None) -> dict:
+    """20 threads hammering GET /api/indexes/{id}/search/ over keep-alive HTTP on loopback.
+
+    env_extra: the server's own settings (EMBEDPORTAL_QUERY_BACKEND, EMBEDPORTAL_QUERY_CACHE_SIZE).
+    """
     import http.client
     import os
     import subprocess
@@ -321,7 +348,8 @@ def _load(index, owner, queries: list[str], *, seconds: int, clients: int, worke
 
     token = Token.objects.get_or_create(user=owner)[0].key
     port = _free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1", LOG_LEVEL="WARNING", DEBUG="0", ALLOWED_HOSTS="127.0.0.1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", LOG_LEVEL="WARNING", DEBUG="0", ALLOWED_HOSTS="127.0.0.1",
+               **(env_extra or {}))
     server = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "embedportal.wsgi", "--bind", f"127.0.0.1:{port}", "--workers",
          str(workers), "--threads", str(threads), "--timeout", "60", "--log-level", "warning"],
@@ -346,6 +374,7 @@ def _load(index, owner, queries: list[str], *, seconds: int, clients: int, worke
             conn.getresponse().read()
         latencies: list[float] = []
         errors: list[str] = []
+        cached: list[bool] = []
         lock = threading.Lock()
         stop_at = time.perf_counter() + seconds
 
@@ -361,12 +390,14 @@ def _load(index, owner, queries: list[str], *, seconds: int, clients: int, worke
                     response = c.getresponse()
                     body = response.read()
                     ok = response.status == 200 and b'"results"' in body
+                    hit = b'"cached":true' in body
                 except (OSError, http.client.HTTPException) as exc:
-                    ok, body = False, repr(exc).encode()
+                    ok, body, hit = False, repr(exc).encode(), False
                     c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
                 elapsed = (time.perf_counter() - t0) * 1000
                 with lock:
                     latencies.append(elapsed)
+                    cached.append(hit)
                     if not ok:
                         errors.append(body[:200].decode(errors="replace"))
 
@@ -386,9 +417,84 @@ def _load(index, owner, queries: list[str], *, seconds: int, clients: int, worke
         "http_clients": clients, "http_seconds": round(wall, 1), "http_requests": len(latencies),
         "http_errors": len(errors), "http_throughput_rps": round(len(latencies) / wall, 1),
         "http_p50_ms": _percentile(latencies, 50), "http_p95_ms": _percentile(latencies, 95),
-        "gunicorn": f"{workers} workers x {threads} threads",
+        "http_p99_ms": _percentile(latencies, 99),
+        "http_query_cache_hit_rate": round(sum(cached) / max(len(cached), 1), 3),
+        "gunicorn": f"{workers} workers x {threads} threads", "server_settings": env_extra or {},
         "load_avg_1m_after_http": round(os.getloadavg()[0], 2),
     }
+
+
+def _load_configs(spec: str) -> list[tuple[str, dict[str, str], int, int]]:
+    """--load-configs "name:backend:cache:WxT,...": (label, server env, workers, threads) per HTTP run.
+
+    "product" as WxT is bin/run's sizing (embedportal.launcher.web_size()).
+    """
+    from embedportal.launcher import web_size
+
+    configs = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        label, backend, cache, size = item.split(":")
+        workers, threads = web_size() if size == "product" else map(int, size.split("x"))
+        configs.append((label, {"EMBEDPORTAL_QUERY_BACKEND": backend, "EMBEDPORTAL_QUERY_CACHE_SIZE": cache},
+                        workers, threads))
+    return configs
+
+
+def _query_path_quality(index) -> dict:
+    """The served query path against today's: the DATA.md protocol with each query's text encoded.
+
+    Query by document as in DATA.md, but the query vector is the ticket's text
+    encoded the way a search request encodes it (one text at a time): PyTorch
+    fp32 (today) and the product's query encoder (ONNX Runtime int8); the
+    documents keep their stored vectors. Reports the cosine of the two query
+    vectors and nDCG@10 of vector and hybrid (the index's default fusion,
+    BM25 keyword side) with each.
+    """
+    from search import encoders, query_vectors, tuning
+    from search.hybrid import resolve_fusion
+    from training import evaluation
+
+    eval_set = evaluation.ticket_eval_set(dataset=index.dataset, split="test")
+    queries = eval_set.queries
+    position = eval_set.position
+    texts = [eval_set.texts[position[q]] for q in queries]
+    path = index.model_version.artifact_path
+    encoded, seconds = {}, {}
+    for backend in ("torch", "auto"):
+        t0 = time.perf_counter()
+        encoded[backend] = np.asarray(
+            [query_vectors.encode(artifact_path=path, text=text, backend=backend)[0] for text in texts],
+            dtype=np.float32)
+        seconds[backend] = round(time.perf_counter() - t0, 1)
+    new_backend = encoders.get_query_encoder(path, "auto")[1]
+    cosines = (encoded["torch"] * encoded["auto"]).sum(axis=1)
+    documents = tuning.index_embeddings(eval_set=eval_set, model_version_id=index.model_version_id)
+    keyword = evaluation.bm25_scored_rankings(dataset=index.dataset, eval_set=eval_set, queries=queries)
+    fusion = resolve_fusion(index=index)
+    doc_ids = np.asarray(eval_set.doc_ids)
+    figures: dict = {}
+    for name, matrix in (("today", encoded["torch"]), ("new", encoded["auto"])):
+        scores = matrix @ documents.T
+        vector = {}
+        for row, query in enumerate(queries):
+            top = np.argsort(-scores[row], kind="stable")[: evaluation.RANK_DEPTH + 1]
+            vector[query] = [(int(doc_ids[i]), float(scores[row, i])) for i in top if doc_ids[i] != query]
+        systems = evaluation.hybrid_systems(keyword, vector, fusions=[fusion])
+        hybrid_name = next(n for n in systems if n not in ("keyword", "vector"))
+        for system, label in (("vector", "vector"), (hybrid_name, "hybrid")):
+            figures[f"{name}_query_{label}_ndcg_at_10"] = evaluation.evaluate(
+                systems[system], eval_set).summary()["ndcg@10"]
+    figures.update({
+        "query_path_queries": len(queries), "query_backend_new": new_backend,
+        "query_cosine_new_vs_fp32_min": round(float(cosines.min()), 4),
+        "query_cosine_new_vs_fp32_mean": round(float(cosines.mean()), 4),
+        "query_hybrid_ndcg_change": round(figures["new_query_hybrid_ndcg_at_10"]
+                                          - figures["today_query_hybrid_ndcg_at_10"], 4),
+        "query_vector_ndcg_change": round(figures["new_query_vector_ndcg_at_10"]
+                                          - figures["today_query_vector_ndcg_at_10"], 4),
+        "query_encode_seconds_today_vs_new": f"{seconds['torch']} / {seconds['auto']}",
+    })
+    return figures
 
 
 def _quality(index) -> dict:
@@ -429,8 +535,9 @@ def run(argv: list[str]) -> dict:
     parser.add_argument("--queries", type=int, default=300, help="latency queries (ticket titles)")
     parser.add_argument("--load-seconds", type=int, default=60)
     parser.add_argument("--clients", type=int, default=20)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--load-configs", default=DEFAULT_LOAD_CONFIGS,
+                        help="HTTP runs, each name:query-backend:cache-size:WORKERSxTHREADS (or 'product'); the "
+                             "run named 'new' gives the http_* figures, the others http_<name>_*")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--quality-only", action="store_true",
                         help="only the DATA.md quality figures (no 100k index, latency, recall or HTTP load)")
@@ -470,16 +577,24 @@ def run(argv: list[str]) -> dict:
     emit({"step": "latency", **figures})
     figures.update(_recall(big, built, query_vectors[:200]))
     emit({"step": "recall", **figures})
-    figures.update(_load(big, built["owner"], queries, seconds=args.load_seconds, clients=args.clients,
-                         workers=args.workers, threads=args.threads))
-    emit({"step": "load", **figures})
+    for label, server_env, workers, threads in _load_configs(args.load_configs):
+        loaded = _load(big, built["owner"], queries, seconds=args.load_seconds, clients=args.clients,
+                       workers=workers, threads=threads, env_extra=server_env)
+        emit({"step": "load", "config": label, **loaded})
+        figures.update(loaded if label == "new" else {
+            (k.replace("http_", f"http_{label}_", 1) if k.startswith("http_") else f"{label}_{k}"): v
+            for k, v in loaded.items()})
     targets = {
         "hybrid_p95_ms": "<= 30", "hybrid_with_embedding_p95_ms": "<= 50",
         "hnsw_recall_at_10": ">= 0.95", "hnsw_filtered_recall_at_10": ">= 0.95",
         "filtered_queries_with_10_results": ">= 1", "http_errors": "<= 0",
+        "http_throughput_rps": ">= 80", "http_p95_ms": "<= 300",
     }
     if not args.skip_quality:
         figures.update(_quality(built["indexes"]["real"]))
         targets["hybrid_minus_best_half"] = ">= 0"
+        figures.update(_query_path_quality(built["indexes"]["real"]))
+        emit({"step": "query-path", **{k: v for k, v in figures.items() if k.startswith("query")}})
+        targets["query_hybrid_ndcg_change"] = ">= -0.002"
     figures["model"] = args.model
     return summary("search", figures, targets)

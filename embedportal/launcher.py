@@ -136,9 +136,10 @@ def _persistent_secret_key(path: Path, *, fernet: bool = False) -> str:
 def product_processes(*, python: str, host: str, port: str) -> dict[str, list[str]]:
     """The product's long-running processes: name -> command line."""
     celery = [python, "-m", "celery", "-A", "embedportal"]
+    workers, threads = web_size()
     return {
-        "web": [python, "-m", "gunicorn", "embedportal.wsgi", "--bind", f"{host}:{port}", "--workers", "2",
-                "--threads", "4", "--timeout", "120", "--access-logfile", "-"],
+        "web": [python, "-m", "gunicorn", "embedportal.wsgi", "--bind", f"{host}:{port}", "--workers", str(workers),
+                "--threads", str(threads), "--timeout", "120", "--access-logfile", "-"],
         # One task at a time on the gpu queue: a solo pool frees CUDA memory with the task.
         "gpu-worker": [*celery, "worker", "-Q", "gpu", "--pool", "solo", "-n", "gpu@%h", "--loglevel", "INFO"],
         # Index builds on their own queue and worker, so they never wait behind a training run
@@ -147,6 +148,20 @@ def product_processes(*, python: str, host: str, port: str) -> dict[str, list[st
         "worker": [*celery, "worker", "-Q", "default", "--concurrency", "2", "-n", "default@%h", "--loglevel", "INFO"],
         "beat": [*celery, "beat", "--loglevel", "INFO", "--schedule", str(VAR_DIR / "celerybeat-schedule")],
     }
+
+
+def web_size() -> tuple[int, int]:
+    """(gunicorn workers, threads per worker): EMBEDPORTAL_WEB_WORKERS / EMBEDPORTAL_WEB_THREADS, else sized to the cores.
+
+    A search request is CPU work (query encoding, JSON) plus waits on
+    PostgreSQL: one worker per core keeps the cores busy without doubling
+    the models in memory, and threads cover the waits. Measured in
+    docs/benchmarks.md (search, HTTP load).
+    """
+    cores = os.cpu_count() or 1
+    workers = int(os.environ.get("EMBEDPORTAL_WEB_WORKERS") or max(2, cores))
+    threads = int(os.environ.get("EMBEDPORTAL_WEB_THREADS") or 4)
+    return max(1, workers), max(1, threads)
 
 
 def status_path(var_dir: Path) -> Path:

@@ -221,6 +221,10 @@ MODEL_IDLE_UNLOAD_S = env_int("EMBEDPORTAL_MODEL_IDLE_UNLOAD_S", 1800)
 # Encoder of the embedding job: auto (ONNX Runtime int8 on CPU, PyTorch on a
 # GPU), torch, onnx (fp32) or onnx-int8. See search/onnx_encoder.py.
 EMBED_BACKEND = env_str("EMBEDPORTAL_EMBED_BACKEND", "auto")
+# Encoder of search queries, same choices (auto: the job's ONNX int8 export on one thread on CPU), and
+# how many recent query vectors each web process keeps (0: none). See search/query_vectors.py.
+QUERY_BACKEND = env_str("EMBEDPORTAL_QUERY_BACKEND", "auto")
+QUERY_CACHE_SIZE = env_int("EMBEDPORTAL_QUERY_CACHE_SIZE", 1024)
 # A running run whose heartbeat is older than this is marked failed by the reaper.
 RUN_HEARTBEAT_TIMEOUT_S = env_int("EMBEDPORTAL_RUN_HEARTBEAT_TIMEOUT_S", 300)
 # Base models a run may start from besides Hugging Face ids and the user's own

@@ -65,6 +65,7 @@ def _search(index: SearchIndex, request) -> dict:
         "key_document": result.key_document_id,
         "message": result.message, "notice": result.notice,
         "fusion": result.fusion, "filters": result.filters, "timings_ms": result.timings_ms,
+        "query_encoder": result.query_encoder,
         "results": [hybrid.serialize_hit(hit) for hit in result.hits],
     }
 

@@ -26,31 +26,37 @@ logger = logging.getLogger(__name__)
 MAX_CACHED_MODELS = 2
 MAX_TEXTS = 256
 MAX_TEXT_CHARS = 8192
-_cache: OrderedDict[str, tuple[object, float]] = OrderedDict()
+# key -> (model or encoder, last used, group)
+_cache: OrderedDict[str, tuple[object, float, str]] = OrderedDict()
 _lock = threading.Lock()
 
 
 def _evict_idle(now: float) -> None:
     idle = getattr(settings, "MODEL_IDLE_UNLOAD_S", 1800)
-    for path in [p for p, (_, used) in _cache.items() if now - used > idle]:
+    for path in [p for p, (_, used, _) in _cache.items() if now - used > idle]:
         del _cache[path]
 
 
-def _cached(key: str, load, *, limit: int):
-    """The process-wide cache: the entry for `key` (marked used now), else load() it, keeping at most `limit`."""
+def _cached(key: str, load, *, limit: int, group: str = "model"):
+    """The process-wide cache: the entry for `key` (marked used now), else load() it.
+
+    At most `limit` entries of `group` stay ("model": the PyTorch models;
+    each encoder role its own group), so encoders never push models out.
+    """
     now = time.monotonic()
     with _lock:
         _evict_idle(now)
         entry = _cache.get(key)
         if entry is not None:
-            _cache[key] = (entry[0], now)
+            _cache[key] = (entry[0], now, entry[2])
             _cache.move_to_end(key)
             return entry[0]
     value = load()
     with _lock:
-        _cache[key] = (value, time.monotonic())
-        while len(_cache) > limit:
-            _cache.popitem(last=False)
+        _cache[key] = (value, time.monotonic(), group)
+        members = [k for k, (_, _, g) in _cache.items() if g == group]  # least recently used first
+        for old in members[: max(0, len(members) - limit)]:
+            del _cache[old]
     return value
 
 
@@ -70,6 +76,25 @@ def get_job_encoder(artifact_path: str, backend: str = "auto") -> tuple[object, 
     module pipeline, a failed export) is encoded with PyTorch and the log says
     why. Cached per process like the serving models.
     """
+    return _encoder(artifact_path, backend, threads=None, role="")
+
+
+def get_query_encoder(artifact_path: str, backend: str = "auto") -> tuple[object, str]:
+    """The encoder of search queries and its backend: get_job_encoder's choice, on one intra-op thread.
+
+    One thread: a query is a few dozen tokens, and concurrent requests get
+    their parallelism from the web server's processes and threads (ONNX
+    Runtime releases the GIL), not from threads spinning inside one query.
+    A separate session from the job's (which uses every core), same export.
+    """
+    return _encoder(artifact_path, backend, threads=QUERY_THREADS, role="query-")
+
+
+# Intra-op threads of a query encoder (see get_query_encoder).
+QUERY_THREADS = 1
+
+
+def _encoder(artifact_path: str, backend: str, *, threads: int | None, role: str) -> tuple[object, str]:
     from search import onnx_encoder
 
     model = get_model(artifact_path)
@@ -80,12 +105,13 @@ def get_job_encoder(artifact_path: str, backend: str = "auto") -> tuple[object, 
 
     def export():
         return onnx_encoder.OnnxEncoder(model, model_dir=finetune.resolve_base_model(ensure_local(artifact_path)),
-                                        quantized=chosen == "onnx-int8")
+                                        quantized=chosen == "onnx-int8", threads=threads)
 
     try:
-        return _cached(f"{chosen}:{artifact_path}", export, limit=MAX_CACHED_MODELS + 1), chosen
+        return _cached(f"{role}{chosen}:{artifact_path}", export, limit=MAX_CACHED_MODELS,
+                       group=f"{role}encoder"), chosen
     except onnx_encoder.UnsupportedModel as exc:
-        logger.warning("embedding with PyTorch instead of %s: %s", chosen, exc)
+        logger.warning("encoding with PyTorch instead of %s: %s", chosen, exc)
         return model, "torch"
 
 

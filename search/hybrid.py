@@ -8,7 +8,6 @@ the index's default tuned on validation tickets (search.tuning).
 
 from __future__ import annotations
 
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from typing import Any
 from django.db import connection, transaction
 
 from embedportal.errors import ServiceError
-from search import encoders
+from search import query_vectors
 from search.filters import SearchFilters
 from training.fusion import DEFAULT_ALPHA, RRF_K, reciprocal_rank_fusion, weighted_score_fusion
 from search.keyword import key_document, keyword_ranking, snippets
@@ -72,6 +71,8 @@ class SearchResponse:
     total_capped: bool = False
     # The document whose key the query is (shown first, then its similar tickets), if any.
     key_document_id: int | None = None
+    # How the query was embedded: {"backend": "onnx-int8" | "onnx" | "torch", "cached": bool}; empty when not.
+    query_encoder: dict[str, Any] = field(default_factory=dict)
 
 
 def resolve_fusion(
@@ -160,10 +161,16 @@ def hybrid_search(
     started = time.perf_counter()
     pending_vector = None
     if mode in ("hybrid", "vector") and query_vector is None:
-        # The query is embedded on a helper thread while PostgreSQL runs the
-        # keyword side on this one (torch releases the GIL): hybrid latency
-        # becomes max(embedding, keyword) + vector instead of their sum.
-        pending_vector = _embed_pool.submit(_timed_encode, index.model_version.artifact_path, query)
+        version = index.model_version
+        hit = query_vectors.cached(model_version_id=version.pk, artifact_path=version.artifact_path, text=query)
+        if hit is not None:
+            query_vector, response.timings_ms["embed"] = hit.vector, 0.0
+            response.query_encoder = {"backend": hit.backend, "cached": True}
+        else:
+            # The query is embedded on a helper thread while PostgreSQL runs the
+            # keyword side on this one (the encoders release the GIL): hybrid
+            # latency becomes max(embedding, keyword) + vector instead of their sum.
+            pending_vector = _embed_pool.submit(_timed_encode, version.pk, version.artifact_path, query)
     if mode in ("hybrid", "keyword"):
         # In hybrid mode the vector side carries a query whose words no
         # document mostly shares; the costly any-word pass is keyword-only.
@@ -174,7 +181,9 @@ def hybrid_search(
         response.timings_ms["keyword"] = _ms(started)
     if mode in ("hybrid", "vector"):
         if pending_vector is not None:
-            query_vector, response.timings_ms["embed"] = pending_vector.result()
+            found, response.timings_ms["embed"] = pending_vector.result()
+            query_vector = found.vector
+            response.query_encoder = {"backend": found.backend, "cached": found.cached}
         t1 = time.perf_counter()
         vector = _vector_ranking(index, query_vector, candidates, filters)
         response.timings_ms["vector"] = _ms(t1)
@@ -208,15 +217,6 @@ def hybrid_search(
     return response
 
 
-# Query embedding runs on one intra-op thread, one query at a time per
-# process: on the 2 shared cores, MiniLM with torch's default 2 threads took
-# p50 290 ms / p95 1,020 ms per query under load (OpenMP threads spinning
-# against other processes) and p50 25 ms / p95 34 ms with 1. Concurrent
-# requests get their parallelism from the web server's processes instead.
-QUERY_ENCODE_THREADS = 1
-_encode_lock = threading.Lock()
-
-
 def _document_vector(index: SearchIndex, document_id: int) -> list[float] | None:
     """The document's vector under the index's model, None while it has none (then the query text is embedded)."""
     row = Embedding.objects.filter(document_id=document_id, model_version_id=index.model_version_id).values_list(
@@ -225,29 +225,18 @@ def _document_vector(index: SearchIndex, document_id: int) -> list[float] | None
 
 
 def encode_query(*, artifact_path: str, text: str) -> list[float]:
-    """The normalised query vector. Side effect: torch's thread count is 1 while it encodes, then restored."""
-    import torch
-
-    model = encoders.get_model(artifact_path)
-    with _encode_lock:
-        previous = torch.get_num_threads()
-        torch.set_num_threads(QUERY_ENCODE_THREADS)
-        try:
-            vector = model.encode([text], normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
-        finally:
-            torch.set_num_threads(previous)
-    return vector[0].tolist()
+    """The normalised query vector on the configured query encoder (search.query_vectors), uncached."""
+    return query_vectors.encode(artifact_path=artifact_path, text=text)[0]
 
 
-# Two threads: one query embedding runs at a time per process (the lock in
-# encode_query); the second lets the next request's job queue without waiting.
+# Two threads: the query embedding of one request and the next request's, queued.
 _embed_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="query-embed")
 
 
-def _timed_encode(artifact_path: str, text: str) -> tuple[list[float], float]:
+def _timed_encode(version_id: int, artifact_path: str, text: str) -> tuple[query_vectors.QueryVector, float]:
     t0 = time.perf_counter()
-    vector = encode_query(artifact_path=artifact_path, text=text)
-    return vector, _ms(t0)
+    found = query_vectors.query_vector(model_version_id=version_id, artifact_path=artifact_path, text=text)
+    return found, _ms(t0)
 
 
 def _ms(since: float) -> float:
