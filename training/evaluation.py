@@ -22,7 +22,7 @@ from training.fusion import (
     FUSION_CANDIDATES, TUNING_METRIC, fusion_name, reciprocal_rank_fusion, weighted_score_fusion,
 )
 from training.models import Dataset, Document
-from training.pairs import Ticket, duplicate_clusters, split_clusters
+from training.pairs import Example, Ticket, answer_group, duplicate_clusters, group_split, split_clusters
 
 RANK_DEPTH = 100
 METRIC_NAMES = ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10", "map@100")
@@ -81,6 +81,50 @@ def ticket_eval_set(*, dataset: Dataset, split: str = "test", trained_keys: Iter
         relevant=relevant,
         keys={doc_id: key for doc_id, key, *_ in rows},
     )
+
+
+@dataclass
+class QAEvalSet(EvalSet):
+    """Q&A: the corpus is the dataset's distinct answers, the queries are held-out questions (not documents)."""
+
+    query_texts: dict[int, str] = field(default_factory=dict)
+
+
+def qa_eval_set(*, examples: Sequence[Example], seed: int) -> QAEvalSet:
+    """Held-out Q&A retrieval: every question (and user paraphrase) of a TEST answer group asks for its answer.
+
+    Groups are training.pairs.answer_group (the group column, else the
+    answer), split by training.pairs.group_split with the run's seed, the
+    same split the training pairs come from: a held-out question's answer
+    was never trained on, under any phrasing. The corpus holds every
+    distinct answer (the trained ones are distractors). Answer ids are
+    0..n-1 (key "answer of <first question's key>"), query ids follow them
+    (key = the question's key, "<key>~p<n>" for its n-th paraphrase).
+    """
+    groups: dict[str, list[Example]] = {}
+    for example in examples:
+        if example.body.strip():
+            groups.setdefault(answer_group(example), []).append(example)
+    doc_ids, texts, keys = [], [], {}
+    relevant: dict[int, set[int]] = {}
+    query_texts: dict[int, str] = {}
+    pending: list[tuple[int, str, str]] = []
+    for answer_id, (group, members) in enumerate(sorted(groups.items())):
+        doc_ids.append(answer_id)
+        texts.append(members[0].body)
+        keys[answer_id] = f"answer of {members[0].key}"
+        if group_split(group, seed=seed) != "test":
+            continue
+        for example in members:
+            pending.append((answer_id, example.key, example.title))
+            pending.extend((answer_id, f"{example.key}~p{n}", text) for n, text in enumerate(example.paraphrases, 1))
+    for offset, (answer_id, key, text) in enumerate(pending):
+        query = len(doc_ids) + offset
+        relevant[query] = {answer_id}
+        query_texts[query] = text
+        keys[query] = key
+    return QAEvalSet(doc_ids=doc_ids, texts=texts, queries=sorted(relevant), relevant=relevant, keys=keys,
+                     query_texts=query_texts)
 
 
 # --- metrics --------------------------------------------------------------------
@@ -146,6 +190,23 @@ def encode_corpus(model, texts: Sequence[str], *, batch_size: int = 64) -> np.nd
     out = np.empty_like(encoded)
     out[order] = encoded
     return out.astype(np.float32)
+
+
+def text_query_rankings(
+    *, model, eval_set: QAEvalSet, embeddings: np.ndarray, limit: int = RANK_DEPTH
+) -> dict[int, list[int]]:
+    """Exact cosine kNN of each query text (encoded with `model`) over the corpus embeddings."""
+    queries = list(eval_set.queries)
+    encoded = model.encode([eval_set.query_texts[q][:MAX_EMBED_CHARS] for q in queries], batch_size=64,
+                           normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
+    doc_ids = np.asarray(eval_set.doc_ids)
+    scores = encoded @ embeddings.T
+    kth = min(limit, scores.shape[1] - 1)
+    out: dict[int, list[int]] = {}
+    for row, query in enumerate(queries):
+        top = np.argpartition(-scores[row], kth=kth)[: kth + 1]
+        out[query] = doc_ids[top[np.argsort(-scores[row, top], kind="stable")]].tolist()[:limit]
+    return out
 
 
 def vector_rankings(

@@ -1,9 +1,12 @@
 """The proof of a training run: held-out evaluation before and after, and validation data.
 
-Systems on the TEST split of ../shared/DATA.md: keyword (full text), the base
-model, the fine-tuned model, and hybrid (RRF) with each model. The fine-tuned
-model's corpus vectors are returned so the caller can store them as the new
-version's embeddings instead of encoding the corpus a third time.
+Tickets: systems on the TEST split of ../shared/DATA.md: keyword (BM25), the
+base model, the fine-tuned model, plain hybrid (RRF k=60) with each model, and
+`served` (the fusion the model's index will serve, tuned on validation
+clusters the model never trained on). The fine-tuned model's corpus vectors are
+returned so the caller can store them as the new version's embeddings instead
+of encoding the corpus a third time. Q&A: held-out questions of TEST answer
+groups retrieve their answer, base vs fine-tuned (QAHeldOutEvaluation).
 """
 
 from __future__ import annotations
@@ -53,12 +56,15 @@ def validation_from_pairs(rows: list[tuple[str, ...]], distractors: list[str]) -
 @dataclass
 class ModelEvaluation:
     vector: ev.EvalResult
-    hybrid: ev.EvalResult
+    hybrid: ev.EvalResult | None
     embeddings: np.ndarray
 
 
 class HeldOutEvaluation:
     """Evaluate models on a dataset's TEST split, sharing the keyword ranking."""
+
+    unavailable = ("The dataset has no held-out duplicate clusters (no Duplicate links inside the dataset), "
+                   "so there is nothing to evaluate on.")
 
     def __init__(self, *, dataset: Dataset, log: Callable[[str], None]):
         self.dataset = dataset
@@ -130,6 +136,18 @@ class HeldOutEvaluation:
                        "tuning_ndcg@10": table[fusion_name(fusion)][TUNING_METRIC]},
         }
 
+    def before_systems(self, base: ModelEvaluation) -> dict[str, dict]:
+        """The table's rows known before training: keyword, base model, plain hybrid with it."""
+        return {"keyword": self.keyword().summary(), "base": base.vector.summary(),
+                "hybrid_base": base.hybrid.summary()}
+
+    def after_systems(self, tuned: ModelEvaluation) -> dict[str, dict]:
+        return {"fine_tuned": tuned.vector.summary(), "hybrid_fine_tuned": tuned.hybrid.summary()}
+
+    def stored_embeddings(self, tuned: ModelEvaluation):
+        """(document ids, vectors) the new version keeps as its search vectors."""
+        return self.eval_set.doc_ids, tuned.embeddings
+
     def drilldown(self, before: ev.EvalResult, after: ev.EvalResult) -> list[dict]:
         """Per query: nDCG@10 before/after and the top results of each, biggest changes first."""
         keys = self.eval_set.keys
@@ -149,3 +167,66 @@ class HeldOutEvaluation:
             )
         rows.sort(key=lambda r: (-abs(r["delta"]), r["query"]))
         return rows
+
+
+class QAHeldOutEvaluation:
+    """A Q&A run's proof: held-out questions (and paraphrases) of TEST answer groups retrieve their answer.
+
+    The split is the one the run's pairs come from (training.pairs.answer_group
+    + group_split, the run's seed), so no held-out answer was trained on. The
+    corpus is every distinct answer. Systems: the base and the fine-tuned
+    model (exact cosine); there is no keyword row (the keyword side indexes
+    documents, not answers) and no `served` row (an index serves documents).
+    Same table, drill-down and promotion guard as ticket runs
+    (evaluation.scores_from_run reads per_query).
+    """
+
+    unavailable = ("The dataset has no held-out answer groups (too few distinct answers), so there is "
+                   "nothing to evaluate on.")
+
+    def __init__(self, *, dataset: Dataset, seed: int, log: Callable[[str], None]):
+        from training.datasets import dataset_examples
+
+        self.dataset = dataset
+        self.log = log
+        self.eval_set = ev.qa_eval_set(examples=dataset_examples(dataset), seed=seed)
+        self._models: dict[str, ModelEvaluation] = {}
+
+    @property
+    def available(self) -> bool:
+        return bool(self.eval_set.queries)
+
+    def model(self, path: str, *, max_seq_length: int, device: str) -> ModelEvaluation:
+        if path in self._models:
+            return self._models[path]
+        self.log(f"encoding {len(self.eval_set.texts)} answers and {len(self.eval_set.queries)} held-out "
+                 f"questions with {path}")
+        model = load_model(path, device=device, max_seq_length=max_seq_length)
+        embeddings = ev.encode_corpus(model, self.eval_set.texts)
+        rankings = ev.text_query_rankings(model=model, eval_set=self.eval_set, embeddings=embeddings)
+        result = ModelEvaluation(vector=ev.evaluate(rankings, self.eval_set), hybrid=None, embeddings=embeddings)
+        self._models[path] = result
+        return result
+
+    def before_systems(self, base: ModelEvaluation) -> dict[str, dict]:
+        return {"base": base.vector.summary()}
+
+    def after_systems(self, tuned: ModelEvaluation) -> dict[str, dict]:
+        return {"fine_tuned": tuned.vector.summary()}
+
+    def stored_embeddings(self, tuned: ModelEvaluation):
+        return None  # answers are not the dataset's documents: the index build embeds those
+
+    def served(self, *args, **kwargs) -> None:
+        return None
+
+    drilldown = HeldOutEvaluation.drilldown
+
+
+def for_run(*, dataset: Dataset, strategy: str, seed: int, log: Callable[[str], None]):
+    """The held-out evaluation a run of this strategy gets (tickets, Q&A), or None (pairs, triplets, labels)."""
+    if dataset.kind == Dataset.Kind.TICKETS:
+        return HeldOutEvaluation(dataset=dataset, log=log)
+    if strategy == "qa":
+        return QAHeldOutEvaluation(dataset=dataset, seed=seed, log=log)
+    return None

@@ -371,7 +371,9 @@ def _ticket_pairs(tickets, *, seed, link_types, include_self_pairs, weak_positiv
                    trained_keys=sorted(trained))
 
 
-def _answer_group(example: Example) -> str:
+def answer_group(example: Example) -> str:
+    """A Q&A row's group: its group column, else its answer (whitespace and case folded), so the
+    questions of one answer always land in one split (training.evaluation.qa_eval_set relies on it)."""
     if example.group:
         return example.group
     return "a-" + hashlib.sha1(" ".join(example.body.lower().split()).encode("utf-8", "surrogatepass")).hexdigest()
@@ -380,7 +382,7 @@ def _answer_group(example: Example) -> str:
 def _qa_pairs(examples: Sequence[Example], *, seed: int, include_paraphrases: bool) -> PairSet:
     groups: dict[str, list[Example]] = {}
     for example in examples:
-        groups.setdefault(_answer_group(example), []).append(example)
+        groups.setdefault(answer_group(example), []).append(example)
     out = {"train": [], "validation": []}
     counts = {"question_answer": 0, "paraphrase_question": 0, "same_answer_questions": 0}
     split_counts = {"train_groups": 0, "validation_groups": 0, "test_groups": 0}
@@ -481,7 +483,7 @@ def _text_groups(strategy, *, tickets, examples, seed) -> dict[str, str]:
         return out
     out = {}
     for e in examples or []:
-        group = _answer_group(e) if strategy == "qa" else (e.group or e.title)
+        group = answer_group(e) if strategy == "qa" else (e.group or e.title)
         for text in (e.title, e.body[:MAX_PAIR_TEXT_CHARS], *e.paraphrases):
             out[text] = group
     return out

@@ -217,7 +217,7 @@ def execute_run(*, run: TrainingRun, device: str | None = None, echo: Callable[[
 
 def _train(attempt: jobs.Attempt, *, device: str | None, echo: Callable[[str], None] | None) -> None:
     """The body of one attempt (jobs.run_job finishes the run by how this returns or raises)."""
-    from training.heldout import HeldOutEvaluation
+    from training import heldout
 
     run = TrainingRun.objects.select_related("dataset", "owner").get(pk=attempt.pk)
     hyper = Hyperparameters.from_stored(run.hyperparameters)
@@ -236,22 +236,19 @@ def _train(attempt: jobs.Attempt, *, device: str | None, echo: Callable[[str], N
         if VERSION_REF.match(run.base_model):
             progress.log(f"continuing from {run.base_model} ({base_path})")
         pair_set, data, validation = build_training_data(run=run, hyper=hyper, log=progress.log)
-        tickets = run.dataset.kind == Dataset.Kind.TICKETS
         if pair_set.strategy == "tickets":
             # What this model trained on: fusion is tuned on none of it (training.evaluation.trained_keys).
             progress.metrics["training_split"] = {"seed": hyper.seed, "trained_keys": pair_set.trained_keys}
-        held_out = HeldOutEvaluation(dataset=run.dataset, log=progress.log) if hyper.evaluate and tickets else None
+        held_out = (heldout.for_run(dataset=run.dataset, strategy=pair_set.strategy, seed=hyper.seed,
+                                    log=progress.log) if hyper.evaluate else None)
         evaluation = dict(run.evaluation or {})
         if held_out is not None and held_out.available and "base" not in evaluation.get("systems", {}):
             progress.phase("evaluation of the base model")
             base = held_out.model(base_path, max_seq_length=hyper.max_seq_length, device=device)
             evaluation = {
                 "queries": len(held_out.eval_set.queries),
-                "systems": {
-                    "keyword": held_out.keyword().summary(),
-                    "base": base.vector.summary(),
-                    "hybrid_base": base.hybrid.summary(),
-                },
+                "kind": "qa" if isinstance(held_out, heldout.QAHeldOutEvaluation) else "tickets",
+                "systems": held_out.before_systems(base),
             }
             attempt.update(evaluation=evaluation)
             progress.log(f"base model nDCG@10 {base.vector.metrics['ndcg@10']:.4f}")
@@ -269,15 +266,14 @@ def _train(attempt: jobs.Attempt, *, device: str | None, echo: Callable[[str], N
             on_log=progress.log,
             should_stop=progress.cancel_requested,
         )
-        tuned_embeddings = None
+        stored_embeddings = None
         if held_out is not None and held_out.available:
             progress.phase("evaluation of the fine-tuned model")
             tuned = held_out.model(str(output_dir / "model"), max_seq_length=hyper.max_seq_length, device=device)
-            tuned_embeddings = tuned.embeddings
+            stored_embeddings = held_out.stored_embeddings(tuned)
             # The base model's per-query results (cached in this process, recomputed after a resume).
             base_result = held_out.model(base_path, max_seq_length=hyper.max_seq_length, device=device).vector
-            evaluation["systems"]["fine_tuned"] = tuned.vector.summary()
-            evaluation["systems"]["hybrid_fine_tuned"] = tuned.hybrid.summary()
+            evaluation["systems"].update(held_out.after_systems(tuned))
             evaluation["per_query"] = held_out.drilldown(base_result, tuned.vector)
             progress.log(f"fine-tuned model nDCG@10 {tuned.vector.metrics['ndcg@10']:.4f}")
             served = held_out.served(str(output_dir / "model"), trained_keys=_lineage_trained_keys(run, pair_set),
@@ -288,11 +284,11 @@ def _train(attempt: jobs.Attempt, *, device: str | None, echo: Callable[[str], N
                 progress.log(f"served (tuned {fusion_name(served['fusion'])} on {served['fusion']['queries']} "
                              f"untrained validation queries) nDCG@10 {served['system']['ndcg@10']:.4f}")
         elif held_out is not None:
-            evaluation = {"unavailable": "The dataset has no held-out duplicate clusters (no Duplicate links "
-                                         "inside the dataset), so there is nothing to evaluate on."}
+            evaluation = {"unavailable": held_out.unavailable}
         elif hyper.evaluate:
-            evaluation = {"unavailable": "Before/after evaluation on a TEST split is made for ticket datasets; "
-                                         "this run's validation nDCG@10 (above) is measured on held-out groups."}
+            evaluation = {"unavailable": "Before/after evaluation on a TEST split is made for ticket and Q&A "
+                                         "datasets; this run's validation nDCG@10 (above) is measured on held-out "
+                                         "groups."}
         progress.phase("model card")
         finetune.write_model_card(
             model_dir=output_dir / "model",
@@ -323,7 +319,7 @@ def _train(attempt: jobs.Attempt, *, device: str | None, echo: Callable[[str], N
     register_trained_model(
         attempt=attempt, progress=progress, model_dir=output_dir / "model", dimensions=result.dimensions,
         evaluation=evaluation,
-        embeddings=(held_out.eval_set.doc_ids, tuned_embeddings) if tuned_embeddings is not None else None,
+        embeddings=stored_embeddings,
     )
 
 
