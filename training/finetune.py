@@ -27,6 +27,7 @@ VALIDATION_METRIC = f"eval_{VALIDATION_NAME}_cosine_ndcg@10"
 PAIRS, TRIPLETS, SCORED_PAIRS, LABELED_PAIRS = "pairs", "triplets", "scored_pairs", "labeled_pairs"
 LOSS_SHAPES = {
     "mnrl": {PAIRS, TRIPLETS},
+    "mnrl_symmetric": {PAIRS},
     "cached_mnrl": {PAIRS, TRIPLETS},
     "triplet": {TRIPLETS},
     "contrastive": {LABELED_PAIRS},
@@ -156,6 +157,9 @@ def build_loss(name: str, model, hyper: Hyperparameters):
 
     if name == "mnrl":
         loss = losses.MultipleNegativesRankingLoss(model)
+    elif name == "mnrl_symmetric":
+        # Also ranks the anchors for each positive: a duplicate link has no direction.
+        loss = losses.MultipleNegativesSymmetricRankingLoss(model)
     elif name == "cached_mnrl":
         # Gradient caching: the batch's in-batch negatives at a fraction of the memory.
         loss = losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=min(32, hyper.batch_size))

@@ -12,10 +12,11 @@ from dataclasses import asdict, dataclass, fields
 
 from embedportal.errors import ServiceError
 
-LOSSES = ("auto", "mnrl", "cached_mnrl", "triplet", "contrastive", "online_contrastive", "cosine")
+LOSSES = ("auto", "mnrl", "mnrl_symmetric", "cached_mnrl", "triplet", "contrastive", "online_contrastive", "cosine")
 LOSS_LABELS = {
     "auto": "Chosen from the data's shape",
     "mnrl": "MultipleNegativesRankingLoss",
+    "mnrl_symmetric": "MultipleNegativesSymmetricRankingLoss",
     "cached_mnrl": "CachedMultipleNegativesRankingLoss",
     "triplet": "TripletLoss (cosine distance)",
     "contrastive": "ContrastiveLoss",

@@ -65,3 +65,18 @@ def test_corrupt_checkpoint_fails_with_reason_and_fix(api, user, small_jira_file
     run = runs.execute_run(run=run, device="cpu")
     assert run.status == TrainingRun.Status.FAILED
     assert f"The run was resuming from {broken}; if that checkpoint is damaged, start a new run" in run.error
+
+
+def test_symmetric_loss_trains_ticket_pairs_and_refuses_triplets(api, user, small_jira_file, tiny_model_dir):
+    dataset = _upload(api, "slice", small_jira_file, "tickets")
+    run = runs.start_run(owner=user, dataset=dataset, base_model=str(tiny_model_dir), hyperparameters={
+        "loss": "mnrl_symmetric", "max_steps": 2, "batch_size": 8, "max_seq_length": 32, "evaluate": "false"})
+    run = runs.execute_run(run=run, device="cpu")
+    assert run.status == TrainingRun.Status.SUCCEEDED, run.error
+    assert run.metrics["loss"] == "mnrl_symmetric"
+    assert "with MultipleNegativesSymmetricRankingLoss on cpu" in run.log
+    # Mined negatives make triplets, which the symmetric loss does not take: refused before anything is queued.
+    response = api.post("/api/runs/", {"dataset": dataset.pk, "hyperparameters": {
+        "loss": "mnrl_symmetric", "hard_negatives": True}}, format="json")
+    assert response.status_code == 400
+    assert "MultipleNegativesSymmetricRankingLoss needs pairs but this dataset gives triplets" in response.content.decode()
