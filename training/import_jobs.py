@@ -102,6 +102,20 @@ def _stage(upload) -> tuple[Path, int]:
     return target, target.stat().st_size
 
 
+def _prune_copies() -> None:
+    """With an artifact store, files in this host's UPLOADS_DIR are copies of the store's: those older than
+    STAGED_TTL go (a preview kept on a web host that the reaper, running on another host, expired)."""
+    if not artifacts.configured():
+        return
+    cutoff = (timezone.now() - STAGED_TTL).timestamp()
+    for copy in Path(settings.UPLOADS_DIR).glob("*.upload"):
+        try:
+            if copy.stat().st_mtime < cutoff:
+                copy.unlink(missing_ok=True)
+        except OSError:
+            continue  # removed meanwhile by another process
+
+
 def staged_quota_bytes() -> int:
     return int(settings.STAGED_UPLOAD_QUOTA_MB) * 1024 * 1024
 
@@ -131,6 +145,7 @@ def stage(
                 "Import or wait for them, or let unused previews expire (after a day)."
             )
         path, size = _stage(upload)
+        _prune_copies()
         try:
             job = ImportJob.objects.create(
                 owner=owner, action=ImportJob.Action.VERSION if dataset else ImportJob.Action.CREATE,
@@ -141,6 +156,14 @@ def stage(
         except BaseException:
             path.unlink(missing_ok=True)
             raise
+    try:
+        # With an artifact store the worker that imports it may be on another host (artifacts.local_upload).
+        artifacts.publish_upload(owner_id=owner.pk, file_path=path)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        ImportJob.objects.filter(pk=job.pk).delete()
+        raise
+    return job
     try:
         # With an artifact store the worker that imports it may be on another host (artifacts.local_upload).
         artifacts.publish_upload(owner_id=owner.pk, file_path=path)
@@ -193,6 +216,9 @@ def start(*, job: ImportJob, background: bool | None = None, name: str = "") -> 
             # Sent after commit; with the broker down the job waits for the queue and the reaper sends it.
             jobs.enqueue(job)
     job.refresh_from_db()
+    if background and artifacts.configured():
+        # The worker (maybe on another host) reads the store's copy: this host keeps none.
+        Path(job.file_path).unlink(missing_ok=True)
     return job if background else execute(job=job, background=False)
 
 
