@@ -72,6 +72,15 @@ class JobFailed(Exception):
     """A failure with a message a person can act on (no traceback class name in front)."""
 
 
+class HandedOff(Exception):
+    """The body handed the job to child jobs (an index build's chunks): leave it RUNNING, write nothing.
+
+    The kind's `held_by_children()` keeps the reaper off it while a child is
+    alive; the child that completes the set finishes the parent (see
+    search.indexing). Raised after the hand-off has committed.
+    """
+
+
 class JobStatus(models.TextChoices):
     QUEUED = "queued", "Queued"
     RUNNING = "running", "Running"
@@ -128,6 +137,15 @@ class Job(models.Model):
     @classmethod
     def timeout_s(cls) -> int:
         return int(cls.heartbeat_timeout_s or settings.JOB_HEARTBEAT_TIMEOUT_S)
+
+    @classmethod
+    def held_by_children(cls, pks: list[int]) -> set[int]:
+        """Those of these RUNNING jobs that handed their work to child jobs still queued or running.
+
+        The reaper leaves them alone however old their heartbeat: their
+        children are reaped (and re-queued) on their own. None by default.
+        """
+        return set()
 
     @property
     def is_terminal(self) -> bool:
@@ -356,6 +374,17 @@ def run_job(model: type[Job], pk: int, body: Callable[[Attempt], Any]) -> Attemp
     if attempt is None:
         logger.info("%s %s is not queued; nothing to run", model.kind_label, pk)
         return None
+    return run_attempt(attempt, body)
+
+
+def run_attempt(attempt: Attempt, body: Callable[[Attempt], Any]) -> Attempt:
+    """Run `body(attempt)` for an attempt already held, with a heartbeat, and finish it as run_job says.
+
+    run_job's second half; also used to carry on an attempt adopted by a
+    conditional update (the chunk that completes an index build finishes the
+    build's attempt). HandedOff leaves the job RUNNING untouched.
+    """
+    model, pk = attempt.model, attempt.pk
     beat = _Heartbeat(attempt, heartbeat_every(model))
     beat.start()
     try:
@@ -364,6 +393,8 @@ def run_job(model: type[Job], pk: int, body: Callable[[Attempt], Any]) -> Attemp
         attempt.finish(model.CANCELLED, phase="cancelled", error="")
     except LostClaim:
         logger.warning("%s %s attempt %s stopped: the job was taken back", model.kind_label, pk, attempt.number)
+    except HandedOff:
+        logger.info("%s %s attempt %s handed its work to child jobs", model.kind_label, pk, attempt.number)
     except JobFailed as exc:
         attempt.finish(model.FAILED, error=_with_phase(attempt, str(exc)))
     except Exception as exc:
@@ -398,7 +429,9 @@ def reap(model: type[Job], *, timeout_s: int | None = None) -> dict[str, int]:
     )
     out = {"requeued": 0, "failed": 0, "resent": 0, "cancelled": 0}
     requeued: set[int] = set()
-    for pk in list(stale.values_list("pk", flat=True)):
+    stale_pks = list(stale.values_list("pk", flat=True))
+    held = model.held_by_children(stale_pks) if stale_pks else set()
+    for pk in [pk for pk in stale_pks if pk not in held]:
         with transaction.atomic():
             row = stale.select_for_update().filter(pk=pk).first()
             if row is None:

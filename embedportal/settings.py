@@ -221,6 +221,13 @@ MODEL_IDLE_UNLOAD_S = env_int("EMBEDPORTAL_MODEL_IDLE_UNLOAD_S", 1800)
 # Encoder of the embedding job: auto (ONNX Runtime int8 on CPU, PyTorch on a
 # GPU), torch, onnx (fp32) or onnx-int8. See search/onnx_encoder.py.
 EMBED_BACKEND = env_str("EMBEDPORTAL_EMBED_BACKEND", "auto")
+# An index build with more pending documents than this is split into chunks of this many (search.indexing),
+# which every idle embed worker takes in parallel; fewer are embedded in one go. 1,024 MiniLM tickets take
+# ~40 s on one CPU thread: small enough that two workers finish within a chunk of each other.
+EMBED_CHUNK_DOCS = env_int("EMBEDPORTAL_EMBED_CHUNK_DOCS", 1024)
+# Intra-op threads of an embed worker's encoder (PyTorch and ONNX Runtime); 0: every core. Set 1 when
+# several embed workers share a machine (one per core), so they split the cores instead of contending.
+EMBED_THREADS = env_int("EMBEDPORTAL_EMBED_THREADS", 0)
 # Encoder of search queries, same choices (auto: the job's ONNX int8 export on one thread on CPU), and
 # how many recent query vectors each web process keeps (0: none). See search/query_vectors.py.
 QUERY_BACKEND = env_str("EMBEDPORTAL_QUERY_BACKEND", "auto")
@@ -275,6 +282,8 @@ EXTRA_QUEUES = (EMBED_QUEUE,)
 CELERY_TASK_ROUTES = {
     "training.run_training": {"queue": GPU_QUEUE},
     "search.build_index": {"queue": EMBED_QUEUE},
+    # The chunks of a large build (search.indexing), taken by every idle embed worker.
+    "search.embed_chunk": {"queue": EMBED_QUEUE},
     # A retrain syncs, then trains in the same task (training.retraining): it needs the accelerator.
     "training.run_retrain": {"queue": GPU_QUEUE},
 }

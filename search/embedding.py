@@ -34,12 +34,32 @@ def document_text(title: str, body: str) -> str:
     return ticket_text(title, body)[:MAX_EMBED_CHARS]
 
 
-def pending_documents(*, dataset: Dataset, model_version: ModelVersion):
-    """Documents of the dataset with no vector for the version, or one made from older content."""
+def pending_documents(*, dataset: Dataset, model_version: ModelVersion, id_range: tuple[int, int] | None = None):
+    """Documents of the dataset with no vector for the version, or one made from older content.
+
+    id_range: only documents with first <= id <= last (an index build's chunk).
+    """
     fresh = Embedding.objects.filter(
         model_version=model_version, document=OuterRef("pk"), content_hash=OuterRef("content_hash")
     )
-    return Document.objects.filter(dataset=dataset).exclude(Exists(fresh))
+    documents = Document.objects.filter(dataset=dataset)
+    if id_range is not None:
+        documents = documents.filter(id__range=id_range)
+    return documents.exclude(Exists(fresh))
+
+
+def pin_threads() -> None:
+    """Limit this process's PyTorch intra-op threads to EMBEDPORTAL_EMBED_THREADS (0: leave torch's default).
+
+    Several embed workers on one machine each take a chunk of a build; with
+    one thread each they split the cores instead of fighting over them.
+    """
+    threads = int(getattr(settings, "EMBED_THREADS", 0) or 0)
+    if threads > 0:
+        import torch
+
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 @dataclass
@@ -52,16 +72,23 @@ class EmbedProgress:
 
 def embed_documents(
     *, dataset: Dataset, model_version: ModelVersion, on_chunk: Callable[[EmbedProgress], None] | None = None,
-    backend: str | None = None,
+    backend: str | None = None, id_range: tuple[int, int] | None = None,
 ) -> EmbedProgress:
     """Encode and store every pending document; returns counts, throughput and the backend used.
 
     backend: "auto" (default: EMBEDPORTAL_EMBED_BACKEND), "torch", "onnx" or
-    "onnx-int8" (search.encoders.get_job_encoder).
+    "onnx-int8" (search.encoders.get_job_encoder). id_range: only the
+    documents with ids in [first, last] (one chunk of a sharded build;
+    done/total then count that range).
     """
+    pin_threads()
     model, used = encoders.get_job_encoder(model_version.artifact_path, backend or settings.EMBED_BACKEND)
-    total = Document.objects.filter(dataset=dataset).count()
-    ids = list(pending_documents(dataset=dataset, model_version=model_version).order_by("id").values_list("id", flat=True))
+    in_scope = Document.objects.filter(dataset=dataset)
+    if id_range is not None:
+        in_scope = in_scope.filter(id__range=id_range)
+    total = in_scope.count()
+    ids = list(pending_documents(dataset=dataset, model_version=model_version, id_range=id_range)
+               .order_by("id").values_list("id", flat=True))
     done = total - len(ids)
     started = time.perf_counter()
     written = 0

@@ -5,6 +5,19 @@ its attempt, beating while it embeds, re-queued by the one reaper when its
 worker dies (embedding resumes: documents that already have a vector are
 skipped), failed after max_attempts. A finished build tunes the index's
 fusion and lets a pending promotion switch over.
+
+Sharded builds: a build with more than settings.EMBED_CHUNK_DOCS pending
+documents plans EmbedChunk jobs (id ranges of the pending documents) and
+hands off (jobs.HandedOff): every idle embed worker, on any host, takes a
+chunk. Each chunk is a job of its own (claimed once, fenced, re-queued by the
+reaper when its worker dies, re-done without a second vector); the index
+stays RUNNING while a chunk of its attempt lives (SearchIndex.held_by_children).
+The chunk that completes the set wins a conditional update of the index's
+phase, carries the build's attempt on (jobs.run_attempt), builds the HNSW
+index once over the bulk-loaded vectors and finishes READY once. A failed
+chunk fails the build and stops its siblings. A build whose chunks all died
+is reaped like any build; its next attempt plans chunks for what is still
+pending.
 """
 
 from __future__ import annotations
@@ -12,14 +25,15 @@ from __future__ import annotations
 import logging
 
 from django.conf import settings
-from django.db import connection
+from django.db import connection, transaction
+from django.utils import timezone
 
 from embedportal import jobs
 from search import embedding
 from training.fusion import RRF_K
-from search.models import Embedding, SearchIndex
+from search.models import EmbedChunk, Embedding, SearchIndex
 from search.vectors import vector_cast
-from training.models import Dataset, ModelVersion
+from training.models import Dataset, Document, ModelVersion
 
 logger = logging.getLogger(__name__)
 
@@ -123,19 +137,26 @@ def ensure_hnsw_index(*, model_version: ModelVersion) -> None:
 
 
 def run_build(*, index_id: int) -> None:
-    """The build job: claim, embed what is missing, create the HNSW index, finish fenced, then tune.
+    """The build job: claim, embed what is missing (here, or handed to chunks), build HNSW, finish fenced, then tune.
 
     Side effects: queued -> running -> ready/failed; writes Embedding rows in
     chunks (idempotent: documents that already have a vector are skipped, so
-    a crashed build resumes where it stopped); creates the HNSW index.
+    a crashed build resumes where it stopped); creates the HNSW index. More
+    than settings.EMBED_CHUNK_DOCS pending documents are handed to EmbedChunk
+    jobs instead (see plan_chunks): the index stays running until the chunk
+    that completes the set finishes it (run_chunk).
     """
     attempt = jobs.run_job(SearchIndex, index_id, _build)
-    if attempt is None:
-        return
+    if attempt is not None:
+        _after_ready(index_id=index_id, attempt_number=attempt.number)
+
+
+def _after_ready(*, index_id: int, attempt_number: int) -> None:
+    """What follows a build that this attempt finished READY: promotion switch, base index retired, tuning."""
     index = SearchIndex.objects.select_related("model_version").filter(pk=index_id).first()
     if index is None:  # deleted with its dataset while it was built: the attempt stopped at its fence
         return
-    if index.status == SearchIndex.Status.READY and index.attempt == attempt.number:
+    if index.status == SearchIndex.Status.READY and index.attempt == attempt_number:
         from search import serving  # serving creates indexes through this module: imported here, not at the top
 
         serving.on_index_ready(index=index)  # a pending promotion switches now, atomically
@@ -148,8 +169,20 @@ def run_build(*, index_id: int) -> None:
 
 def _build(attempt: jobs.Attempt) -> None:
     index = SearchIndex.objects.select_related("model_version", "dataset").get(pk=attempt.pk)
-    version = index.model_version
     attempt.set_phase("embedding", 0.0)
+    _stop_chunks(EmbedChunk.objects.filter(index=index, build_attempt__lt=attempt.number))  # an earlier attempt's
+    pending = list(embedding.pending_documents(dataset=index.dataset, model_version=index.model_version)
+                   .order_by("id").values_list("id", flat=True))
+    size = int(settings.EMBED_CHUNK_DOCS)
+    if 0 < size < len(pending):
+        plan_chunks(attempt=attempt, index=index, pending_ids=pending, size=size)
+        raise jobs.HandedOff()
+    _embed_and_index(attempt, index)
+
+
+def _embed_and_index(attempt: jobs.Attempt, index: SearchIndex, *, docs_per_s: float | None = None) -> None:
+    """Embed the index's pending documents here, then create its HNSW index (once, after the bulk load)."""
+    version = index.model_version
 
     def progress(p) -> None:
         attempt.update(
@@ -161,10 +194,130 @@ def _build(attempt: jobs.Attempt) -> None:
     result = embedding.embed_documents(dataset=index.dataset, model_version=version, on_chunk=progress)
     attempt.update(
         embedded_count=result.done, total_count=result.total, backend=result.backend,
-        docs_per_s=result.docs_per_s if result.docs_per_s else None, phase="building the HNSW index",
+        docs_per_s=docs_per_s or result.docs_per_s or None, phase="building the HNSW index",
     )
     ensure_hnsw_index(model_version=version)
     attempt.check()
+
+
+# --- Sharded builds: chunks every idle embed worker takes -----------------------------
+
+CHUNKED_PHASE = "embedding in chunks"
+
+
+def plan_chunks(*, attempt: jobs.Attempt, index: SearchIndex, pending_ids: list[int], size: int) -> list[EmbedChunk]:
+    """Split the pending documents into EmbedChunk jobs of `size` (by id range) and queue them after commit.
+
+    The encoder is loaded (and its ONNX export made) here first, so workers on
+    this host find the export instead of each making it. Side effects: creates
+    the chunk rows of this attempt, sets the index's phase, counts and
+    progress (fenced), sends one embed-queue message per chunk.
+    """
+    from search import encoders
+
+    encoders.get_job_encoder(index.model_version.artifact_path, settings.EMBED_BACKEND)
+    total = Document.objects.filter(dataset=index.dataset).count()
+    ranges = [(pending_ids[i], pending_ids[min(i + size, len(pending_ids)) - 1], min(size, len(pending_ids) - i))
+              for i in range(0, len(pending_ids), size)]
+    with transaction.atomic():
+        chunks = EmbedChunk.objects.bulk_create([
+            EmbedChunk(index=index, build_attempt=attempt.number, number=n, first_document_id=first,
+                       last_document_id=last, documents=count)
+            for n, (first, last, count) in enumerate(ranges, start=1)
+        ])
+        done = total - len(pending_ids)
+        attempt.update(phase=f"{CHUNKED_PHASE}: 0 of {len(chunks)} done", total_count=total, embedded_count=done,
+                       progress=round(done / total, 4) if total else None)
+        for chunk in chunks:
+            jobs.enqueue(chunk)
+    logger.info("index %s: %s pending documents in %s chunks", index.pk, len(pending_ids), len(chunks))
+    return chunks
+
+
+def run_chunk(*, chunk_id: int, worker: str = "") -> None:
+    """The chunk job: claim, embed the chunk's pending documents, finish fenced; then maybe finish the build.
+
+    A redelivered or duplicate message finds the chunk running or finished and
+    does nothing; a killed chunk is re-queued by the reaper and re-done
+    without a second vector. The chunk that leaves none of its build's chunks
+    unfinished takes the build's attempt by a conditional update and finishes
+    it (HNSW once, READY once); a failed chunk fails the build.
+    """
+    if jobs.run_job(EmbedChunk, chunk_id, lambda attempt: _embed_chunk(attempt, worker=worker)) is not None:
+        _after_chunk(chunk_id=chunk_id)
+
+
+def _embed_chunk(attempt: jobs.Attempt, *, worker: str) -> None:
+    chunk = EmbedChunk.objects.select_related("index__model_version", "index__dataset").get(pk=attempt.pk)
+    index = chunk.index
+    attempt.update(worker=worker[:200], phase="embedding", progress=0.0, embedded_count=0)
+    build = SearchIndex.objects.filter(pk=index.pk, status=SearchIndex.Status.RUNNING, attempt=chunk.build_attempt)
+
+    def check_build() -> None:
+        if not build.filter(cancel_requested=False).exists():  # cancelled, failed or superseded meanwhile
+            raise jobs.Cancelled()
+
+    check_build()
+
+    def progress(p) -> None:
+        attempt.update(embedded_count=p.done, progress=round(p.done / p.total, 4) if p.total else None)
+        attempt.check()
+        check_build()
+
+    result = embedding.embed_documents(dataset=index.dataset, model_version=index.model_version, on_chunk=progress,
+                                       id_range=(chunk.first_document_id, chunk.last_document_id))
+    attempt.update(embedded_count=result.done)
+
+
+def _after_chunk(*, chunk_id: int) -> None:
+    chunk = EmbedChunk.objects.select_related("index__dataset", "index__model_version").filter(pk=chunk_id).first()
+    if chunk is None:
+        return
+    index, number = chunk.index, chunk.build_attempt
+    build = SearchIndex.objects.filter(pk=index.pk, status=SearchIndex.Status.RUNNING, attempt=number)
+    siblings = EmbedChunk.objects.filter(index=index, build_attempt=number)
+    now = timezone.now()
+    if chunk.status == EmbedChunk.FAILED:
+        count = siblings.count()
+        if build.update(status=SearchIndex.Status.FAILED, finished_at=now, heartbeat_at=now,
+                        error=f"Chunk {chunk.number} of {count} (documents {chunk.first_document_id}-"
+                              f"{chunk.last_document_id}) failed: {chunk.error}"):
+            _stop_chunks(siblings)
+        return
+    if chunk.status == EmbedChunk.CANCELLED:
+        if build.filter(cancel_requested=True).update(status=SearchIndex.Status.CANCELLED, finished_at=now,
+                                                      heartbeat_at=now, phase="cancelled"):
+            _stop_chunks(siblings)
+        return
+    if chunk.status != EmbedChunk.SUCCEEDED:
+        return
+    chunks = siblings.count()
+    finished = siblings.filter(status=EmbedChunk.SUCCEEDED).count()
+    total = Document.objects.filter(dataset=index.dataset).count()
+    pending = embedding.pending_documents(dataset=index.dataset, model_version=index.model_version).count()
+    in_chunks = build.filter(phase__startswith=CHUNKED_PHASE)
+    in_chunks.update(phase=f"{CHUNKED_PHASE}: {finished} of {chunks} done", heartbeat_at=now,
+                     embedded_count=total - pending, total_count=total,
+                     progress=round((total - pending) / total, 4) if total else None)
+    if finished < chunks:
+        return
+    # The last chunk landed. Several workers may get here at once: the conditional update lets one through.
+    if not in_chunks.update(phase="building the HNSW index", heartbeat_at=timezone.now()):
+        return
+    started = min(siblings.values_list("created_at", flat=True))
+    written = sum(siblings.values_list("embedded_count", flat=True))
+    rate = round(written / max((timezone.now() - started).total_seconds(), 1e-3), 2) if written else None
+    attempt = jobs.Attempt(model=SearchIndex, pk=index.pk, number=number, _phase="building the HNSW index")
+    jobs.run_attempt(attempt, lambda held: _embed_and_index(held, index, docs_per_s=rate))
+    _after_ready(index_id=index.pk, attempt_number=number)
+
+
+def _stop_chunks(chunks) -> None:
+    """Cancel these chunks: queued ones at once, running ones at their next safe point."""
+    now = timezone.now()
+    chunks.filter(status=EmbedChunk.QUEUED).update(status=EmbedChunk.CANCELLED, cancel_requested=True,
+                                                   finished_at=now, phase="cancelled")
+    chunks.filter(status=EmbedChunk.RUNNING).update(cancel_requested=True)
 
 
 def build_index(*, index: SearchIndex) -> SearchIndex:

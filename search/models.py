@@ -58,6 +58,13 @@ class SearchIndex(Job):
     def __str__(self) -> str:
         return f"{self.dataset} / {self.model_version}"
 
+    @classmethod
+    def held_by_children(cls, pks: list[int]) -> set[int]:
+        """Builds whose attempt handed the embedding to chunks that are still queued or running."""
+        return set(EmbedChunk.objects.filter(
+            index_id__in=pks, build_attempt=models.F("index__attempt"),
+            status__in=[EmbedChunk.QUEUED, EmbedChunk.RUNNING],
+        ).values_list("index_id", flat=True))
 
     @property
     def is_searchable(self) -> bool:
@@ -65,6 +72,41 @@ class SearchIndex(Job):
         return self.status == self.Status.READY or (
             self.status in (self.Status.QUEUED, self.Status.RUNNING) and self.finished_at is not None
         )
+
+
+class EmbedChunk(Job):
+    """One slice of a large index build: the pending documents with ids in [first, last], a job of its own.
+
+    search.indexing splits a build into chunks that every idle embed worker
+    takes in parallel; each is claimed, fenced, beaten and reaped like any
+    job, and re-doing one writes no second vector (search.vectors.store_embeddings
+    replaces nothing unchanged). The chunk that completes the set finishes the
+    build: HNSW once, READY once.
+    """
+
+    task_name = "search.embed_chunk"
+    kind_label = "index chunk"
+
+    index = models.ForeignKey(SearchIndex, on_delete=models.CASCADE, related_name="chunks")
+    # The index's attempt that planned this chunk; a later attempt plans its own set.
+    build_attempt = models.PositiveSmallIntegerField()
+    number = models.PositiveIntegerField()
+    first_document_id = models.BigIntegerField()
+    last_document_id = models.BigIntegerField()
+    # Pending documents in the range when the chunk was planned, and vectors written by its last attempt.
+    documents = models.PositiveIntegerField(default=0)
+    embedded_count = models.PositiveIntegerField(default=0)
+    # The Celery worker (name@host) of the last attempt: which hosts took which chunks.
+    worker = models.CharField(max_length=200, blank=True)
+
+    class Meta:
+        ordering = ["index", "build_attempt", "number"]
+        constraints = [
+            models.UniqueConstraint(fields=["index", "build_attempt", "number"], name="embed_chunk_unique_number"),
+        ]
+
+    def __str__(self) -> str:
+        return f"chunk {self.number} of {self.index_id} (attempt {self.build_attempt}, {self.status})"
 
 
 class IndexJob(Job):
