@@ -76,7 +76,8 @@ def get_job_encoder(artifact_path: str, backend: str = "auto") -> tuple[object, 
     module pipeline, a failed export) is encoded with PyTorch and the log says
     why. Cached per process like the serving models.
     """
-    return _encoder(artifact_path, backend, threads=None, role="")
+    # EMBEDPORTAL_EMBED_THREADS (0: every core): one per worker where several embed workers share a machine.
+    return _encoder(artifact_path, backend, threads=int(getattr(settings, "EMBED_THREADS", 0) or 0) or None, role="")
 
 
 def get_query_encoder(artifact_path: str, backend: str = "auto") -> tuple[object, str]:
