@@ -2,7 +2,9 @@ from axes.helpers import get_lockout_message
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
+from django.templatetags.static import static
 from django.urls import include, path
+from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
 from rest_framework import status
 from rest_framework.authtoken.views import ObtainAuthToken
@@ -58,9 +60,12 @@ urlpatterns = [
     path("partials/runs", views.runs_partial, name="runs_partial"),
     path("partials/health", views.health_partial, name="health_partial"),
     path("setup/", views.setup_check, name="setup_check"),
+    # Browsers ask for /favicon.ico on pages without a <link rel=icon> (JSON, downloads): no 404 in the log.
+    path("favicon.ico", RedirectView.as_view(url=static("favicon.svg"), permanent=True)),
     path("datasets/", training_views.dataset_list, name="dataset_list"),
     path("datasets/<int:pk>/", training_views.dataset_detail, name="dataset_detail"),
     path("datasets/<int:pk>/delete", training_views.dataset_delete, name="dataset_delete"),
+    path("datasets/<int:pk>/jira-url", training_views.dataset_jira_url, name="dataset_jira_url"),
     path("datasets/<int:pk>/upload", training_views.dataset_upload, name="dataset_upload"),
     path("datasets/<int:pk>/versions/<int:number>/rejected.csv", training_views.dataset_report_csv, name="dataset_report_csv"),
     path("datasets/<int:pk>/pairs", training_views.dataset_pairs, name="dataset_pairs"),
@@ -75,6 +80,7 @@ urlpatterns = [
     path("runs/compare/", training_views.run_compare, name="run_compare"),
     path("runs/<int:pk>/", training_views.run_detail, name="run_detail"),
     path("runs/<int:pk>/cancel", training_views.run_cancel, name="run_cancel"),
+    path("runs/<int:pk>/log", training_views.run_log, name="run_log"),
     path("models/", training_views.model_list, name="model_list"),
     path("models/<int:pk>/", search_views.model_detail, name="model_detail"),
     path("models/<int:pk>/promote", search_views.model_promote, name="model_promote"),

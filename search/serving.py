@@ -125,11 +125,13 @@ def delete_version(*, version: ModelVersion) -> None:
     if busy:
         raise ConflictError(f"{version} has {busy} index build(s) in progress; wait for them to finish.")
     artifact = Path(version.artifact_path)
+    pk = version.pk
     with transaction.atomic():
         version.search_indexes.all().delete()
         with connection.cursor() as cursor:
             cursor.execute(f"DROP INDEX IF EXISTS {hnsw_index_name(version.pk)}")
         version.delete()
+    version.pk = pk  # delete() cleared it; the store's and the cache's folders are named by it
     artifacts.forget(version=version)  # the store's copy and this host's cache of it
     models_dir = Path(settings.MODELS_DIR).resolve()
     if artifact.exists() and models_dir in artifact.resolve().parents:

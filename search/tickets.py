@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
+from training import datasets
 from training.corpus import ticket_links
-from training.models import Dataset, Document, JiraConnection
+from training.models import Dataset, Document
 
 # Metadata shown apart (links) or not meant for people (internal bookkeeping).
 _NOT_FIELDS = {"links", "extra_links"}
@@ -29,12 +30,17 @@ class Ticket:
     fields: list[tuple[str, str]] = field(default_factory=list)
     links: list[Link] = field(default_factory=list)
     jira_url: str = ""
+    jira_base: str = ""  # the dataset's Jira address, for its similar tickets' links
 
 
 def jira_base_url(dataset: Dataset) -> str:
-    """The dataset's Jira address (from its connector), "" when it has none."""
-    connection = JiraConnection.objects.filter(dataset=dataset).only("base_url").first()
-    return connection.base_url.rstrip("/") if connection else ""
+    """The dataset's Jira address (its connector's, else the one set by hand), "" when it has none."""
+    return datasets.jira_base_url(dataset)
+
+
+def jira_link(base: str, key: str) -> str:
+    """{base}/browse/{key}, the key URL-quoted whole (a "/" or "?" in it stays part of the key); "" without a base."""
+    return f"{base}/browse/{quote(key, safe='')}" if base and key else ""
 
 
 def find(*, dataset: Dataset, key: str) -> Document | None:
@@ -46,7 +52,7 @@ def find(*, dataset: Dataset, key: str) -> Document | None:
 def ticket(*, document: Document) -> Ticket:
     """The document's readable fields, its links (to tickets of the same dataset where they exist), its Jira URL.
 
-    Three queries whatever the number of links: the links' documents in one, the connector in one.
+    Two queries whatever the number of links: the links' documents in one, the connector in one.
     """
     pairs = ticket_links(document.metadata)
     known = dict(
@@ -66,8 +72,8 @@ def ticket(*, document: Document) -> Ticket:
         shown = ", ".join(str(v) for v in value) if isinstance(value, list) else str(value)
         fields.append((name.replace("_", " "), shown))
     base = jira_base_url(document.dataset)
-    url = f"{base}/browse/{quote(document.external_key)}" if base else ""
-    return Ticket(document=document, fields=fields, links=links, jira_url=url)
+    return Ticket(document=document, fields=fields, links=links, jira_url=jira_link(base, document.external_key),
+                  jira_base=base)
 
 
 def serialize(t: Ticket) -> dict:

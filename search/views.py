@@ -14,9 +14,10 @@ from django.db.models import F
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
-from django.views.decorators.http import require_POST
+from django.views.decorators.http import require_http_methods, require_POST
 
 from embedportal import jobs
+from embedportal.confirmation import confirm_page, confirmed
 from embedportal.errors import ServiceError
 from search import duplicates, hybrid, indexing, serializers, serving, tickets, tuning
 from search.clustering import assignment as cluster_assignment
@@ -161,6 +162,8 @@ def search_page(request: HttpRequest) -> HttpResponse:
         "result": result,
         "error": error or "; ".join(f"{k}: {v}" for k, v in errors.items()),
         "links": _page_links(request, result),
+        # Result keys also link to the ticket in Jira when the dataset has an address (set by hand or a connection).
+        "jira_base": tickets.jira_base_url(selected.dataset) if selected is not None and result else "",
     }
     return render(request, "search/search.html", context, status=400 if (error or errors) else 200)
 
@@ -207,8 +210,9 @@ def similar_page(request: HttpRequest, index_pk: int, document_pk: int) -> HttpR
         hits = hybrid.similar_documents(index=index, document=document, k=10)
     except ServiceError as exc:
         error = str(exc)
-    context = {"index": index, "document": document, "ticket": tickets.ticket(document=document),
-               "hits": hits, "error": error}
+    ticket = tickets.ticket(document=document)
+    context = {"index": index, "document": document, "ticket": ticket, "hits": hits, "error": error,
+               "jira_base": ticket.jira_base}
     return render(request, "search/similar.html", context)
 
 
@@ -425,9 +429,19 @@ def model_promote(request: HttpRequest, pk: int) -> HttpResponse:
 
 
 @login_required
-@require_POST
+@require_http_methods(["GET", "POST"])
 def model_rollback(request: HttpRequest, pk: int) -> HttpResponse:
     dataset = get_object_or_404(Dataset, pk=pk, owner=request.user)
+    if not confirmed(request):
+        current = production_version(dataset=dataset)
+        return confirm_page(
+            request, title=f"Roll back {dataset.name}?",
+            question=f"Roll {dataset.name} back to its previous production version?",
+            consequence=(f"{current} stops serving search" if current else "The current production version stops "
+                         "serving search") + "; the version promoted before it serves again at once. Nothing is "
+                         "deleted, and you can promote the newer version again later.",
+            action=reverse("model_rollback", args=[pk]), button="Roll back",
+            back=reverse("model_detail", args=[current.pk]) if current else reverse("model_list"), danger=False)
     try:
         version = serving.rollback(dataset=dataset, user=request.user)
     except ServiceError as exc:
@@ -438,9 +452,16 @@ def model_rollback(request: HttpRequest, pk: int) -> HttpResponse:
 
 
 @login_required
-@require_POST
+@require_http_methods(["GET", "POST"])
 def model_delete(request: HttpRequest, pk: int) -> HttpResponse:
     version = get_object_or_404(ModelVersion, pk=pk, owner=request.user)
+    if not confirmed(request):
+        return confirm_page(
+            request, title=f"Delete {version}?", question=f"Delete the model version {version}?",
+            consequence="Its files, its search indexes and their vectors are deleted for good. The production "
+                        "version cannot be deleted; promote or roll back first.",
+            action=reverse("model_delete", args=[pk]), button="Delete version",
+            back=reverse("model_detail", args=[pk]))
     try:
         serving.delete_version(version=version)
     except ServiceError as exc:

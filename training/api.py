@@ -87,11 +87,13 @@ class DatasetViewSet(
         data = upload.validated_data
         if import_jobs.wants_background(data["file"], data["background"]):
             job = import_jobs.submit(owner=request.user, upload=data["file"], name=data["name"], kind=data["kind"],
-                                 strict=data["strict"], mapping=data["mapping"], language=data["language"])
+                                 strict=data["strict"], mapping=data["mapping"], language=data["language"],
+                                 repeated_questions=data["repeated_questions"])
             return Response(serializers.ImportJobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
         dataset = datasets.import_upload(
             owner=request.user, name=data["name"], kind=data["kind"], upload=data["file"],
             strict=data["strict"], mapping=data["mapping"], language=data["language"],
+            repeated_questions=data["repeated_questions"],
         )
         dataset = self.get_queryset().get(pk=dataset.pk)
         return Response(self.get_serializer(dataset).data, status=status.HTTP_201_CREATED)
@@ -113,7 +115,8 @@ class DatasetViewSet(
         if data["keep"]:
             job, result = import_jobs.stage_and_preview(
                 owner=request.user, upload=data["file"], dataset=dataset, name=data["name"], kind=data["kind"],
-                strict=data["strict"], mapping=data["mapping"], language=data["language"])
+                strict=data["strict"], mapping=data["mapping"], language=data["language"],
+                repeated_questions=data["repeated_questions"])
             if result["needs_mapping"]:  # nothing to start: the API caller sends a mapping with the next file
                 import_jobs.discard(job=job)
             else:
@@ -121,7 +124,8 @@ class DatasetViewSet(
         else:
             with datasets.upload_on_disk(data["file"]) as path:
                 result = datasets.preview_file(path=path, filename=data["file"].name, kind=data["kind"],
-                                               mapping=data["mapping"], dataset=dataset)
+                                               mapping=data["mapping"], dataset=dataset,
+                                               repeated_questions=data["repeated_questions"])
         all_errors = result.pop("all_errors", [])
         if request.query_params.get("errors") == "csv":
             return csv_attachment(importers.write_csv(importers.error_csv_rows(all_errors)), "preview-errors.csv")
@@ -140,12 +144,25 @@ class DatasetViewSet(
         data = payload.validated_data
         if import_jobs.wants_background(data["file"], data["background"]):
             job = import_jobs.submit(owner=request.user, upload=data["file"], dataset=dataset, strict=data["strict"],
-                                 mapping=data["mapping"])
+                                 mapping=data["mapping"], repeated_questions=data["repeated_questions"])
             return Response(serializers.ImportJobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
         with datasets.upload_on_disk(data["file"]) as path:
             version = datasets.add_version(dataset=dataset, path=path, filename=data["file"].name,
-                                           strict=data["strict"], mapping=data["mapping"])
+                                           strict=data["strict"], mapping=data["mapping"],
+                                           repeated_questions=data["repeated_questions"])
         return Response(serializers.DatasetVersionSerializer(version).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(request=serializers.DatasetJiraUrlSerializer, responses={200: serializers.DatasetJiraUrlSerializer})
+    @action(detail=True, methods=["get", "put"], url_path="jira-url")
+    def jira_url(self, request, pk=None):
+        """The dataset's Jira address set by hand (`jira_base_url`, "" to remove) and the one in use (`effective`:
+        a Jira connection's address wins). 400 naming `jira_base_url` unless it is an http(s) site address."""
+        dataset = self.get_object()
+        if request.method == "PUT":
+            payload = serializers.DatasetJiraUrlSerializer(data=request.data)
+            payload.is_valid(raise_exception=True)
+            dataset = datasets.set_jira_base_url(dataset=dataset, url=payload.validated_data["jira_base_url"])
+        return Response({"jira_base_url": dataset.jira_base_url, "effective": datasets.jira_base_url(dataset)})
 
     @extend_schema(request=serializers.DatasetMappingSerializer, responses={200: serializers.DatasetMappingSerializer})
     @action(detail=True, methods=["get", "put"])

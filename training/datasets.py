@@ -23,6 +23,8 @@ from typing import Any, Iterator
 
 from django.conf import settings
 from django.contrib.postgres.search import SearchVector
+from django.core.exceptions import ValidationError
+from django.core.validators import URLValidator
 from django.db import IntegrityError, connection, transaction
 from django.db.models import Max, Q
 
@@ -30,7 +32,15 @@ from embedportal import jobs
 from training import artifacts, importers, versions
 from training.corpus import ticket_links
 from training.errors import ServiceError
-from training.models import Dataset, DatasetVersion, Document, ImportJob, ModelVersion, TrainingRun
+from training.models import (
+    Dataset,
+    DatasetVersion,
+    Document,
+    ImportJob,
+    JiraConnection,
+    ModelVersion,
+    TrainingRun,
+)
 from training.pairs import Example, Ticket
 from training.signals import dataset_created, dataset_version_added
 
@@ -75,10 +85,13 @@ def import_dataset(
     language: str = "english",
     progress: versions.Progress | None = None,
     background: bool = False,
+    repeated_questions: str = "keep",
 ) -> Dataset:
     """Create a dataset from an uploaded export (version 1), all or nothing.
 
     background: True in a worker (a compressed file may expand further: expanded_limit).
+    repeated_questions: for Q&A, "keep" (each answer its own document) or "merge" (one document per
+    question); remembered on the dataset for its next uploads. Merged rows are listed in the report.
 
     `language` is the PostgreSQL text-search configuration (stemming, stop
     words) of the dataset's keyword index; an unknown one is refused.
@@ -93,7 +106,8 @@ def import_dataset(
     report = importers.ImportReport()
     try:
         upload = importers.read_upload(path, filename, report, kind=kind, mapping=mapping,
-                                       max_bytes=expanded_limit(background=background))
+                                       max_bytes=expanded_limit(background=background),
+                                       repeated_questions=repeated_questions)
         if upload.format == "jira_links":
             raise ServiceError(
                 f"file: {filename} holds duplicate links, not tickets. Import the tickets first, then add "
@@ -107,6 +121,7 @@ def import_dataset(
                 language=language,
                 source_filename=filename[:255],
                 column_mapping=upload.mapping if upload.format == "mapped" else {},
+                repeated_questions=repeated_questions,
             )
             first = versions.store_version(dataset=dataset, upload=upload, report=report, filename=filename,
                                            strict=strict, progress=progress)
@@ -156,7 +171,7 @@ def check_name(name: str) -> None:
 
 def add_version(
     *, dataset: Dataset, path: Path, filename: str, strict: bool = False, mapping: dict[str, Any] | None = None,
-    progress: versions.Progress | None = None, background: bool = False,
+    progress: versions.Progress | None = None, background: bool = False, repeated_questions: str = "",
 ) -> DatasetVersion:
     """Upsert a newer export into an existing dataset and record it as a new version.
 
@@ -165,13 +180,15 @@ def add_version(
     are often partial). Side effects: adds/updates Documents and creates a
     DatasetVersion in one transaction, then queues an incremental refresh of
     the dataset's search indexes (new and changed documents only; the old
-    vectors serve until replaced). Raises ServiceError with nothing changed.
+    vectors serve until replaced). repeated_questions "" uses the dataset's remembered choice; a given
+    one is remembered. Raises ServiceError with nothing changed.
     """
     use_mapping = mapping or dataset.column_mapping or None
+    repeats = repeated_questions or dataset.repeated_questions or "keep"
     report = importers.ImportReport()
     try:
         upload = importers.read_upload(path, filename, report, kind=dataset.kind, mapping=use_mapping,
-                                       max_bytes=expanded_limit(background=background))
+                                       max_bytes=expanded_limit(background=background), repeated_questions=repeats)
         if upload.format == "jira_links":
             return import_links(dataset=dataset, path=path, filename=filename, strict=strict, background=background)
         with transaction.atomic():
@@ -181,7 +198,8 @@ def add_version(
             if mapping:
                 locked.column_mapping = upload.mapping
             locked.source_filename = filename[:255]
-            locked.save(update_fields=["column_mapping", "source_filename"])
+            locked.repeated_questions = repeats
+            locked.save(update_fields=["column_mapping", "source_filename", "repeated_questions"])
     except importers.UploadError as exc:
         raise ServiceError(str(exc)) from exc
     dataset.refresh_from_db()
@@ -269,6 +287,38 @@ def import_links(
     return version
 
 
+def jira_base_url(dataset: Dataset) -> str:
+    """Where the dataset's tickets open in Jira ({base}/browse/{key}): its Jira connection's address when it has
+    one (that one wins: it is where the tickets come from), else the address set by hand, else ""."""
+    connection_url = JiraConnection.objects.filter(dataset=dataset).values_list("base_url", flat=True).first()
+    return (connection_url or dataset.jira_base_url or "").rstrip("/")
+
+
+def set_jira_base_url(*, dataset: Dataset, url: str) -> Dataset:
+    """Set (or clear, with "") the dataset's Jira address by hand; ServiceError naming `jira_base_url` unless it
+    is an http(s) address of a site (no credentials, query or fragment). Stored without a trailing slash."""
+    url = (url or "").strip()
+    max_chars = Dataset._meta.get_field("jira_base_url").max_length
+    if len(url) > max_chars:
+        raise ServiceError(f"jira_base_url: at most {max_chars} characters, got {len(url)}.")
+    if url:
+        try:
+            URLValidator(schemes=["http", "https"])(url)
+        except ValidationError:
+            raise ServiceError("jira_base_url: give the Jira site's http(s) address, e.g. "
+                               "https://your-site.atlassian.net or https://issues.apache.org/jira.") from None
+        from training.connectors.jira import check_base_url  # the connector's rule; imported here: it imports us
+
+        try:
+            url = check_base_url(url)
+        except ServiceError as exc:
+            reason = exc.by_field().get("base_url") or str(exc)
+            raise ServiceError(f"jira_base_url: {reason}") from None
+    dataset.jira_base_url = url
+    dataset.save(update_fields=["jira_base_url"])
+    return dataset
+
+
 def save_mapping(*, dataset: Dataset, mapping: dict[str, Any]) -> Dataset:
     """Remember which column plays which role for this dataset's next uploads.
 
@@ -301,6 +351,7 @@ def preview_file(
     dataset: Dataset | None = None,
     rows: int = importers.PREVIEW_ROWS,
     check_rows: int = PREVIEW_CHECK_ROWS,
+    repeated_questions: str = "",
 ) -> dict[str, Any]:
     """Read and validate the first `check_rows` rows of a file without storing anything.
 
@@ -313,12 +364,14 @@ def preview_file(
     if dataset is not None:
         kind = dataset.kind
         mapping = mapping or dataset.column_mapping or None
+        repeated_questions = repeated_questions or dataset.repeated_questions
     report = importers.ImportReport(row_limit=check_rows)
     partial = False
     sample: list[dict[str, Any]] = []
     try:
         upload = importers.read_upload(path, filename, report, kind=kind, mapping=mapping,
-                                       max_bytes=expanded_limit(background=False))
+                                       max_bytes=expanded_limit(background=False),
+                                       repeated_questions=repeated_questions or "keep")
         try:
             if upload.format == "jira_links":
                 for link in upload.documents:
@@ -375,12 +428,19 @@ def upload_on_disk(upload) -> Iterator[Path]:
 
 def import_upload(
     *, owner, name: str, kind: str = "", upload, strict: bool = False, mapping: dict[str, Any] | None = None,
-    language: str = "english",
+    language: str = "english", repeated_questions: str = "keep",
 ) -> Dataset:
     """import_dataset() for a Django UploadedFile (on disk or in memory)."""
     with upload_on_disk(upload) as path:
         return import_dataset(owner=owner, name=name, kind=kind, path=path, filename=upload.name, strict=strict,
-                              mapping=mapping, language=language)
+                              mapping=mapping, language=language, repeated_questions=repeated_questions)
+
+
+def check_repeated_questions(value: str) -> None:
+    """ServiceError naming the field unless `value` is a choice of importers.REPEATED_QUESTIONS ("" = default)."""
+    if value and value not in importers.REPEATED_QUESTIONS:
+        raise ServiceError(f"repeated_questions: {value!r} is not one of {', '.join(importers.REPEATED_QUESTIONS)} "
+                           f"({'; '.join(f'{k}: {v}' for k, v in importers.REPEATED_QUESTIONS.items())}).")
 
 
 def text_search_configs() -> list[str]:

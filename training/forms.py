@@ -93,6 +93,20 @@ class MappingFields(forms.Form):
         return [self[f"map_{role}"] for role in (*MAPPING_ROLES, "attributes")]
 
 
+REPEATED_QUESTION_CHOICES = [
+    ("keep", "Keep each answer as its own document (default)"),
+    ("merge", "Merge the answers into one document per question"),
+]
+REPEATED_QUESTION_HELP = ("Q&A files only. A row identical to an earlier one (same question, same answer) is "
+                          "always merged into it. Every merged row is listed in the report with its reason.")
+
+
+def repeated_questions_field(*, initial: str = "keep") -> forms.ChoiceField:
+    return forms.ChoiceField(choices=REPEATED_QUESTION_CHOICES, required=False, initial=initial,
+                             widget=forms.RadioSelect, label="The same question answered in several rows",
+                             help_text=REPEATED_QUESTION_HELP)
+
+
 class UploadForm(MappingFields):
     name = forms.CharField(max_length=200)
     kind = forms.ChoiceField(choices=KIND_CHOICES, required=False, initial="")
@@ -104,8 +118,9 @@ class UploadForm(MappingFields):
     strict = forms.BooleanField(required=False, help_text="Refuse the whole file if any row is bad.")
     language = forms.CharField(max_length=32, required=False, initial="english",
                                help_text="Text-search configuration: english, german, french, simple, ...")
+    repeated_questions = repeated_questions_field()
 
-    field_order = ["name", "kind", "file", "strict", "language"]
+    field_order = ["name", "kind", "file", "strict", "language", "repeated_questions"]
 
     def clean_file(self):
         return _check_size(self.cleaned_data["file"])
@@ -114,11 +129,22 @@ class UploadForm(MappingFields):
 class VersionUploadForm(MappingFields):
     file = forms.FileField(help_text="A newer export of the same dataset, or a duplicate links CSV")
     strict = forms.BooleanField(required=False, help_text="Refuse the whole file if any row is bad.")
+    repeated_questions = repeated_questions_field(initial="")
 
-    field_order = ["file", "strict"]
+    field_order = ["file", "strict", "repeated_questions"]
 
     def clean_file(self):
         return _check_size(self.cleaned_data["file"])
+
+
+class JiraBaseUrlForm(forms.Form):
+    """A dataset's Jira address set by hand (checked by datasets.set_jira_base_url)."""
+
+    jira_base_url = forms.CharField(
+        required=False, max_length=500, label="Jira address",
+        widget=forms.TextInput(attrs={"placeholder": "https://your-site.atlassian.net", "inputmode": "url"}),
+        help_text="Ticket keys link to {address}/browse/KEY. Empty removes it. A Jira connection's address "
+                  "wins over this one.")
 
 
 class PairsForm(forms.Form):

@@ -122,7 +122,7 @@ def staged_quota_bytes() -> int:
 
 def stage(
     *, owner, upload, dataset: Dataset | None = None, name: str = "", kind: str = "", strict: bool = False,
-    mapping: dict | None = None, language: str = "english",
+    mapping: dict | None = None, language: str = "english", repeated_questions: str = "",
 ) -> ImportJob:
     """Keep an upload on disk as a STAGED job (a preview the user may import next, without uploading again).
 
@@ -131,6 +131,7 @@ def stage(
     upload is refused (ServiceError naming the file) and nothing is kept.
     Staged files expire after STAGED_TTL (expire_staged).
     """
+    datasets.check_repeated_questions(repeated_questions)
     size = getattr(upload, "size", 0) or 0
     quota = staged_quota_bytes()
     with transaction.atomic():
@@ -152,6 +153,8 @@ def stage(
                 dataset=dataset, name=dataset.name if dataset else name.strip(), kind=kind, language=language,
                 strict=strict, mapping=mapping, filename=(upload.name or "upload")[:255], file_path=str(path),
                 size_bytes=size, status=ImportJob.Status.STAGED,
+                # "" on a new version: the dataset's remembered choice (datasets.add_version).
+                repeated_questions=repeated_questions or ("" if dataset else "keep"),
             )
         except BaseException:
             path.unlink(missing_ok=True)
@@ -176,13 +179,13 @@ def stage(
 
 def stage_and_preview(*, owner, upload, dataset: Dataset | None = None, name: str = "", kind: str = "",
                       strict: bool = False, mapping: dict | None = None,
-                      language: str = "english") -> tuple[ImportJob, dict]:
+                      language: str = "english", repeated_questions: str = "") -> tuple[ImportJob, dict]:
     """Stage the upload and preview it from disk (datasets.preview_file); a file that cannot be read is not kept."""
     job = stage(owner=owner, upload=upload, dataset=dataset, name=name, kind=kind, strict=strict, mapping=mapping,
-                language=language)
+                language=language, repeated_questions=repeated_questions)
     try:
         preview = datasets.preview_file(path=Path(job.file_path), filename=job.filename, kind=kind, mapping=mapping,
-                                        dataset=dataset)
+                                        dataset=dataset, repeated_questions=job.repeated_questions)
     except ServiceError:
         discard(job=job)
         raise
@@ -233,7 +236,7 @@ def _check_new_dataset(job: ImportJob) -> None:
 
 def submit(
     *, owner, upload, dataset: Dataset | None = None, name: str = "", kind: str = "", strict: bool = False,
-    mapping: dict | None = None, language: str = "english",
+    mapping: dict | None = None, language: str = "english", repeated_questions: str = "",
 ) -> ImportJob:
     """Stage the upload and queue its import at once: a new dataset (no `dataset`) or a new version of `dataset`.
 
@@ -241,7 +244,7 @@ def submit(
     kind or language is unknown.
     """
     job = stage(owner=owner, upload=upload, dataset=dataset, name=name, kind=kind, strict=strict, mapping=mapping,
-                language=language)
+                language=language, repeated_questions=repeated_questions)
     try:
         return start(job=job, background=True)
     except ServiceError:
@@ -297,7 +300,7 @@ def _import(attempt: jobs.Attempt, *, background: bool) -> None:
                 dataset = datasets.import_dataset(
                     owner=job.owner, name=job.name, kind=job.kind, path=path, filename=job.filename,
                     strict=job.strict, mapping=job.mapping, language=job.language, progress=progress,
-                    background=background,
+                    background=background, repeated_questions=job.repeated_questions or "keep",
                 )
                 version = dataset.versions.first()
             else:
@@ -305,7 +308,8 @@ def _import(attempt: jobs.Attempt, *, background: bool) -> None:
                     raise ServiceError("dataset: the dataset of this upload was deleted; nothing was imported.")
                 dataset = job.dataset
                 version = datasets.add_version(dataset=dataset, path=path, filename=job.filename, strict=job.strict,
-                                               mapping=job.mapping, progress=progress, background=background)
+                                               mapping=job.mapping, progress=progress, background=background,
+                                               repeated_questions=job.repeated_questions)
             _hold_fence(attempt)
             attempt.finish(phase="done", error="", dataset=dataset, version=version,
                            rows_read=(version.report or {}).get("rows_read", 0) if version else 0)

@@ -34,6 +34,12 @@ class Dataset(models.Model):
     # Which column plays which role ({"key": "Id", "title": "Subject", ...}) for
     # files that are not a known export; remembered for the next upload.
     column_mapping = models.JSONField(default=dict, blank=True)
+    # Q&A: one question answered in several rows becomes several documents ("keep") or one ("merge");
+    # chosen at the first upload, remembered for the next ones (importers.REPEATED_QUESTIONS).
+    repeated_questions = models.CharField(max_length=8, default="keep", blank=True)
+    # Where tickets open in Jira ({base}/browse/{key}), set by hand; a Jira connection's address wins
+    # (training.datasets.jira_base_url). Validated as an http(s) address.
+    jira_base_url = models.URLField(max_length=500, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -151,6 +157,7 @@ class ImportJob(Job):
     name = models.CharField(max_length=200, blank=True)
     kind = models.CharField(max_length=16, blank=True)
     language = models.CharField(max_length=64, default="english")
+    repeated_questions = models.CharField(max_length=8, default="keep", blank=True)
     strict = models.BooleanField(default=False)
     mapping = models.JSONField(null=True, blank=True)
     filename = models.CharField(max_length=255)

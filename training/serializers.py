@@ -24,7 +24,7 @@ class DatasetSerializer(serializers.ModelSerializer):
         model = Dataset
         fields = [
             "id", "name", "kind", "source_filename", "language", "document_count", "latest_version",
-            "column_mapping", "import_report", "created_at",
+            "column_mapping", "repeated_questions", "jira_base_url", "import_report", "created_at",
         ]
         read_only_fields = fields
 
@@ -64,6 +64,16 @@ class MappingField(serializers.JSONField):
         return value
 
 
+def repeated_questions_field(*, default: str) -> serializers.ChoiceField:
+    return serializers.ChoiceField(
+        choices=[("keep", "keep each answer as its own document"), ("merge", "merge the answers into one document")]
+        + ([("", "the dataset's remembered choice")] if default == "" else []),
+        default=default, allow_blank=default == "",
+        help_text="Q&A only: the same question answered in several rows becomes several documents (keep, the "
+                  "default of a new dataset) or one (merge). Rows identical to an earlier one are always merged; "
+                  "the report lists every merged row (`merged`, `rows_merged`) with its reason.")
+
+
 class DatasetUploadSerializer(serializers.Serializer):
     name = serializers.CharField(max_length=200)
     kind = serializers.ChoiceField(choices=[("", "detect")] + list(Dataset.Kind.choices), default="",
@@ -73,6 +83,7 @@ class DatasetUploadSerializer(serializers.Serializer):
     mapping = MappingField(required=False, allow_null=True, default=None)
     language = serializers.CharField(max_length=32, default="english",
                                      help_text="PostgreSQL text-search configuration (english, german, simple, ...)")
+    repeated_questions = repeated_questions_field(default="keep")
     background = serializers.BooleanField(
         required=False, allow_null=True, default=None,
         help_text="Import in a background job and answer 202 with it (default: only uploads above "
@@ -86,6 +97,7 @@ class DatasetVersionUploadSerializer(serializers.Serializer):
     file = serializers.FileField()
     strict = serializers.BooleanField(default=False)
     mapping = MappingField(required=False, allow_null=True, default=None)
+    repeated_questions = repeated_questions_field(default="")
     background = serializers.BooleanField(
         required=False, allow_null=True, default=None,
         help_text="Import in a background job and answer 202 with it (default: only uploads above "
@@ -108,6 +120,7 @@ class DatasetPreviewSerializer(serializers.Serializer):
                                  help_text="Name of the new dataset (with keep, when no dataset is given)")
     strict = serializers.BooleanField(default=False)
     language = serializers.CharField(max_length=32, default="english")
+    repeated_questions = repeated_questions_field(default="")
 
     def validate_file(self, upload):
         return _check_upload_size(upload)
@@ -118,6 +131,12 @@ class ImportStartSerializer(serializers.Serializer):
                                  help_text="Rename the new dataset before importing")
     background = serializers.BooleanField(required=False, allow_null=True, default=None,
                                           help_text="Default: only files above EMBEDPORTAL_BACKGROUND_IMPORT_MB")
+
+
+class DatasetJiraUrlSerializer(serializers.Serializer):
+    jira_base_url = serializers.CharField(max_length=500, allow_blank=True, trim_whitespace=True,
+                                          help_text="http(s) address of the Jira site; \"\" removes it")
+    effective = serializers.CharField(read_only=True, help_text="the address in use (a Jira connection's wins)")
 
 
 class DatasetMappingSerializer(serializers.Serializer):

@@ -6,15 +6,18 @@ from django.contrib.auth.decorators import login_required
 from django.db.models import Count
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt, csrf_protect
-from django.views.decorators.http import require_POST
+from django.views.decorators.http import require_http_methods, require_POST
 
-from training import datasets, forms, import_jobs, pairs, registry, retraining, runs
+from embedportal.confirmation import confirm_page, confirmed
+from training import comparison, datasets, forms, import_jobs, pairs, registry, retraining, runs
 from training.connectors import jira
 from training.downloads import csv_attachment, temporary_file_response
 from training.errors import ServiceError
 from training.forms import (
+    JiraBaseUrlForm,
     JiraConnectionForm,
     JiraDatasetForm,
     PairsForm,
@@ -57,7 +60,8 @@ def _dataset_list(request: HttpRequest, limiter) -> HttpResponse:
     elif request.method == "POST" and form.is_valid():
         data = form.cleaned_data
         options = {"name": data["name"], "kind": data["kind"], "strict": data["strict"], "mapping": form.mapping(),
-                   "language": data.get("language") or "english"}
+                   "language": data.get("language") or "english",
+                   "repeated_questions": data.get("repeated_questions") or "keep"}
         try:
             if request.POST.get("action") == "preview":
                 # Kept on disk (a staged import), so "Import" after the preview needs no second upload;
@@ -124,13 +128,16 @@ def _remap_staged(request: HttpRequest) -> HttpResponse:
     job.save(update_fields=["kind", "mapping"])
     path = import_jobs.staged_file(job)
     try:
-        preview = datasets.preview_file(path=path, filename=job.filename, kind=job.kind, mapping=mapping)
+        preview = datasets.preview_file(path=path, filename=job.filename, kind=job.kind, mapping=mapping,
+                                        repeated_questions=job.repeated_questions)
     except ServiceError as exc:  # e.g. the mapping makes no usable row: show the columns again with the reason
-        preview = datasets.preview_file(path=path, filename=job.filename, kind=job.kind, mapping=None)
+        preview = datasets.preview_file(path=path, filename=job.filename, kind=job.kind, mapping=None,
+                                        repeated_questions=job.repeated_questions)
         preview.update(needs_mapping=True, error=str(exc), mapping=mapping or preview.get("mapping") or {})
         preview.setdefault("columns", [])
     preview["staged"] = job
-    form = UploadForm(initial={"name": job.name, "kind": job.kind, "language": job.language, "strict": job.strict})
+    form = UploadForm(initial={"name": job.name, "kind": job.kind, "language": job.language, "strict": job.strict,
+                               "repeated_questions": job.repeated_questions or "keep"})
     return _render_list(request, form, preview, status=400 if preview["needs_mapping"] else 200)
 
 
@@ -141,7 +148,8 @@ def _import_staged(request: HttpRequest) -> HttpResponse:
     try:
         job = import_jobs.start(job=job, name=request.POST.get("name") or "")
     except ServiceError as exc:
-        messages.error(request, f"{exc} The previewed file is still kept: preview it again or upload it anew.")
+        messages.error(request, f"{_readable(exc)} The previewed file is still kept: preview it again or upload it "
+                                "anew.")
         return redirect("dataset_list")
     if job.status == ImportJob.Status.SUCCEEDED:
         report = job.version.report if job.version else {}
@@ -149,7 +157,7 @@ def _import_staged(request: HttpRequest) -> HttpResponse:
                                   f"{job.dataset.name} ({report.get('rows_rejected')} rejected).")
         return redirect("dataset_detail", pk=job.dataset_id)
     if job.status == ImportJob.Status.FAILED:
-        messages.error(request, job.error)
+        messages.error(request, _readable(ServiceError(job.error)))  # without the API's "field:" prefix
         return redirect("dataset_list")
     return _follow_job(request, job)
 
@@ -181,8 +189,12 @@ def dataset_detail(request: HttpRequest, pk: int) -> HttpResponse:
 
 
 def _detail_context(dataset: Dataset, **extra) -> dict:
+    jira_base = datasets.jira_base_url(dataset)
     return {
         "dataset": dataset,
+        "jira_base": jira_base,
+        "jira_from_connection": bool(jira_base) and jira_base != dataset.jira_base_url.rstrip("/"),
+        "jira_form": extra.pop("jira_form", None) or JiraBaseUrlForm(initial={"jira_base_url": dataset.jira_base_url}),
         "documents": dataset.documents.all()[:20],
         "runs": dataset.training_runs.all()[:20],
         "versions": dataset.versions.defer("rejected_rows")[:20],
@@ -197,6 +209,7 @@ def _detail_context(dataset: Dataset, **extra) -> dict:
 def _mapping_initial(dataset: Dataset) -> dict:
     mapping = dataset.column_mapping or {}
     initial = {f"map_{role}": column for role, column in mapping.items() if role != "attributes"}
+    initial["repeated_questions"] = dataset.repeated_questions or "keep"
     if mapping.get("attributes"):
         initial["map_attributes"] = ", ".join(mapping["attributes"])
     return initial
@@ -222,14 +235,15 @@ def _dataset_upload(request: HttpRequest, pk: int, limiter) -> HttpResponse:
     elif upload_form.is_valid():
         upload = upload_form.cleaned_data["file"]
         if import_jobs.wants_background(upload):
-            return _follow_job(request, import_jobs.submit(owner=request.user, upload=upload, dataset=dataset,
-                                                       strict=upload_form.cleaned_data["strict"],
-                                                       mapping=upload_form.mapping()))
+            return _follow_job(request, import_jobs.submit(
+                owner=request.user, upload=upload, dataset=dataset, strict=upload_form.cleaned_data["strict"],
+                mapping=upload_form.mapping(), repeated_questions=upload_form.cleaned_data["repeated_questions"]))
         try:
             with datasets.upload_on_disk(upload) as path:
                 version = datasets.add_version(dataset=dataset, path=path, filename=upload.name,
                                                strict=upload_form.cleaned_data["strict"],
-                                               mapping=upload_form.mapping())
+                                               mapping=upload_form.mapping(),
+                                               repeated_questions=upload_form.cleaned_data["repeated_questions"])
         except ServiceError as exc:
             upload_form.add_error(None, _readable(exc))
         else:
@@ -275,8 +289,34 @@ def dataset_pairs(request: HttpRequest, pk: int) -> HttpResponse:
 
 @login_required
 @require_POST
+def dataset_jira_url(request: HttpRequest, pk: int) -> HttpResponse:
+    """Set the dataset's Jira address by hand (ticket keys then link to Jira); a 400 naming the field if invalid."""
+    dataset = get_object_or_404(
+        Dataset.objects.annotate(document_count=Count("documents")), pk=pk, owner=request.user
+    )
+    form = JiraBaseUrlForm(request.POST)
+    if form.is_valid():
+        try:
+            datasets.set_jira_base_url(dataset=dataset, url=form.cleaned_data["jira_base_url"])
+        except ServiceError as exc:
+            form.add_error("jira_base_url", _readable(exc))
+        else:
+            messages.success(request, f"Jira address of {dataset.name}: {dataset.jira_base_url or 'removed'}.")
+            return redirect("dataset_detail", pk=pk)
+    return render(request, "training/dataset_detail.html", _detail_context(dataset, jira_form=form), status=400)
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
 def dataset_delete(request: HttpRequest, pk: int) -> HttpResponse:
     dataset = get_object_or_404(Dataset, pk=pk, owner=request.user)
+    if not confirmed(request):
+        return confirm_page(
+            request, title=f"Delete {dataset.name}?", question=f"Delete the dataset {dataset.name}?",
+            consequence="Its documents, versions, training runs, model versions, search indexes and duplicate "
+                        "reviews are deleted for good, with their files. This cannot be undone.",
+            action=reverse("dataset_delete", args=[pk]), button="Delete dataset",
+            back=reverse("dataset_detail", args=[pk]))
     datasets.delete_dataset(dataset=dataset)
     messages.success(request, f"Deleted {dataset.name}.")
     return redirect("dataset_list")
@@ -292,7 +332,8 @@ SYSTEM_LABELS = {
     "served": "served: fine-tuned model with its index's tuned fusion",
 }
 DRILLDOWN_ROWS = 30
-LOG_TAIL_LINES = 8
+# The run page's log box shows the last lines (a long run logs thousands; the page stays small).
+LOG_LINES = 500
 
 
 @login_required
@@ -306,7 +347,6 @@ def run_detail(request: HttpRequest, pk: int) -> HttpResponse:
         "run": run,
         "version": getattr(run, "model_version", None),
         "progress_data": progress_data,
-        "log_tail": "\n".join(run.log.splitlines()[-LOG_TAIL_LINES:]),
     }
     if request.headers.get("HX-Request"):
         return render(request, "partials/run_status.html", context)
@@ -322,33 +362,53 @@ def run_detail(request: HttpRequest, pk: int) -> HttpResponse:
         worsened=sum(1 for row in per_query if row["delta"] < 0),
         unchanged=sum(1 for row in per_query if row["delta"] == 0),
     )
+    context.update(_log_context(run))
     return render(request, "training/run_detail.html", context)
+
+
+def _log_context(run: TrainingRun) -> dict:
+    lines = run.log.splitlines()
+    return {"run": run, "log": "\n".join(lines[-LOG_LINES:]), "log_lines": len(lines), "log_shown": LOG_LINES}
+
+
+@login_required
+def run_log(request: HttpRequest, pk: int) -> HttpResponse:
+    """The run page's log box (HTMX polls it while the run is not finished; the finished box polls no more)."""
+    run = get_object_or_404(TrainingRun.objects.only("pk", "status", "log", "owner_id"), pk=pk, owner=request.user)
+    return render(request, "partials/run_log.html", _log_context(run))
+
+
+# Runs listed on the Runs page (newest first), each with a checkbox to compare.
+RUNS_LISTED = 100
+# Runs compared at once: columns side by side still fit a screen.
+MAX_COMPARED = 8
 
 
 @login_required
 def run_compare(request: HttpRequest) -> HttpResponse:
-    ids = [int(i) for i in request.GET.getlist("ids") if i.isdigit()]
-    runs = TrainingRun.objects.filter(owner=request.user).select_related("dataset")
-    chosen = [run for run in runs if run.pk in ids]
-    rows = []
-    for run in chosen:
-        systems = (run.evaluation or {}).get("systems", {})
-        rows.append(
-            {
-                "run": run,
-                "tuned": [systems.get("fine_tuned", {}).get(m) for m in METRIC_NAMES],
-                "base_ndcg": systems.get("base", {}).get("ndcg@10"),
-                "hybrid_ndcg": systems.get("hybrid_fine_tuned", {}).get("ndcg@10"),
-            }
-        )
-    context = {"choices": runs[:100], "selected_ids": ids, "runs": chosen, "rows": rows, "metric_names": METRIC_NAMES}
+    """The runs list with checkboxes; the checked runs side by side (comparison.compare_runs)."""
+    ids = list(dict.fromkeys(int(i) for i in request.GET.getlist("ids") if i.isdigit() and len(i) < 12))
+    owned = TrainingRun.objects.filter(owner=request.user).select_related("dataset").defer("log")
+    chosen = list(owned.filter(pk__in=ids[:MAX_COMPARED])) if ids else []
+    chosen.sort(key=lambda run: ids.index(run.pk))
+    context = {
+        "choices": [(run, comparison.held_out_ndcg(run)) for run in owned[:RUNS_LISTED]], "selected_ids": ids, "runs": chosen, "max_compared": MAX_COMPARED,
+        "too_many": len(ids) > MAX_COMPARED,
+        "comparison": comparison.compare_runs(runs=chosen) if chosen else None,
+    }
     return render(request, "training/run_compare.html", context)
 
 
 @login_required
-@require_POST
+@require_http_methods(["GET", "POST"])
 def run_cancel(request: HttpRequest, pk: int) -> HttpResponse:
-    run = get_object_or_404(TrainingRun, pk=pk, owner=request.user)
+    run = get_object_or_404(TrainingRun.objects.select_related("dataset"), pk=pk, owner=request.user)
+    if not confirmed(request):
+        return confirm_page(
+            request, title=f"Cancel run #{run.pk}?", question=f"Cancel training run #{run.pk} on {run.dataset.name}?",
+            consequence="The run stops at its next step and registers no model; its log and metrics so far are "
+                        "kept. Training again starts from the beginning.",
+            action=reverse("run_cancel", args=[pk]), button="Cancel run", back=reverse("run_detail", args=[pk]))
     runs.cancel_run(run=run)
     messages.info(request, f"Cancellation of run #{run.pk} requested.")
     return redirect("run_detail", pk=pk)

@@ -37,11 +37,14 @@ from training.importers.opening import (
     open_payload,
 )
 from training.importers.tabular import (
+    REPEATED_QUESTIONS,
     REQUIRED_ROLES,
     ROLES,
     CellError,
     jsonl_records,
+    keep_repeated_questions,
     mapped_upload,
+    merge_repeated_questions,
     question_key,
     read_csv,
     read_parquet,
@@ -74,9 +77,10 @@ from training.importers.validation import (
 
 __all__ = [
     "BOMB_SLACK_BYTES", "FORMATS", "FORMAT_KIND", "MAX_REPORTED_ERRORS", "MAX_STORED_ERRORS", "MAX_ZIP_RATIO",
-    "PREVIEW_ROWS", "REQUIRED_ROLES", "ROLES", "CellError", "ImportReport", "LinkRow", "ParsedDocument",
-    "RowLimitReached", "StagedRow", "Upload", "UploadError", "canonical_json", "content_hash", "csv_safe",
-    "declared_expanded_size", "detect_encoding", "error_csv_rows", "open_payload", "parse_date", "preview_row",
+    "PREVIEW_ROWS", "REPEATED_QUESTIONS", "REQUIRED_ROLES", "ROLES", "CellError", "ImportReport", "LinkRow",
+    "ParsedDocument", "RowLimitReached", "StagedRow", "Upload", "UploadError", "canonical_json", "content_hash",
+    "csv_safe", "declared_expanded_size", "detect_encoding", "error_csv_rows", "merge_repeated_questions",
+    "open_payload", "parse_date", "preview_row",
     "question_key", "read_upload", "suggest_mapping", "validate_mapping", "validate_rows", "write_csv",
 ]
 
@@ -86,7 +90,7 @@ __all__ = [
 
 def read_upload(
     path: Path, filename: str, report: ImportReport, *, kind: str = "", mapping: dict[str, Any] | None = None,
-    max_bytes: int | None = None,
+    max_bytes: int | None = None, repeated_questions: str = "keep",
 ) -> Upload:
     """Recognise the file and return its rows as an iterator of ParsedDocument.
 
@@ -94,8 +98,12 @@ def read_upload(
     column plays which role, for files that are not a known export (a known
     export is read as such unless a mapping is given); max_bytes: how far a
     compressed file (gzip, zip, Parquet pages) may expand, besides the
-    MAX_ZIP_RATIO guard.
+    MAX_ZIP_RATIO guard; repeated_questions (Q&A only, REPEATED_QUESTIONS):
+    "keep" makes each answer of a question its own document, "merge" one
+    document per question (merge_repeated_questions).
     """
+    if repeated_questions not in REPEATED_QUESTIONS:
+        raise UploadError(f"repeated_questions: {repeated_questions!r} is not one of {', '.join(REPEATED_QUESTIONS)}.")
     with open_payload(path, filename, max_bytes) as stream:
         head = stream.read(SNIFF_BYTES)
     if not head.strip():
@@ -119,6 +127,9 @@ def read_upload(
     report.detected_format = upload.format
     report.columns = upload.columns
     report.mapping = upload.mapping
+    if upload.kind == "qa":
+        upload.documents = (merge_repeated_questions(upload.documents, report) if repeated_questions == "merge"
+                            else keep_repeated_questions(upload.documents))
     return upload
 
 

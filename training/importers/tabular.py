@@ -30,6 +30,7 @@ from training.importers.validation import (
     MAX_CELL_CHARS,
     ImportReport,
     ParsedDocument,
+    RowLimitReached,
     Upload,
     UploadError,
     check_kind,
@@ -101,6 +102,80 @@ def stackfaq(pairs: Any, filename: str, report: ImportReport) -> Iterator[Parsed
         paraphrases = [p.strip() for p in item.get("rephr") or [] if isinstance(p, str) and len(p.strip()) > 2]
         key = question_key(question)
         yield ParsedDocument(key, question.strip(), body, {"paraphrases": paraphrases, "group": key}, row=row)
+
+
+def _normalized(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+# How a Q&A upload treats one question answered in several rows (Dataset.repeated_questions).
+REPEATED_QUESTIONS = {
+    "keep": "keep each answer as its own document",
+    "merge": "merge the answers into one document",
+}
+# Characters of questions and answers held in memory while merging repeated questions (every
+# question's first row waits until the file is read): ~2 bytes a character, so at most ~0.5 GB;
+# the bank FAQ (1,764 rows) holds 0.7 M. A bigger Q&A file is refused with what to do.
+MERGE_MAX_CHARS = 256 * 1024 * 1024
+
+
+def keep_repeated_questions(documents: Iterator[ParsedDocument]) -> Iterator[ParsedDocument]:
+    """Each row its own document: a key derived from the question (no key column) that an earlier row with
+    other content already has gets "-2", "-3", ... in file order, so the row is kept, not refused as a key
+    conflict. Rows with the same content keep the key (validate_rows merges exact repeats, listing them);
+    keys from a key column are left alone (a conflict there is the user's to resolve)."""
+    first: dict[str, bytes] = {}  # key -> digest of its first row's content
+    variants: dict[str, dict[bytes, str]] = {}  # key -> other contents -> the key each got
+    for doc in documents:
+        key = doc.external_key
+        if key.startswith("q-") and key in (question_key(doc.title), question_key(f"{doc.title}\x1f{doc.body}")):
+            digest = hashlib.sha1("\x1f".join((doc.title, doc.body, json.dumps(doc.metadata, sort_keys=True,
+                                                                            default=str)))
+                                  .encode("utf-8", "surrogatepass")).digest()
+            if first.setdefault(key, digest) != digest:
+                others = variants.setdefault(key, {})
+                doc.external_key = others.setdefault(digest, f"{key}-{len(others) + 2}")
+        yield doc
+
+
+def merge_repeated_questions(documents: Iterator[ParsedDocument], report: ImportReport, *,
+                             max_chars: int = MERGE_MAX_CHARS) -> Iterator[ParsedDocument]:
+    """One document per question (case and spacing ignored): later rows' other answers are appended to the
+    first row's document, in file order, and each such row is counted and listed as merged with its reason.
+
+    The documents come out after the whole file is read (in the order of their first rows). A preview's
+    row limit (RowLimitReached) still yields what was read first, then stops the same way.
+    """
+    firsts: dict[str, ParsedDocument] = {}
+    answers: dict[str, set[str]] = {}
+    held = 0
+    try:
+        for doc in documents:
+            question = _normalized(doc.title)
+            first = firsts.get(question)
+            if first is None:
+                firsts[question] = doc
+                answers[question] = {_normalized(doc.body)}
+                held += len(doc.title) + len(doc.body)
+                if held > max_chars:
+                    raise UploadError(
+                        f"repeated_questions: the file is too big to merge repeated questions in one pass "
+                        f"(more than {max_chars // (1024 * 1024)} M characters); import it with \"keep each "
+                        "answer as its own document\", or split it.")
+                continue
+            answer = _normalized(doc.body)
+            if answer in answers[question]:
+                reason = f"the same question and answer as row {first.row}: merged into it"
+            else:
+                answers[question].add(answer)
+                first.body = f"{first.body.rstrip()}\n\n{doc.body.strip()}"
+                held += len(doc.body)
+                reason = f"the same question as row {first.row}: its answer was added to that row's document"
+            report.merge(row=doc.row, key=doc.external_key, first_row=first.row, reason=reason)
+    except RowLimitReached:
+        yield from firsts.values()
+        raise
+    yield from firsts.values()
 
 
 # --- Reading: CSV, JSONL, list of objects, Parquet -----------------------------------------

@@ -125,11 +125,15 @@ class ImportReport:
         else:
             self.errors_not_stored += 1
 
-    def merge(self, *, row: int, key: str, first_row: int) -> None:
-        """Count a row that repeats an earlier one exactly (merged into it), listing the first few with why."""
+    def merge(self, *, row: int, key: str, first_row: int, reason: str = "") -> None:
+        """Count a row merged into an earlier one, listing it with why (the first few on the page, up to
+        MAX_STORED_ERRORS in the version's CSV of rows not imported as their own document, field "(merged)")."""
         self.duplicates += 1
+        entry = {"row": row, "key": key, "reason": reason or f"the same as row {first_row}: merged into it"}
         if len(self.merged) < MAX_REPORTED_ERRORS:
-            self.merged.append({"row": row, "key": key, "reason": f"the same as row {first_row}: merged into it"})
+            self.merged.append(entry)
+        if len(self.all_errors) < MAX_STORED_ERRORS:
+            self.all_errors.append({"row": row, "key": key, "field": "(merged)", "reason": entry["reason"]})
 
     def accept(self, *, title: str, body: str) -> None:
         self.rows_accepted += 1
