@@ -144,6 +144,12 @@ else:
             "CONN_MAX_AGE": 60,
         }
     }
+# An optional read replica (streaming replication) for search queries: embedportal/db_router.py says what
+# goes there (search reads) and what never does (writes, job rows, reads inside a transaction).
+if os.environ.get("DATABASE_REPLICA_URL"):
+    DATABASES["replica"] = {**dj_database_url.parse(os.environ["DATABASE_REPLICA_URL"], conn_max_age=60),
+                            "TEST": {"MIRROR": "default"}}
+    DATABASE_ROUTERS = ["embedportal.db_router.ReplicaRouter"]
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Auth, i18n, static ---------------------------------------------------------

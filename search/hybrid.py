@@ -13,8 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from django.db import connection, transaction
+from django.db import connection, connections, transaction
 
+from embedportal import db_router
 from embedportal.errors import ServiceError
 from search import query_vectors
 from search.filters import SearchFilters
@@ -96,6 +97,7 @@ def resolve_fusion(
     return {"method": "weighted", "alpha": round(alpha, 4)}
 
 
+@db_router.search_reads()  # its reads may go to the read replica (DATABASE_REPLICA_URL)
 def hybrid_search(
     *,
     index: SearchIndex,
@@ -314,13 +316,15 @@ def _run_knn(sql: str, params: list[Any], limit: int) -> list[tuple[int, float]]
     are left as they were.
     """
     ef_search = max(HNSW_EF_SEARCH, min(int(limit), 1000))
-    with transaction.atomic(), connection.cursor() as cursor:
+    connection = connections[db_router.search_alias()]  # the read replica when one is configured
+    with transaction.atomic(using=connection.alias), connection.cursor() as cursor:
         cursor.execute(f"SET LOCAL hnsw.ef_search = {ef_search}; SET LOCAL hnsw.iterative_scan = relaxed_order")
         cursor.execute(sql, params)
         rows = cursor.fetchall()
     return [(doc_id, float(sim)) for doc_id, sim in rows]
 
 
+@db_router.search_reads()
 def similar_documents(
     *, index: SearchIndex, document: Document, k: int = 10, filters: SearchFilters | None = None
 ) -> list[Hit]:

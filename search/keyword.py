@@ -8,9 +8,10 @@ from __future__ import annotations
 import re
 from itertools import combinations
 
-from django.db import connection
+from django.db import connection, connections
 from django.utils.html import escape
 
+from embedportal import db_router
 from search.filters import SearchFilters
 from training.models import Dataset, Document
 
@@ -126,7 +127,7 @@ def keyword_ranking(
     config = dataset.language
     where, params = filters.sql()
     notice = ""
-    with connection.cursor() as cursor:
+    with connections[db_router.search_alias()].cursor() as cursor:  # the read replica when one is configured
         by_identifier: list[tuple[int, float]] = []
         if query_identifiers(query):
             cursor.execute(_identifier_sql(where), [config, config, query, dataset.pk, query, *params, limit])
@@ -175,7 +176,7 @@ def snippets(dataset: Dataset, query: str, ids: list[int]) -> dict[int, str]:
         "SELECT d.id, ts_headline(%s::regconfig, left(d.body, %s), websearch_to_tsquery(%s::regconfig, %s), %s) "
         "FROM training_document d WHERE d.id = ANY(%s)"
     )
-    with connection.cursor() as cursor:
+    with connections[db_router.search_alias()].cursor() as cursor:
         cursor.execute(sql, [dataset.language, HEADLINE_CHARS, dataset.language, query, HEADLINE_OPTIONS, ids])
         rows = cursor.fetchall()
     return {doc_id: marked_html(text or "") for doc_id, text in rows}
