@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import secrets
 import signal
 import shutil
@@ -162,6 +163,36 @@ def web_size() -> tuple[int, int]:
     workers = int(os.environ.get("EMBEDPORTAL_WEB_WORKERS") or max(2, cores))
     threads = int(os.environ.get("EMBEDPORTAL_WEB_THREADS") or 4)
     return max(1, workers), max(1, threads)
+
+
+def worker(argv: list[str]) -> int:
+    """`bin/worker [QUEUES]`: one more Celery worker for the product (docs/scaling.md), default queue "embed".
+
+    Next to a running `bin/run` on the same machine it needs nothing set: it
+    uses var/'s keys (SECRET_KEY, the credentials key), the embedded
+    PostgreSQL's socket and the Redis that bin/run uses (REDIS_URL, else
+    127.0.0.1:6379, else the one bin/run started on LOCAL_REDIS_PORT). On
+    another host, set DATABASE_URL, REDIS_URL, SECRET_KEY,
+    EMBEDPORTAL_CREDENTIALS_KEY and the artifact store (docs/scaling.md).
+    A solo pool, one task at a time (a GPU's memory is freed with the task);
+    start one per core or per GPU. Replaces this process with the worker.
+    """
+    queues = argv[0] if argv else "embed"
+    if not re.fullmatch(r"[a-z]+(,[a-z]+)*", queues):
+        raise SystemExit(f"QUEUES must look like 'embed' or 'gpu,embed', got {queues!r}.")
+    VAR_DIR.mkdir(parents=True, exist_ok=True)
+    env = local_http_env(env={**os.environ, "EMBEDPORTAL_VAR_DIR": str(VAR_DIR)}, var_dir=VAR_DIR, host="127.0.0.1")
+    env.setdefault("DJANGO_SETTINGS_MODULE", "embedportal.settings")
+    if not env.get("REDIS_URL"):
+        local = f"redis://127.0.0.1:{LOCAL_REDIS_PORT}/0"
+        env["REDIS_URL"] = "redis://127.0.0.1:6379/0" if _redis_answers("redis://127.0.0.1:6379/0") else local
+    name = f"{queues.replace(',', '-')}-{os.getpid()}@%h"  # unique per process: two on one host stay apart
+    python = sys.executable
+    argv = [python, "-m", "celery", "-A", "embedportal", "worker", "-Q", queues, "--pool", "solo", "-n", name,
+            "--loglevel", env.get("LOG_LEVEL", "INFO")]
+    print(f"[embedportal] worker {name} on queue(s) {queues}, broker {env['REDIS_URL']}", flush=True)
+    os.execve(python, argv, env)
+    return 0  # not reached
 
 
 def status_path(var_dir: Path) -> Path:
@@ -363,4 +394,4 @@ def _start_local_redis() -> tuple[subprocess.Popen, str]:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(worker(sys.argv[2:]) if sys.argv[1:2] == ["worker"] else main())
