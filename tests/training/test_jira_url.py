@@ -5,6 +5,9 @@ URL-quoted, never markup."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from search import indexing
 from search.models import SearchIndex
@@ -129,3 +132,17 @@ def test_ticket_page_links_to_jira_by_hand(web, indexed):
     assert '<a href="https://jira.example.com/browse/OPS%2F12%3Cb%3E" rel="noopener noreferrer">Open OPS/12&lt;b&gt; ' \
            "in Jira</a>" in html
     assert '<a class="jira" href="https://jira.example.com/browse/OPS-13"' in html  # its similar ticket
+
+
+@hsettings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(url=st.one_of(st.text(max_size=80), st.builds(lambda s, h: f"{s}://{h}", st.sampled_from(["http", "https", "ftp",
+                                                                                            "javascript", "HTTP"]),
+                                                      st.text(max_size=40))))
+def test_fuzzed_addresses_are_stored_as_http_or_refused_naming_the_field(dataset, url):
+    try:
+        datasets.set_jira_base_url(dataset=dataset, url=url)
+    except ServiceError as exc:
+        assert list(exc.by_field()) == ["jira_base_url"]
+        return
+    dataset.refresh_from_db()
+    assert dataset.jira_base_url == "" or dataset.jira_base_url.lower().startswith(("http://", "https://"))
