@@ -200,7 +200,8 @@ FILE_UPLOAD_TEMP_DIR = env_str("FILE_UPLOAD_TEMP_DIR", "") or None
 MAX_UPLOAD_MB = env_int("EMBEDPORTAL_MAX_UPLOAD_MB", 2048)
 # Uploads bigger than this are imported by a background job (training.import_jobs)
 # instead of inside the request; the staged files live in UPLOADS_DIR, which
-# web and worker processes must share (docker-compose: the var volume).
+# web and worker processes must share (docker-compose: the var volume), unless an
+# artifact store is set: then they travel through it (training/artifacts.py).
 BACKGROUND_IMPORT_MB = env_int("EMBEDPORTAL_BACKGROUND_IMPORT_MB", 32)
 # Largest JSON or form body an API request may send (the largest /api/embed request fits).
 MAX_JSON_BODY_MB = env_int("EMBEDPORTAL_MAX_JSON_BODY_MB", 16)
@@ -219,7 +220,8 @@ DEFAULT_BASE_MODEL = env_str("EMBEDPORTAL_BASE_MODEL", "sentence-transformers/al
 BASE_INDEX = env_bool("EMBEDPORTAL_BASE_INDEX", True)
 # "auto" picks cuda, then mps, then cpu.
 TRAINING_DEVICE = env_str("EMBEDPORTAL_DEVICE", "auto")
-# Optional S3-compatible store for model artifacts (s3://bucket/prefix); see training/artifacts.py.
+# Optional S3-compatible store (s3://bucket/prefix) for models, clustering models and staged uploads; when set,
+# MODELS_DIR and UPLOADS_DIR are caches and workers on other hosts need no shared disk (training/artifacts.py).
 ARTIFACT_STORE = env_str("EMBEDPORTAL_ARTIFACT_STORE", "")
 S3_ENDPOINT_URL = env_str("EMBEDPORTAL_S3_ENDPOINT_URL", "")
 # A served model unused for this long is dropped from a process's memory.
