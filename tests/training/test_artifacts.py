@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
 import boto3
 import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from moto import mock_aws
 
 from search import encoders
@@ -118,3 +122,27 @@ def test_bad_store_setting_is_explained(settings, user, tiny_model_dir):
 
     with pytest.raises(ServiceError, match="must look like s3://bucket/prefix, got 'bucket-without-scheme'"):
         artifacts.publish(version=version)
+
+
+@given(segment=st.text(max_size=40), name=st.text(max_size=40))
+@hypothesis_settings(max_examples=300, deadline=None)
+def test_store_keys_are_made_of_id_like_segments_only(segment, name):
+    """Whatever text reaches a key (a path's last part, a segment), it is refused or stays one plain segment."""
+    from django.test import override_settings
+
+    from training.errors import ServiceError
+
+    with override_settings(ARTIFACT_STORE="s3://models/embedportal"):
+        try:
+            bucket, key = artifacts._key("7", segment)
+        except ServiceError:
+            pass
+        else:
+            assert (bucket, key) == ("models", f"embedportal/7/{segment}")
+            assert "/" not in segment and segment not in (".", "..") and "\x00" not in segment
+        try:
+            parts = artifacts._upload_segments(7, f"/var/uploads/{name}")
+        except ServiceError:
+            pass
+        else:
+            assert parts == ("uploads", "7", name) and re.fullmatch(r"[0-9a-f]{32}\.upload", name)
