@@ -251,6 +251,9 @@ MAX_BATCH_SIZE = env_int("EMBEDPORTAL_MAX_BATCH_SIZE", 512)
 MAX_SEQ_LENGTH = env_int("EMBEDPORTAL_MAX_SEQ_LENGTH", 512)
 MAX_STEPS = env_int("EMBEDPORTAL_MAX_STEPS", 200000)
 MAX_PAIRS = env_int("EMBEDPORTAL_MAX_PAIRS", 1000000)
+# Training processes a run may start on a worker without a GPU (the `devices` hyperparameter; DDP over gloo).
+# 1 by default: on CPU, more processes only split the same cores; CI sets 2 to test the distributed path.
+MAX_CPU_PROCESSES = env_int("EMBEDPORTAL_MAX_CPU_PROCESSES", 1)
 # Any job (embedportal.jobs) silent for this long is taken back by the reaper.
 JOB_HEARTBEAT_TIMEOUT_S = env_int("EMBEDPORTAL_JOB_HEARTBEAT_TIMEOUT_S", RUN_HEARTBEAT_TIMEOUT_S)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,9 +222,12 @@ def fine_tune(
     train_dataset = HFDataset.from_dict(data.columns)
     loss = build_loss(loss_name, model, hyper)
 
-    use_bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
-    use_fp16 = device == "cuda" and not use_bf16
-    per_step = hyper.batch_size * hyper.gradient_accumulation_steps
+    # Under torchrun (training.distributed) each of WORLD_SIZE processes takes batch_size examples per step.
+    world = max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+    on_cuda = device.startswith("cuda")
+    use_bf16 = on_cuda and torch.cuda.is_bf16_supported()
+    use_fp16 = on_cuda and not use_bf16
+    per_step = hyper.batch_size * hyper.gradient_accumulation_steps * world
     steps_per_epoch = max(1, math.ceil(len(data) / per_step))
     total_steps = hyper.max_steps or steps_per_epoch * hyper.epochs
     save_steps = hyper.checkpoint_steps or steps_per_epoch
@@ -265,6 +269,8 @@ def fine_tune(
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
+        # DDP between CPU processes needs gloo; on GPUs transformers picks nccl.
+        ddp_backend="gloo" if world > 1 and device == "cpu" else None,
     )
 
     started = time.monotonic()
@@ -322,14 +328,16 @@ def fine_tune(
     trainer.remove_callback(PrinterCallback)
     resumed_step = _checkpoint_step(resume_from) if resume_from else 0
     log(
-        f"training {len(data)} {data.shape} with {LOSS_LABELS[loss_name]} on {device} "
+        f"training {len(data)} {data.shape} with {LOSS_LABELS[loss_name]} on {device}"
+        + (f" x {world} processes (DDP)" if world > 1 else "") + " "
         f"({'bf16' if use_bf16 else 'fp16' if use_fp16 else 'fp32'}), {total_steps} steps"
         + (f", resuming from step {resumed_step}" if resumed_step else "")
     )
     output = trainer.train(resume_from_checkpoint=resume_from or None)
     duration = time.monotonic() - started
     final_dir = output_dir / "model"
-    model.save(str(final_dir))
+    if trainer.is_world_process_zero():  # one writer of the model folder under DDP
+        model.save(str(final_dir))
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     final_loss = float(losses[-1]) if losses else float(output.training_loss)
     best = trainer.state.best_metric if evaluator is not None else None

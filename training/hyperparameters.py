@@ -66,6 +66,10 @@ class Hyperparameters:
     weak_positives: str = ""
     # Turn pairs into (anchor, positive, negative) triplets mined with the base model.
     hard_negatives: bool = False
+    # Devices (processes) to train on: more than 1 runs the same fine-tuning under torchrun (DDP), each device
+    # taking batch_size examples per step. None: every GPU the worker has, 1 on CPU. Capped at the worker by
+    # what it has (GPUs, or EMBEDPORTAL_MAX_CPU_PROCESSES on CPU): training.distributed.devices_for.
+    devices: int | None = None
 
     def as_dict(self) -> dict:
         out = asdict(self)
@@ -98,6 +102,7 @@ RANGES: dict[str, tuple[type, float, float]] = {
     "checkpoint_steps": (int, 1, 10_000_000),
     "keep_checkpoints": (int, 1, 100),
     "triplet_margin": (float, 0.0, 10.0),
+    "devices": (int, 1, 64),
 }
 # What one request may ask of a worker, below the sanity ranges above; an administrator
 # raises them with the environment variable (settings name, default, variable). Memory grows
@@ -147,7 +152,7 @@ def parse(raw: dict | None) -> Hyperparameters:
             number = kind(value)
             if kind is int and float(value) != number:
                 raise ValueError
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int(float("inf"))
             errors[name] = f"must be {'a whole number' if kind is int else 'a number'}, got {value!r}"
             continue
         if not low <= number <= high:

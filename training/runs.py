@@ -20,7 +20,7 @@ from django.db.models.functions import Concat
 from django.utils import timezone
 
 from embedportal import jobs
-from training import artifacts, finetune, pairs, registry
+from training import artifacts, distributed, finetune, pairs, registry
 from training import evaluation as evaluation_module
 from training.fusion import fusion_name
 from training.errors import ServiceError
@@ -253,7 +253,13 @@ def _train(attempt: jobs.Attempt, *, device: str | None, echo: Callable[[str], N
             attempt.update(evaluation=evaluation)
             progress.log(f"base model nDCG@10 {base.vector.metrics['ndcg@10']:.4f}")
         progress.phase("training")
-        result = finetune.fine_tune(
+        devices, capped = distributed.devices_for(requested=hyper.devices, device=device,
+                                                  max_cpu_processes=settings.MAX_CPU_PROCESSES)
+        if capped:
+            progress.log(capped)
+        # One device: fine_tune in this process; several: the same code under torchrun, rank 0 reporting here.
+        result = distributed.train(
+            devices=devices,
             base_model=base_path,
             data=data,
             output_dir=output_dir,

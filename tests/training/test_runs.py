@@ -39,7 +39,7 @@ def test_start_run_rejects_out_of_range_hyperparameters(api, dataset):
         "batch_size": "must be between 2 and 4096, got 1",
         "learning_rate": "must be a number, got 'fast'",
         "epochs": "must be a whole number, got 2.5",
-        "colour": "unknown hyperparameter; allowed: batch_size, checkpoint_steps, early_stopping_patience, epochs, "
+        "colour": "unknown hyperparameter; allowed: batch_size, checkpoint_steps, devices, early_stopping_patience, epochs, "
                   "evaluate, gradient_accumulation_steps, hard_negatives, keep_checkpoints, learning_rate, loss, "
                   "matryoshka_dims, max_pairs, max_seq_length, max_steps, no_duplicates, seed, strategy, "
                   "triplet_margin, warmup_ratio, weak_positives, weight_decay",
