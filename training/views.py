@@ -387,13 +387,14 @@ MAX_COMPARED = 8
 @login_required
 def run_compare(request: HttpRequest) -> HttpResponse:
     """The runs list with checkboxes; the checked runs side by side (comparison.compare_runs)."""
-    ids = list(dict.fromkeys(int(i) for i in request.GET.getlist("ids") if i.isdigit() and len(i) < 12))
+    # Only plain ASCII digits ("²" is a digit to isdigit() and a ValueError to int()).
+    ids = list(dict.fromkeys(int(i) for i in request.GET.getlist("ids") if i.isascii() and i.isdigit() and len(i) < 12))
     owned = TrainingRun.objects.filter(owner=request.user).select_related("dataset").defer("log")
     chosen = list(owned.filter(pk__in=ids[:MAX_COMPARED])) if ids else []
     chosen.sort(key=lambda run: ids.index(run.pk))
     context = {
-        "choices": [(run, comparison.held_out_ndcg(run)) for run in owned[:RUNS_LISTED]], "selected_ids": ids, "runs": chosen, "max_compared": MAX_COMPARED,
-        "too_many": len(ids) > MAX_COMPARED,
+        "choices": [(run, comparison.held_out_ndcg(run)) for run in owned[:RUNS_LISTED]],
+        "selected_ids": ids, "runs": chosen, "max_compared": MAX_COMPARED, "too_many": len(ids) > MAX_COMPARED,
         "comparison": comparison.compare_runs(runs=chosen) if chosen else None,
     }
     return render(request, "training/run_compare.html", context)

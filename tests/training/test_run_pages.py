@@ -79,7 +79,9 @@ def test_runs_page_lists_runs_with_checkboxes_and_compares_the_ticked_ones(web, 
 
 def test_runs_page_ignores_other_users_runs_and_junk_ids(client, other_user, two_runs):
     client.force_login(other_user)
-    html = client.get("/runs/compare/", {"ids": [two_runs[0].pk, "x", "9" * 30]}).content.decode()
+    response = client.get("/runs/compare/", {"ids": [two_runs[0].pk, "x", "9" * 30, "²", "-1", "1.5"]})
+    html = response.content.decode()
+    assert response.status_code == 200
     assert "Settings" not in html and f'value="{two_runs[0].pk}"' not in html
 
 
