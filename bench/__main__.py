@@ -21,6 +21,7 @@ BENCHES["embed"] = "bench.embed"
 BENCHES["chaos"] = "bench.chaos"
 BENCHES["cluster"] = "bench.cluster"
 BENCHES["retrain"] = "bench.retrain"
+BENCHES["hosts"] = "bench.hosts"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -120,6 +120,28 @@ class SecondHost:
         return f"redis://{self.host_ip}:{REDIS_PORT}/{db}"
 
     # --- workers ---------------------------------------------------------------------------
+    def worker_env(self, *, var: Path, database_url: str, redis_url: str, bucket: str) -> dict[str, str]:
+        """What a worker host is given: the database, the broker and the artifact store; no shared disk."""
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("EMBEDPORTAL_", "DATABASE_URL", "REDIS_URL", "CELERY_", "AWS_"))}
+        env.update({
+            "EMBEDPORTAL_VAR_DIR": str(var),
+            "DATABASE_URL": database_url,
+            "REDIS_URL": redis_url,
+            "EMBEDPORTAL_ARTIFACT_STORE": f"s3://{bucket}/store",
+            "EMBEDPORTAL_S3_ENDPOINT_URL": self.s3_endpoint,
+            "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+            "SECRET_KEY": os.environ.get("SECRET_KEY") or "second-host-" + "x" * 40,
+            "EMBEDPORTAL_LOCAL_HTTP": "1",
+            "EMBEDPORTAL_DEVICE": "cpu",
+            "EMBEDPORTAL_BASE_INDEX": "0",
+            "EMBEDPORTAL_BASE_MODEL_DIRS": os.environ.get("EMBEDPORTAL_BASE_MODEL_DIRS", ""),
+            "HF_HUB_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1",
+            "LOG_LEVEL": "INFO",
+        })
+        return env
+
     def worker(self, *, name: str, queues: str, env: dict[str, str], inside: bool = False,
                hidden: tuple[Path, ...] = ()) -> subprocess.Popen:
         """A `celery worker` (solo pool) named name@<hostname>: here, or inside the namespace with `hidden`

@@ -9,7 +9,6 @@ created (needs root); `python -m bench hosts` runs the same setup and times it.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from urllib.parse import quote
@@ -28,29 +27,6 @@ from training.models import Document, ImportJob, ModelVersion, TrainingRun
 
 BUCKET = "embedportal-hosts"
 TINY_HYPER = {"max_steps": 3, "batch_size": 8, "max_seq_length": 64}
-
-
-def worker_env(*, var: Path, database_url: str, redis_url: str, store: SecondHost) -> dict[str, str]:
-    """What a worker host is given: the database, the broker and the artifact store; nothing shared on disk."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("EMBEDPORTAL_", "DATABASE_URL", "REDIS_URL", "CELERY_", "AWS_"))}
-    env.update({
-        "EMBEDPORTAL_VAR_DIR": str(var),
-        "DATABASE_URL": database_url,
-        "REDIS_URL": redis_url,
-        "EMBEDPORTAL_ARTIFACT_STORE": f"s3://{BUCKET}/store",
-        "EMBEDPORTAL_S3_ENDPOINT_URL": store.s3_endpoint,
-        "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-        "SECRET_KEY": os.environ["SECRET_KEY"],
-        "EMBEDPORTAL_LOCAL_HTTP": "1",
-        "EMBEDPORTAL_DEVICE": "cpu",
-        "EMBEDPORTAL_BASE_INDEX": "0",  # as the test's web settings (conftest): no base-model index
-        "EMBEDPORTAL_BASE_MODEL_DIRS": os.environ.get("EMBEDPORTAL_BASE_MODEL_DIRS", ""),
-        "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
-        "LOG_LEVEL": "INFO",
-    })
-    return env
 
 
 @pytest.fixture
@@ -93,15 +69,15 @@ def test_train_on_host_a_index_on_host_b_without_a_shared_disk(hosts, tmp_path, 
     var_b.mkdir()
     redis_db = int(settings.CELERY_BROKER_URL.rsplit("/", 1)[1])
     # Given host A (this side, the database over its Unix socket) with the gpu queue
-    worker_a = hosts.worker(name="hostA", queues=settings.GPU_QUEUE, env=worker_env(
+    worker_a = hosts.worker(name="hostA", queues=settings.GPU_QUEUE, env=hosts.worker_env(
         var=var_a, database_url=f"postgres://{db['USER']}@{quote(db['HOST'], safe='')}/{db['NAME']}",
-        redis_url=settings.CELERY_BROKER_URL, store=hosts))
+        redis_url=settings.CELERY_BROKER_URL, bucket=BUCKET))
     # and host B (the namespace: TCP to 10.231.x.1 only) with the default and embed queues, which cannot
     # see host A's var folder nor the web's
     hosts.worker(name="hostB", queues=f"default,{settings.EMBED_QUEUE}", inside=True,
                  hidden=(var_a, Path(settings.VAR_DIR)),
-                 env=worker_env(var=var_b, database_url=hosts.database_url(db["NAME"], db["USER"]),
-                                redis_url=hosts.redis_url(redis_db), store=hosts))
+                 env=hosts.worker_env(var=var_b, database_url=hosts.database_url(db["NAME"], db["USER"]),
+                                      redis_url=hosts.redis_url(redis_db), bucket=BUCKET))
     # Both appear among the workers the dashboard lists
     workers = wait_for(lambda: [w["name"].split("@")[0] for w in system_health()["workers"]],
                        lambda names: {"hostA", "hostB"} <= set(names), timeout=120, every=2)
