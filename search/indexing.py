@@ -170,7 +170,9 @@ def _after_ready(*, index_id: int, attempt_number: int) -> None:
 def _build(attempt: jobs.Attempt) -> None:
     index = SearchIndex.objects.select_related("model_version", "dataset").get(pk=attempt.pk)
     attempt.set_phase("embedding", 0.0)
-    _stop_chunks(EmbedChunk.objects.filter(index=index, build_attempt__lt=attempt.number))  # an earlier attempt's
+    # Chunks of an earlier attempt, or of an earlier build (a refresh starts again at attempt 1): gone, so
+    # numbers never collide and a chunk still running somewhere stops at its fence (LostClaim).
+    EmbedChunk.objects.filter(index=index).delete()
     pending = list(embedding.pending_documents(dataset=index.dataset, model_version=index.model_version)
                    .order_by("id").values_list("id", flat=True))
     size = int(settings.EMBED_CHUNK_DOCS)

@@ -108,6 +108,13 @@ def test_build_in_process_is_split_ready_once_and_redelivery_does_nothing(settin
     sharded, single = _vectors(version), _vectors(whole)
     cosines = [float(sharded[d] @ single[d]) for d in single]
     assert len(cosines) == 200 and min(cosines) >= 0.9999
+    # And a later build of the same index (a refresh starts at attempt 1 again) plans its own chunks
+    settings.EMBED_CHUNK_DOCS = CHUNK
+    Embedding.objects.filter(model_version=version).delete()
+    assert jobs.requeue(SearchIndex.objects.get(pk=index.pk))
+    indexing.run_build(index_id=index.pk)
+    assert set(EmbedChunk.objects.filter(index=index).values_list("build_attempt", "status")) == {(1, "queued")}
+    assert EmbedChunk.objects.filter(index=index).count() == 5
 
 
 def test_failed_chunk_fails_the_build_with_its_reason_and_stops_the_others(settings, user, dataset, tiny_model_dir,
