@@ -6,4 +6,9 @@ class SearchConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
+        from django.db.backends.signals import connection_created
+
         from search import receivers  # noqa: F401  (connects search's reactions to training's signals)
+        from search.hybrid import hnsw_session_settings
+
+        connection_created.connect(hnsw_session_settings, dispatch_uid="search.hnsw_session_settings")

@@ -9,6 +9,7 @@ the index's default tuned on validation tickets (search.tuning).
 from __future__ import annotations
 
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +21,7 @@ from embedportal.errors import ServiceError
 from search import query_vectors
 from search.filters import SearchFilters
 from training.fusion import DEFAULT_ALPHA, RRF_K, reciprocal_rank_fusion, weighted_score_fusion
-from search.keyword import key_document, keyword_ranking, snippets
+from search.keyword import key_document, keyword_ranking, marked_html, snippet_annotation
 from search.models import Embedding, SearchIndex
 from search.vectors import vector_cast
 from training.models import Document
@@ -256,8 +257,9 @@ def _hits(
     keyword_info = {doc_id: (rank, score) for rank, (doc_id, score) in enumerate(keyword, start=1)}
     vector_info = {doc_id: (rank, sim) for rank, (doc_id, sim) in enumerate(vector, start=1)}
     ids = [doc_id for doc_id, _ in ranked]
-    documents = Document.objects.in_bulk(ids)
-    found_snippets = snippets(index.dataset, query, ids)
+    # Documents and their snippets in one round trip.
+    documents = {doc.pk: doc for doc in Document.objects.filter(pk__in=ids).annotate(
+        snippet_text=snippet_annotation(index.dataset, query))} if ids else {}
     hits = []
     for doc_id, score in ranked:
         kw = keyword_info.get(doc_id)
@@ -271,7 +273,7 @@ def _hits(
                 vector_rank=vec[0] if vec else None,
                 vector_similarity=round(vec[1], 6) if vec else None,
                 identifier_match=doc_id in identifier_ids,
-                snippet_html=found_snippets.get(doc_id, ""),
+                snippet_html=marked_html(documents[doc_id].snippet_text or ""),
             )
         )
     return hits
@@ -309,14 +311,41 @@ def _vector_ranking(
     return _run_knn(sql, [vec, index.dataset_id, *params, vec, limit], limit)
 
 
-def _run_knn(sql: str, params: list[Any], limit: int) -> list[tuple[int, float]]:
-    """Run a kNN statement with ef_search >= limit and iterative scans, in one transaction.
+def hnsw_session_settings(sender, connection, **kwargs) -> None:
+    """connection_created receiver: every new PostgreSQL session searches with HNSW_EF_SEARCH and iterative scans.
 
-    SET LOCAL keeps the settings to this transaction, so pooled connections
-    are left as they were.
+    So a kNN of up to HNSW_EF_SEARCH candidates (every first page) is one
+    statement, one round trip; deeper ones raise ef_search with SET LOCAL in
+    a transaction of their own (four round trips). The settings are the
+    same for every session, so a pooled connection carries nothing of one
+    request into another.
+    """
+    if connection.vendor != "postgresql":
+        return
+    with connection.cursor() as cursor:
+        cursor.execute(f"SET hnsw.ef_search = {int(HNSW_EF_SEARCH)}; SET hnsw.iterative_scan = relaxed_order")
+    _hnsw_sessions.add(connection.connection)
+
+
+# The driver connections hnsw_session_settings has prepared.
+_hnsw_sessions: weakref.WeakSet = weakref.WeakSet()
+
+
+def _run_knn(sql: str, params: list[Any], limit: int) -> list[tuple[int, float]]:
+    """Run a kNN statement with ef_search >= limit and iterative scans.
+
+    On a session prepared by hnsw_session_settings, a limit up to
+    HNSW_EF_SEARCH is the statement alone; otherwise SET LOCAL in one
+    transaction keeps the settings to it.
     """
     ef_search = max(HNSW_EF_SEARCH, min(int(limit), 1000))
     connection = connections[db_router.search_alias()]  # the read replica when one is configured
+    connection.ensure_connection()
+    if ef_search == HNSW_EF_SEARCH and connection.connection in _hnsw_sessions:
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            rows = cursor.fetchall()
+        return [(doc_id, float(sim)) for doc_id, sim in rows]
     with transaction.atomic(using=connection.alias), connection.cursor() as cursor:
         cursor.execute(f"SET LOCAL hnsw.ef_search = {ef_search}; SET LOCAL hnsw.iterative_scan = relaxed_order")
         cursor.execute(sql, params)

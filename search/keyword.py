@@ -9,6 +9,7 @@ import re
 from itertools import combinations
 
 from django.db import connection, connections
+from django.db.models.expressions import RawSQL
 from django.utils.html import escape
 
 from embedportal import db_router
@@ -168,18 +169,16 @@ def keyword_ranking(
     return ranking[:limit], identifier_ids, notice
 
 
-def snippets(dataset: Dataset, query: str, ids: list[int]) -> dict[int, str]:
-    """ts_headline fragments of the bodies (HTML-escaped, matches in <mark>)."""
-    if not ids:
-        return {}
-    sql = (
-        "SELECT d.id, ts_headline(%s::regconfig, left(d.body, %s), websearch_to_tsquery(%s::regconfig, %s), %s) "
-        "FROM training_document d WHERE d.id = ANY(%s)"
+def snippet_annotation(dataset: Dataset, query: str) -> RawSQL:
+    """ts_headline fragments of a document's body, as an expression to annotate a Document queryset with.
+
+    Annotated onto the query that loads the hits, so documents and their
+    snippets come in one round trip; marked_html() turns the text into HTML.
+    """
+    return RawSQL(
+        "ts_headline(%s::regconfig, left(training_document.body, %s), websearch_to_tsquery(%s::regconfig, %s), %s)",
+        [dataset.language, HEADLINE_CHARS, dataset.language, query, HEADLINE_OPTIONS],
     )
-    with connections[db_router.search_alias()].cursor() as cursor:
-        cursor.execute(sql, [dataset.language, HEADLINE_CHARS, dataset.language, query, HEADLINE_OPTIONS, ids])
-        rows = cursor.fetchall()
-    return {doc_id: marked_html(text or "") for doc_id, text in rows}
 
 
 def marked_html(text: str) -> str:

@@ -135,8 +135,33 @@ def test_search_api_query_count_is_flat(api, index, n):
         body = api.get(f"/api/indexes/{index.pk}/search/", {"q": "datanode OR namenode OR memory", "mode": "keyword",
                                                            "k": n}).json()
     assert len(body["results"]) == n
-    # token auth, index, keyword ranking, documents, snippets
-    assert len(queries) == 5
+    # token auth, index, keyword ranking, documents with their snippets
+    assert len(queries) == 4
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_hybrid_search_api_is_one_statement_per_side(api, index, n):
+    api.get(f"/api/indexes/{index.pk}/search/", {"q": "disk full", "k": n})  # the query vector is now cached
+    with CaptureQueriesContext(connection) as queries:
+        body = api.get(f"/api/indexes/{index.pk}/search/", {"q": "disk full", "k": n}).json()
+    assert (len(body["results"]), body["query_encoder"]) == (n, {"backend": "onnx-int8", "cached": True})
+    # token auth, index, keyword ranking, kNN (no BEGIN / SET LOCAL / COMMIT), documents with their snippets
+    assert [q["sql"].split()[0] for q in queries.captured_queries] == ["SELECT", "SELECT", "SELECT", "WITH", "SELECT"]
+
+
+def test_sessions_search_with_the_default_ef_search_and_iterative_scans(api, index):
+    connection.close()
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW hnsw.ef_search")
+        ef_search = cursor.fetchone()[0]
+        cursor.execute("SHOW hnsw.iterative_scan")
+        assert (ef_search, cursor.fetchone()[0]) == ("100", "relaxed_order")
+    # A page deeper than ef_search raises it for its own transaction only.
+    body = api.get(f"/api/indexes/{index.pk}/search/", {"q": "disk full", "k": 100, "mode": "vector"}).json()
+    assert len(body["results"]) == len(TICKETS)
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW hnsw.ef_search")
+        assert cursor.fetchone()[0] == "100"
 
 
 def test_duplicate_decide_api_and_owner_scope(api, index, other_user):
