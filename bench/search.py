@@ -440,6 +440,35 @@ def _load_configs(spec: str) -> list[tuple[str, dict[str, str], int, int]]:
     return configs
 
 
+def _query_encoding(queries: list[str], artifact_path: str) -> dict:
+    """CPU and wall time per query of today's query encoder (PyTorch fp32, one thread) and the product's
+    (EMBEDPORTAL_QUERY_BACKEND=auto), interleaved query by query so both see the same load; cosine of the two."""
+    from search import encoders, query_vectors
+
+    for backend in ("torch", "auto"):  # load, export, warm
+        query_vectors.encode(artifact_path=artifact_path, text=queries[0], backend=backend)
+    wall: dict[str, list[float]] = {"torch": [], "auto": []}
+    cpu = {"torch": 0.0, "auto": 0.0}
+    vectors: dict[str, list[list[float]]] = {"torch": [], "auto": []}
+    for q in queries:
+        for backend in ("torch", "auto"):
+            c0, t0 = time.thread_time(), time.perf_counter()
+            vectors[backend].append(query_vectors.encode(artifact_path=artifact_path, text=q, backend=backend)[0])
+            wall[backend].append((time.perf_counter() - t0) * 1000)
+            cpu[backend] += time.thread_time() - c0
+    cosines = (np.asarray(vectors["torch"]) * np.asarray(vectors["auto"])).sum(axis=1)
+    return {
+        "encode_queries": len(queries), "encode_backend_new": encoders.get_query_encoder(artifact_path, "auto")[1],
+        "encode_cpu_ms_today": round(cpu["torch"] / len(queries) * 1000, 2),
+        "encode_cpu_ms_new": round(cpu["auto"] / len(queries) * 1000, 2),
+        "encode_p50_ms_today": _percentile(wall["torch"], 50), "encode_p95_ms_today": _percentile(wall["torch"], 95),
+        "encode_p50_ms_new": _percentile(wall["auto"], 50), "encode_p95_ms_new": _percentile(wall["auto"], 95),
+        "encode_cosine_new_vs_fp32_min": round(float(cosines.min()), 4),
+        "encode_cosine_new_vs_fp32_mean": round(float(cosines.mean()), 4),
+        "load_avg_1m_after_encode": round(os.getloadavg()[0], 2),
+    }
+
+
 def _query_path_quality(index) -> dict:
     """The served query path against today's: the DATA.md protocol with each query's text encoded.
 
@@ -522,6 +551,18 @@ def _quality(index) -> dict:
     }
 
 
+def _latency_queries(issues: list[dict], n: int) -> list[str]:
+    """Ticket titles as queries; every 4th gets a word of another title added,
+    so no document has all its words and the keyword side has to relax."""
+    rng = np.random.default_rng(7)
+    titles = [issue["fields"]["summary"].strip() for issue in issues if (issue["fields"].get("summary") or "").strip()]
+    picked = rng.choice(len(titles), size=n, replace=False)
+    return [
+        titles[i] if k % 4 else f"{titles[i]} {titles[(i + 7919) % len(titles)].split()[-1]}"
+        for k, i in enumerate(picked)
+    ]
+
+
 def run(argv: list[str]) -> dict:
     import argparse
 
@@ -539,6 +580,8 @@ def run(argv: list[str]) -> dict:
                         help="HTTP runs, each name:query-backend:cache-size:WORKERSxTHREADS (or 'product'); the "
                              "run named 'new' gives the http_* figures, the others http_<name>_*")
     parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--encode-only", action="store_true",
+                        help="only the query encoders' cost per latency query, today's vs the product's (no index)")
     parser.add_argument("--quality-only", action="store_true",
                         help="only the DATA.md quality figures (no 100k index, latency, recall or HTTP load)")
     args = parser.parse_args(argv)
@@ -546,6 +589,13 @@ def run(argv: list[str]) -> dict:
     from search import encoders
 
     issues = load_issues(args.data)
+    if args.encode_only:
+        from training import finetune
+
+        path = finetune.resolve_base_model(args.model)
+        encoders.get_model(path).max_seq_length = MAX_SEQ_LENGTH
+        figures = {"model": args.model, **_query_encoding(_latency_queries(issues, args.queries), path)}
+        return summary("search", figures, {"encode_cosine_new_vs_fp32_min": ">= 0.95"})
     texts = {}
     for issue in issues:
         if (issue["fields"].get("summary") or "").strip() and issue["key"] not in texts:
@@ -559,15 +609,7 @@ def run(argv: list[str]) -> dict:
         return summary("search", figures, {"hybrid_minus_best_half": ">= 0"})
     big = built["indexes"]["big"]
 
-    rng = np.random.default_rng(7)
-    titles = [issue["fields"]["summary"].strip() for issue in issues if (issue["fields"].get("summary") or "").strip()]
-    # Ticket titles as queries; every 4th gets a word of another title added,
-    # so no document has all its words and the keyword side has to relax.
-    picked = rng.choice(len(titles), size=args.queries, replace=False)
-    queries = [
-        titles[i] if n % 4 else f"{titles[i]} {titles[(i + 7919) % len(titles)].split()[-1]}"
-        for n, i in enumerate(picked)
-    ]
+    queries = _latency_queries(issues, args.queries)
     model = encoders.get_model(big.model_version.artifact_path)
     model.max_seq_length = MAX_SEQ_LENGTH
     query_vectors = model.encode(queries, normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
