@@ -19,7 +19,7 @@ of the run's row:
 - **Cancel and the reaper reach every rank.** A cancel (or a lost claim) seen
   by the worker kills torchrun's process group and each rank's own one
   (torch's elastic agent starts every rank in a session of its own; each rank
-  announces its pid). A worker killed outright takes torchrun with it
+  writes its pid into the attempt's folder, `ranks/rank-<n>.pid`). A worker killed outright takes torchrun with it
   (PR_SET_PDEATHSIG), and torchrun its ranks (the same, set by each rank):
   nothing trains on for a run the reaper has re-queued.
 - **A killed rank fails the run cleanly.** torchrun (--max-restarts 0) stops
@@ -111,7 +111,6 @@ def _launch(*, devices: int, base_model: str, data: finetune.TrainingData, outpu
     lines: queue.Queue = queue.Queue()
     reader = threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True, name="torchrun-output")
     reader.start()
-    rank_pids: list[int] = []
     tail: collections.deque[str] = collections.deque(maxlen=30)
     result: dict | None = None
     try:
@@ -122,11 +121,9 @@ def _launch(*, devices: int, base_model: str, data: finetune.TrainingData, outpu
                 line = ""
             if line is None:  # torchrun closed its output: it has ended
                 break
-            if line.startswith(LINE_PREFIX):
-                message = json.loads(line[len(LINE_PREFIX):])
-                if "pid" in message:
-                    rank_pids.append(int(message["pid"]))
-                elif "progress" in message and on_progress:
+            message = _message(line)
+            if message is not None:
+                if "progress" in message and on_progress:
                     on_progress(message["progress"])
                 elif "checkpoint" in message and on_checkpoint:
                     on_checkpoint(message["checkpoint"])
@@ -141,7 +138,7 @@ def _launch(*, devices: int, base_model: str, data: finetune.TrainingData, outpu
         code = proc.wait()
     finally:
         if proc.poll() is None:
-            stop(proc, rank_pids)
+            stop(proc, output_dir)
     if code != 0 or result is None:
         detail = "\n".join(tail) or "(no output)"
         raise RuntimeError(f"distributed training on {devices} processes stopped (torchrun exit code {code}); "
@@ -149,9 +146,32 @@ def _launch(*, devices: int, base_model: str, data: finetune.TrainingData, outpu
     return finetune.FineTuneResult(**result)
 
 
-def stop(proc: subprocess.Popen, rank_pids: list[int]) -> None:
+def _message(line: str) -> dict | None:
+    """A rank 0 line for the worker, or None for anything else torchrun or a library printed."""
+    if not line.startswith(LINE_PREFIX):
+        return None
+    try:
+        message = json.loads(line[len(LINE_PREFIX):])
+    except ValueError:
+        return None
+    return message if isinstance(message, dict) else None
+
+
+def rank_pids(output_dir: Path) -> list[int]:
+    """The pids the ranks wrote into the attempt's folder."""
+    pids = []
+    for path in sorted((Path(output_dir) / "ranks").glob("rank-*.pid")):
+        try:
+            pids.append(int(path.read_text().strip()))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+def stop(proc: subprocess.Popen, output_dir: Path) -> None:
     """SIGTERM torchrun's process group and each rank's, then SIGKILL what is left after STOP_GRACE_S."""
-    groups = [proc.pid, *rank_pids]
+    ranks = rank_pids(output_dir)
+    groups = [proc.pid, *ranks]
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for group in groups:
             try:
@@ -159,7 +179,7 @@ def stop(proc: subprocess.Popen, rank_pids: list[int]) -> None:
             except (ProcessLookupError, PermissionError):
                 pass
         deadline = time.monotonic() + STOP_GRACE_S
-        while time.monotonic() < deadline and (proc.poll() is None or any(_alive(pid) for pid in rank_pids)):
+        while time.monotonic() < deadline and (proc.poll() is None or any(_alive(pid) for pid in ranks)):
             time.sleep(0.1)
     proc.wait()
 
@@ -213,7 +233,9 @@ def main(argv: list[str]) -> int:
         return 1
     spec = json.loads(Path(argv[0]).read_text())
     rank = int(os.environ.get("RANK", "0"))
-    print(LINE_PREFIX + json.dumps({"rank": rank, "pid": os.getpid()}), flush=True)
+    ranks_dir = Path(spec["output_dir"]) / "ranks"  # for the worker's stop(): ranks run in sessions of their own
+    ranks_dir.mkdir(parents=True, exist_ok=True)
+    (ranks_dir / f"rank-{rank}.pid").write_text(str(os.getpid()))
     device = spec["device"]
     if device.startswith("cuda"):
         import torch

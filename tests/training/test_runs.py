@@ -74,7 +74,7 @@ def test_start_run_queues_with_defaults(api, dataset, django_capture_on_commit_c
         "weight_decay": 0.01, "max_seq_length": 256, "gradient_accumulation_steps": 1, "max_steps": 5,
         "max_pairs": None, "seed": 42, "no_duplicates": True, "early_stopping_patience": None,
         "checkpoint_steps": None, "keep_checkpoints": 2, "triplet_margin": 0.5, "matryoshka_dims": [],
-        "evaluate": True, "strategy": "", "weak_positives": "", "hard_negatives": False,
+        "evaluate": True, "strategy": "", "weak_positives": "", "hard_negatives": False, "devices": None,
     }
     assert len(callbacks) == 1  # enqueued only after commit
 
