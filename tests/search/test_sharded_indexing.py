@@ -73,7 +73,7 @@ def _vectors(version: ModelVersion) -> dict[int, np.ndarray]:
 
 
 def test_build_in_process_is_split_ready_once_and_redelivery_does_nothing(settings, user, dataset, tiny_model_dir,
-                                                                          ready_log):
+                                                                          ready_log, web):
     # Given chunks of 40 and a 200-ticket dataset
     settings.EMBED_CHUNK_DOCS = CHUNK
     settings.EMBED_BACKEND = "torch"
@@ -87,6 +87,9 @@ def test_build_in_process_is_split_ready_once_and_redelivery_does_nothing(settin
     assert [c.documents for c in chunks] == [40] * 5
     assert [c.status for c in chunks] == ["queued"] * 5
     assert not _hnsw_exists(version)
+    # and the dataset page says how far the chunks are
+    page = web.get(f"/datasets/{dataset.pk}/").content.decode()
+    assert "0/200 embedded · embedding in chunks: 0 of 5 done" in page
     # and the reaper leaves it alone however old its heartbeat, while chunks are alive
     assert jobs.reap(SearchIndex, timeout_s=0)["requeued"] == 0
     # When the chunks run (any order), then the last one finishes the build: HNSW once, READY once
