@@ -148,7 +148,9 @@ def sharded(args) -> dict:
     processes = Processes(folder)
     load_before = os.getloadavg()
     try:
-        os.environ.update({"REDIS_URL": processes.redis(), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+        # No base-model index at import: it would be queued before the first count's workers and built by them.
+        os.environ.update({"REDIS_URL": processes.redis(), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+                           "EMBEDPORTAL_BASE_INDEX": "0"})
         os.environ.setdefault("SECRET_KEY", "bench-only-" + "x" * 50)
         os.environ.pop("CELERY_BROKER_URL", None)
         setup_django()  # a throwaway embedded PostgreSQL under a new EMBEDPORTAL_VAR_DIR, shared with the workers
@@ -200,7 +202,9 @@ def sharded(args) -> dict:
             per_worker = {}
             for worker in chunks.values_list("worker", flat=True):
                 per_worker[worker.split("@")[0]] = per_worker.get(worker.split("@")[0], 0) + 1
-            rows.append({"workers": count, "seconds": round(seconds, 1), "docs_per_s": round(documents / seconds, 2),
+            if SearchIndex.objects.exclude(pk=index.pk).exclude(status__in=SearchIndex.TERMINAL).exists():
+                raise SystemExit("another index build ran during the measurement")
+            rows.append({"workers": count, "index": index.pk, "seconds": round(seconds, 1), "docs_per_s": round(documents / seconds, 2),
                          "chunks": chunks.count(), "chunks_per_worker": per_worker,
                          "load": [round(x, 2) for x in os.getloadavg()]})
             emit(rows[-1])
