@@ -240,6 +240,11 @@ EMBED_THREADS = env_int("EMBEDPORTAL_EMBED_THREADS", 0)
 # how many recent query vectors each web process keeps (0: none). See search/query_vectors.py.
 QUERY_BACKEND = env_str("EMBEDPORTAL_QUERY_BACKEND", "auto")
 QUERY_CACHE_SIZE = env_int("EMBEDPORTAL_QUERY_CACHE_SIZE", 1024)
+for _name, _value in (("EMBEDPORTAL_EMBED_BACKEND", EMBED_BACKEND), ("EMBEDPORTAL_QUERY_BACKEND", QUERY_BACKEND)):
+    if _value not in ("auto", "torch", "onnx", "onnx-int8"):  # else every search/build would fail at run time
+        raise ImproperlyConfigured(f"{_name}={_value!r}: use auto, torch, onnx or onnx-int8.")
+if QUERY_CACHE_SIZE < 0:
+    raise ImproperlyConfigured(f"EMBEDPORTAL_QUERY_CACHE_SIZE={QUERY_CACHE_SIZE}: use 0 (off) or more entries.")
 # A running run whose heartbeat is older than this is marked failed by the reaper.
 RUN_HEARTBEAT_TIMEOUT_S = env_int("EMBEDPORTAL_RUN_HEARTBEAT_TIMEOUT_S", 300)
 # Base models a run may start from besides Hugging Face ids and the user's own

@@ -147,3 +147,21 @@ def test_hybrid_search_reports_the_query_encoder_and_reuses_the_cached_vector(us
         {"backend": "onnx-int8", "cached": False}, {"backend": "onnx-int8", "cached": True}, {})
     assert [h.document.external_key for h in second.hits] == [h.document.external_key for h in first.hits]
     assert [h.vector_similarity for h in second.hits] == [h.vector_similarity for h in first.hits]
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"EMBEDPORTAL_QUERY_BACKEND": "tensorrt"}, "EMBEDPORTAL_QUERY_BACKEND='tensorrt': use auto, torch, onnx or onnx-int8."),
+    ({"EMBEDPORTAL_QUERY_CACHE_SIZE": "-5"}, "EMBEDPORTAL_QUERY_CACHE_SIZE=-5: use 0 (off) or more entries."),
+])
+def test_bad_query_settings_stop_the_process_at_start(env, message):
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", "import django; django.setup()"], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "embedportal.settings", "SECRET_KEY": "x" * 50,
+             "DATABASE_URL": "postgres://nobody@127.0.0.1:1/none", **env},
+    )
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == f"django.core.exceptions.ImproperlyConfigured: {message}"
