@@ -22,8 +22,8 @@ index of the file with the same model; documents/s from the build's queueing
 to READY (HNSW included). The encoder's one-off ONNX export is made before
 the first build, so no count pays it. Targets: the last count's documents/s
 over the first's >= 1.7, and every vector within cosine 0.9999 of the first
-build's (`--device cuda` runs the workers on the GPU, PyTorch bf16 is not
-used by the job: see docs/benchmarks.md).
+build's. `--device cuda` sets the workers' EMBEDPORTAL_DEVICE (no GPU
+figure has been taken yet: docs/benchmarks.md).
 """
 
 from __future__ import annotations
