@@ -41,7 +41,7 @@ def test_loop_upload_train_index_search_through_real_worker(celery_worker, api, 
     assert (run["attempt"], run["max_attempts"], run["phase"]) == (1, 3, "done")
     # The proof: held-out TEST queries of the slice, before and after, keyword and hybrid
     systems = run["evaluation"]["systems"]
-    assert set(systems) == {"keyword", "base", "hybrid_base", "fine_tuned", "hybrid_fine_tuned"}
+    assert set(systems) == {"keyword", "base", "hybrid_base", "fine_tuned", "hybrid_fine_tuned", "served"}
     assert set(systems["fine_tuned"]) == {"recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10", "map@100", "queries"}
     assert systems["keyword"]["queries"] == run["evaluation"]["queries"] > 0
     assert len(run["evaluation"]["per_query"]) == run["evaluation"]["queries"]

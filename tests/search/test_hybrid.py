@@ -268,7 +268,7 @@ def test_stale_attempt_cannot_finish_or_write_after_it_was_reaped(corpus, user):
 def test_build_records_untuned_fusion_without_validation_clusters(corpus):
     assert corpus.fusion == {
         "method": "rrf", "rrf_k": 60, "tuned": False,
-        "reason": "The dataset has no duplicate clusters in the validation split; RRF k=60 is used untuned.",
+        "reason": "The dataset has no duplicate clusters the model did not train on (outside the TEST split); RRF k=60 is used untuned.",
     }
 
 

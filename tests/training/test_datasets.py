@@ -487,7 +487,7 @@ def test_upload_page_imports_and_detail_lists_versions(web, user):
     assert response.status_code == 302
     assert response["Location"] == f"/datasets/{dataset.pk}/"
     html = web.get(f"/datasets/{dataset.pk}/").content.decode()
-    assert f'<a href="/datasets/{dataset.pk}/versions/1/rejected.csv">CSV</a>' in html
+    assert f'<a href="/datasets/{dataset.pk}/versions/1/rejected.csv" title="rejected and merged rows with their reasons">CSV</a>' in html
     assert "<td>2</td><td>1</td><td>field answer" not in html
     assert "<td>2</td><td></td><td>answer</td><td>empty answer</td>" in html
     response = web.post(f"/datasets/{dataset.pk}/upload",
