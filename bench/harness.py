@@ -7,6 +7,7 @@ import json
 import operator
 import os
 import resource
+import secrets
 import tempfile
 from pathlib import Path
 
@@ -19,6 +20,9 @@ def setup_django() -> None:
     from embedportal.embedded_pg import use_throwaway_var_dir
 
     use_throwaway_var_dir("embedportal-bench-")
+    # A bench's throwaway database needs no lasting key; its servers answer plain HTTP on 127.0.0.1 only.
+    os.environ.setdefault("SECRET_KEY", secrets.token_urlsafe(50))
+    os.environ.setdefault("EMBEDPORTAL_LOCAL_HTTP", "1")
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "embedportal.settings")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("LOG_LEVEL", "WARNING")
