@@ -82,12 +82,7 @@ def run(argv: list[str]) -> dict:
         "fine_tuned_minus_base_ndcg@10": round(systems["fine_tuned"]["ndcg@10"] - systems["base"]["ndcg@10"], 4),
         "hybrid_minus_keyword_ndcg@10": round(systems["hybrid_fine_tuned"]["ndcg@10"] - systems["keyword"]["ndcg@10"], 4),
         "served_minus_best_half_ndcg@10": round(served["ndcg@10"] - best_half, 4),
-        "train_pairs": run_row.metrics["train_pairs"],
-        "train_steps": run_row.metrics["steps"],
-        "train_seconds": run_row.metrics["duration_s"],
-        "loss": run_row.metrics.get("loss"),
-        "device": run_row.metrics["device"],
-        "total_seconds": round(time.perf_counter() - started, 1),
+        **_run_figures(run_row, started),
     }
     targets = {"fine_tuned_minus_base_ndcg@10": "> 0", "served_minus_best_half_ndcg@10": ">= 0"}
     if args.data == DEFAULT_DATA and not args.limit:
@@ -133,6 +128,14 @@ def _qa_summary(run_row, dataset, started: float) -> dict:
         "base_ndcg@10": systems["base"]["ndcg@10"],
         "fine_tuned_ndcg@10": systems["fine_tuned"]["ndcg@10"],
         "fine_tuned_minus_base_ndcg@10": round(systems["fine_tuned"]["ndcg@10"] - systems["base"]["ndcg@10"], 4),
+        **_run_figures(run_row, started),
+    }
+    return summary("quality", figures, {"fine_tuned_minus_base_ndcg@10": "> 0"})
+
+
+def _run_figures(run_row, started: float) -> dict:
+    """The training run's own figures, the same for ticket and Q&A datasets."""
+    return {
         "train_pairs": run_row.metrics["train_pairs"],
         "train_steps": run_row.metrics["steps"],
         "train_seconds": run_row.metrics["duration_s"],
@@ -140,4 +143,3 @@ def _qa_summary(run_row, dataset, started: float) -> dict:
         "device": run_row.metrics["device"],
         "total_seconds": round(time.perf_counter() - started, 1),
     }
-    return summary("quality", figures, {"fine_tuned_minus_base_ndcg@10": "> 0"})

@@ -167,14 +167,6 @@ def stage(
         ImportJob.objects.filter(pk=job.pk).delete()
         raise
     return job
-    try:
-        # With an artifact store the worker that imports it may be on another host (artifacts.local_upload).
-        artifacts.publish_upload(owner_id=owner.pk, file_path=path)
-    except BaseException:
-        path.unlink(missing_ok=True)
-        ImportJob.objects.filter(pk=job.pk).delete()
-        raise
-    return job
 
 
 def stage_and_preview(*, owner, upload, dataset: Dataset | None = None, name: str = "", kind: str = "",
