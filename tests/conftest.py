@@ -49,6 +49,16 @@ def small_jira_file(tmp_path_factory, hadoop_issues) -> Path:
     return path
 
 
+@pytest.fixture
+def small_jira_dataset(api, small_jira_file):
+    """The small Jira slice imported through the API by the test user."""
+    from training.models import Dataset
+
+    with open(small_jira_file, "rb") as fh:
+        body = api.post("/api/datasets/", {"name": "slice", "file": fh}, format="multipart").json()
+    return Dataset.objects.get(pk=body["id"])
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer, 32-wide BERT sentence-transformer built here (MiniLM's tokenizer), saved to disk."""

@@ -16,7 +16,7 @@ from search import indexing
 from search.models import EmbedChunk, Embedding, SearchIndex
 from tests.waiting import wait_for
 from training.finetune import resolve_base_model
-from training.models import Dataset, ModelVersion
+from training.models import ModelVersion
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -24,10 +24,8 @@ CHUNK = 40  # the 200-ticket slice in 5 chunks
 
 
 @pytest.fixture
-def dataset(api, small_jira_file):
-    with open(small_jira_file, "rb") as fh:
-        body = api.post("/api/datasets/", {"name": "slice", "file": fh}, format="multipart").json()
-    return Dataset.objects.get(pk=body["id"])
+def dataset(small_jira_dataset):
+    return small_jira_dataset
 
 
 @pytest.fixture

@@ -13,14 +13,12 @@ from hypothesis import given, settings as hsettings, strategies as st
 from tests.waiting import wait_for
 from training import runs
 from training.hyperparameters import HyperparameterError, parse
-from training.models import Dataset, ModelVersion, TrainingRun
+from training.models import ModelVersion, TrainingRun
 
 
 @pytest.fixture
-def dataset(api, small_jira_file):
-    with open(small_jira_file, "rb") as fh:
-        body = api.post("/api/datasets/", {"name": "slice", "file": fh}, format="multipart").json()
-    return Dataset.objects.get(pk=body["id"])
+def dataset(small_jira_dataset):
+    return small_jira_dataset
 
 
 @pytest.fixture

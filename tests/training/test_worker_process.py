@@ -13,16 +13,14 @@ from django.conf import settings
 from tests.waiting import wait_for
 from embedportal import jobs
 from training import runs
-from training.models import Dataset, ModelVersion, TrainingRun
+from training.models import ModelVersion, TrainingRun
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture
-def dataset(api, small_jira_file):
-    with open(small_jira_file, "rb") as fh:
-        body = api.post("/api/datasets/", {"name": "slice", "file": fh}, format="multipart").json()
-    return Dataset.objects.get(pk=body["id"])
+def dataset(small_jira_dataset):
+    return small_jira_dataset
 
 
 def _run(user, dataset, tiny_model_dir, **hyper) -> TrainingRun:
