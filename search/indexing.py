@@ -32,7 +32,7 @@ from embedportal import jobs
 from search import embedding
 from training.fusion import RRF_K
 from search.models import EmbedChunk, Embedding, SearchIndex
-from search.vectors import vector_cast
+from search.vectors import ensure_partition, partition_name, vector_cast
 from training.models import Dataset, Document, ModelVersion
 
 logger = logging.getLogger(__name__)
@@ -121,18 +121,20 @@ def hnsw_index_name(version_id: int) -> str:
 
 
 def ensure_hnsw_index(*, model_version: ModelVersion) -> None:
-    """Create the partial HNSW (cosine) index for one model version if missing.
+    """Create the HNSW (cosine) index on the version's partition of search_embedding if missing.
 
-    DDL cannot take bind parameters; the only values formatted in are integers
-    from our own rows (id and dimensions), never user input.
+    The index covers that partition only, so building it locks no other
+    version's vectors (search.vectors explains the partitions). DDL cannot
+    take bind parameters; the only values formatted in are integers from our
+    own rows (id and dimensions), never user input.
     """
     version_id, dims = int(model_version.pk), int(model_version.dimensions)
     cast, ops = vector_cast(dims)  # halfvec above 2,000 dimensions
+    ensure_partition(version_id)
     with connection.cursor() as cursor:
         cursor.execute(
-            f"CREATE INDEX IF NOT EXISTS {hnsw_index_name(version_id)} ON search_embedding "
-            f"USING hnsw ((embedding::{cast}) {ops}) "
-            f"WHERE model_version_id = {version_id}"
+            f"CREATE INDEX IF NOT EXISTS {hnsw_index_name(version_id)} ON {partition_name(version_id)} "
+            f"USING hnsw ((embedding::{cast}) {ops})"
         )
 
 

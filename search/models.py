@@ -149,6 +149,13 @@ class IndexJob(Job):
 
 
 class Embedding(models.Model):
+    """One document's vector under one model version.
+
+    The table is LIST-partitioned by model_version (migration 0009; one table
+    and one HNSW index per version, search.vectors): its primary key in the
+    database is (id, model_version_id), and `id` alone stays unique.
+    """
+
     document = models.ForeignKey(Document, on_delete=models.CASCADE, related_name="embeddings")
     model_version = models.ForeignKey(ModelVersion, on_delete=models.CASCADE, related_name="embeddings")
     embedding = VectorField()

@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+from django.db import transaction
+from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 
 from search import indexing, serving
 from search.clustering import assignment
-from search.vectors import store_embeddings
+from search.vectors import drop_partition, ensure_partition, store_embeddings
 from training.models import Document, ModelVersion
 from training.signals import dataset_created, dataset_version_added, model_version_registered, promotion_approved
+
+
+@receiver(post_save, sender=ModelVersion, dispatch_uid="search.create_vector_partition")
+def create_vector_partition(sender, *, instance: ModelVersion, created: bool, raw: bool = False, **kwargs) -> None:
+    """A new version gets its own partition of search_embedding before any vector is stored (search.vectors)."""
+    if created and not raw:
+        ensure_partition(instance.pk)
+
+
+@receiver(post_delete, sender=ModelVersion, dispatch_uid="search.drop_vector_partition")
+def drop_vector_partition(sender, *, instance: ModelVersion, **kwargs) -> None:
+    """A deleted version's partition goes once the deletion commits (cascades from a dataset's included)."""
+    version_id = instance.pk
+    transaction.on_commit(lambda: drop_partition(version_id))
 
 
 @receiver(model_version_registered, dispatch_uid="search.store_run_vectors_and_first_promotion")

@@ -22,8 +22,9 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from embedportal.errors import ConflictError, ServiceError
-from search.indexing import create_index, hnsw_index_name, is_base_version
+from search.indexing import create_index, is_base_version
 from search.models import Embedding, SearchIndex
+from search.vectors import drop_partition
 from training import artifacts, temporary_files
 from training.evaluation import not_worse
 from training.importers import csv_safe
@@ -128,9 +129,8 @@ def delete_version(*, version: ModelVersion) -> None:
     pk = version.pk
     with transaction.atomic():
         version.search_indexes.all().delete()
-        with connection.cursor() as cursor:
-            cursor.execute(f"DROP INDEX IF EXISTS {hnsw_index_name(version.pk)}")
         version.delete()
+        drop_partition(pk)  # its vectors' table and HNSW index (search.vectors), with the row
     version.pk = pk  # delete() cleared it; the store's and the cache's folders are named by it
     artifacts.forget(version=version)  # the store's copy and this host's cache of it
     models_dir = Path(settings.MODELS_DIR).resolve()
