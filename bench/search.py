@@ -221,12 +221,19 @@ def _build(args, issues, vectors_by_key) -> dict:
     timings["store_vectors_s"] = round(time.perf_counter() - t0, 1)
 
     t0 = time.perf_counter()
+    build_mem_mb, build_workers = hnsw_build_settings(len(big_ids), dims)
     with connection.cursor() as cursor:
-        cursor.execute("SET maintenance_work_mem = '1GB'")
+        # The graph must fit in maintenance_work_mem or pgvector builds it on disk, many times slower
+        # (docs/scaling.md); the leader plus max_parallel_maintenance_workers build it together.
+        cursor.execute(f"SET maintenance_work_mem = '{build_mem_mb}MB'")
+        cursor.execute(f"SET max_parallel_maintenance_workers = {build_workers}")
         indexing.ensure_hnsw_index(model_version=v_big)
-        cursor.execute("RESET maintenance_work_mem")
+        cursor.execute("RESET maintenance_work_mem; RESET max_parallel_maintenance_workers")
         cursor.execute("ANALYZE search_embedding")
+        cursor.execute("SELECT pg_relation_size(%s)", [indexing.hnsw_index_name(v_big.pk)])
+        timings["hnsw_index_mb"] = round(cursor.fetchone()[0] / 2**20, 1)
     timings["hnsw_build_s"] = round(time.perf_counter() - t0, 1)
+    timings.update(hnsw_maintenance_work_mem_mb=build_mem_mb, hnsw_parallel_workers=build_workers)
 
     indexes = {}
     for name, dataset, version in (("real", real, v_real), ("big", big, v_big)):
@@ -241,6 +248,18 @@ def _build(args, issues, vectors_by_key) -> dict:
             "owner": owner, "timings": timings}
 
 
+def hnsw_build_settings(rows: int, dims: int) -> tuple[int, int]:
+    """(maintenance_work_mem in MB, parallel maintenance workers) for an HNSW build of `rows` vectors.
+
+    pgvector's graph at m 16 takes about the vector (4 bytes a dimension) plus
+    ~300 bytes of neighbour lists and tuple overhead per row; a quarter more
+    leaves room, never under 1 GB, never over a third of this machine's memory.
+    """
+    need_mb = int(rows * (4 * dims + 300) * 1.25 / 2**20) + 1
+    total_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+    return max(1024, min(need_mb, total_mb // 3)), max(0, min(7, (os.cpu_count() or 1) - 1))
+
+
 def transaction_atomic():
     from django.db import transaction
 
@@ -252,6 +271,19 @@ def transaction_atomic():
 # so every query is encoded.
 TODAY_QUERY_SETTINGS = {"QUERY_BACKEND": "torch", "QUERY_CACHE_SIZE": 0}
 NEW_QUERY_SETTINGS = {"QUERY_CACHE_SIZE": 0}
+
+
+COMMON_TERMS = 10
+_STOP_WORDS = frozenset("a an and are as at be by for from in is it not of on or the to when with".split())
+
+
+def common_terms(queries: list[str], n: int) -> list[str]:
+    """The n most frequent words (3+ letters, no stop words) of the latency queries (ticket titles)."""
+    from collections import Counter
+
+    counts = Counter(w for q in queries for w in set(q.lower().split()) if w.isalpha() and len(w) > 2
+                     and w not in _STOP_WORDS)
+    return [w for w, _ in counts.most_common(n)]
 
 
 def _latency(index, queries: list[str], query_vectors: np.ndarray) -> dict:
@@ -268,8 +300,17 @@ def _latency(index, queries: list[str], query_vectors: np.ndarray) -> dict:
         without.append((time.perf_counter() - t0) * 1000)
         keyword_ms.append(result.timings_ms.get("keyword", 0.0))
         vector_ms.append(result.timings_ms.get("vector", 0.0))
+    # The keyword side on the dataset's most common title words: the queries that match the most rows
+    # (ranking every match is the trap at a million documents).
+    common_ms = []
+    for word in common_terms(queries, COMMON_TERMS):
+        for _ in range(3):
+            result = hybrid.hybrid_search(index=index, query=word, k=10, query_vector=query_vectors[0].tolist())
+            common_ms.append(result.timings_ms.get("keyword", 0.0))
     figures = {"hybrid_p50_ms": _percentile(without, 50), "hybrid_p95_ms": _percentile(without, 95),
-               "keyword_side_p95_ms": _percentile(keyword_ms, 95), "vector_side_p95_ms": _percentile(vector_ms, 95)}
+               "keyword_side_p95_ms": _percentile(keyword_ms, 95), "vector_side_p95_ms": _percentile(vector_ms, 95),
+               "keyword_common_terms_p95_ms": _percentile(common_ms, 95),
+               "keyword_common_terms": ",".join(common_terms(queries, COMMON_TERMS))}
     for prefix, overrides in (("today_", TODAY_QUERY_SETTINGS), ("", NEW_QUERY_SETTINGS)):
         with override_settings(**overrides):
             for q in queries[:20]:
@@ -636,9 +677,12 @@ def run(argv: list[str]) -> dict:
         figures.update(loaded if label == "new" else {
             (k.replace("http_", f"http_{label}_", 1) if k.startswith("http_") else f"{label}_{k}"): v
             for k, v in loaded.items()})
+    recall_target = ">= 0.97" if args.docs >= 1_000_000 else ">= 0.95"
     targets = {
         "hybrid_p95_ms": "<= 30", "hybrid_with_embedding_p95_ms": "<= 50",
-        "hnsw_recall_at_10": ">= 0.95", "hnsw_filtered_recall_at_10": ">= 0.95",
+        # #17 asks 0.97 of a million documents; the 100k run keeps the hybrid-search issue's 0.95.
+        "hnsw_recall_at_10": recall_target, "hnsw_filtered_recall_at_10": recall_target,
+        "keyword_common_terms_p95_ms": "<= 30",
         "filtered_queries_with_10_results": ">= 1", "http_errors": "<= 0",
         "http_throughput_rps": ">= 80", "http_p95_ms": "<= 300",
     }
