@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import transaction
 from django.utils import timezone
 
 from embedportal.errors import ConflictError, ServiceError
