@@ -245,6 +245,12 @@ for _name, _value in (("EMBEDPORTAL_EMBED_BACKEND", EMBED_BACKEND), ("EMBEDPORTA
         raise ImproperlyConfigured(f"{_name}={_value!r}: use auto, torch, onnx or onnx-int8.")
 if QUERY_CACHE_SIZE < 0:
     raise ImproperlyConfigured(f"EMBEDPORTAL_QUERY_CACHE_SIZE={QUERY_CACHE_SIZE}: use 0 (off) or more entries.")
+# The keyword side ranks at most this many of a query's matches (ts_rank_cd reads each match's tsvector; a
+# common word matches a third of a million tickets). Queries matching fewer are ranked exactly; 0: rank all.
+# See search/keyword.py and docs/scaling.md.
+KEYWORD_RANK_CAP = env_int("EMBEDPORTAL_KEYWORD_RANK_CAP", 2000)
+if KEYWORD_RANK_CAP < 0:
+    raise ImproperlyConfigured(f"EMBEDPORTAL_KEYWORD_RANK_CAP={KEYWORD_RANK_CAP}: use 0 (rank every match) or more.")
 # A running run whose heartbeat is older than this is marked failed by the reaper.
 RUN_HEARTBEAT_TIMEOUT_S = env_int("EMBEDPORTAL_RUN_HEARTBEAT_TIMEOUT_S", 300)
 # Base models a run may start from besides Hugging Face ids and the user's own

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from itertools import combinations
 
+from django.conf import settings
 from django.db import connection, connections
 from django.db.models.expressions import RawSQL
 from django.utils.html import escape
@@ -56,11 +57,14 @@ def key_document(dataset: Dataset, query: str) -> int | None:
         "pk", flat=True).first()
 
 
+# Matches are found through the GIN index and at most settings.KEYWORD_RANK_CAP of them are ranked (the
+# inner LIMIT; NULL ranks every match): ts_rank_cd has no index order and reads each match's tsvector, so a
+# common word's ~300k matches at a million tickets took seconds. A query matching fewer is ranked exactly.
 _KEYWORD_SQL = (
-    "SELECT d.id, ts_rank_cd(d.search_vector, q.tq) AS rank "
-    "FROM training_document d, (SELECT {tsquery} AS tq) q "
-    "WHERE d.dataset_id = %s AND q.tq IS NOT NULL AND d.search_vector @@ q.tq{filters} "
-    "ORDER BY rank DESC, d.id LIMIT %s"
+    "SELECT s.id, ts_rank_cd(s.sv, s.tq) AS rank FROM ("
+    "SELECT d.id, d.search_vector AS sv, q.tq FROM training_document d, (SELECT {tsquery} AS tq) q "
+    "WHERE d.dataset_id = %s AND q.tq IS NOT NULL AND d.search_vector @@ q.tq{filters} LIMIT %s"
+    ") s ORDER BY rank DESC, s.id LIMIT %s"
 )
 _ALL_WORDS = "websearch_to_tsquery(%s::regconfig, %s)"
 # "Any word": the query's own lexemes OR-ed.
@@ -76,10 +80,10 @@ def _identifier_sql(filters_sql: str) -> str:
     Concatenated, not str.format()-ed: the expression holds braces.
     """
     return (
-        "SELECT d.id, ts_rank_cd(d.search_vector, " + _ANY_WORD + ") AS rank "
-        "FROM training_document d WHERE d.dataset_id = %s AND " + IDENTIFIER_TSVECTOR + " @@ "
-        "websearch_to_tsquery('simple'::regconfig, translate(%s, " + _TRANSLATE_ARGS + "))"
-        + filters_sql + " ORDER BY rank DESC, d.id LIMIT %s"
+        "SELECT s.id, ts_rank_cd(s.sv, " + _ANY_WORD + ") AS rank FROM ("
+        "SELECT d.id, d.search_vector AS sv FROM training_document d WHERE d.dataset_id = %s AND "
+        + IDENTIFIER_TSVECTOR + " @@ websearch_to_tsquery('simple'::regconfig, translate(%s, " + _TRANSLATE_ARGS
+        + "))" + filters_sql + " LIMIT %s) s ORDER BY rank DESC, s.id LIMIT %s"
     )
 
 
@@ -122,19 +126,23 @@ def keyword_ranking(
     every word of the query. Documents only the side index finds are ranked
     by their any-word rank. When nothing has all the words the query is
     relaxed to all but 1, then all but 2 words, then (if `any_word`) any
-    word among the first ANY_WORD_CAP matches. All values are bound
+    word among the first ANY_WORD_CAP matches. Each pass ranks at most
+    settings.KEYWORD_RANK_CAP of its matches (found in index order), so a
+    common word costs the cap, not the dataset's size. All values are bound
     parameters; only our own SQL fragments are formatted in.
     """
     config = dataset.language
     where, params = filters.sql()
+    # Rank at most this many matches (None: all); never fewer than asked for.
+    cap = max(settings.KEYWORD_RANK_CAP, limit) if settings.KEYWORD_RANK_CAP else None
     notice = ""
     with connections[db_router.search_alias()].cursor() as cursor:  # the read replica when one is configured
         by_identifier: list[tuple[int, float]] = []
         if query_identifiers(query):
-            cursor.execute(_identifier_sql(where), [config, config, query, dataset.pk, query, *params, limit])
+            cursor.execute(_identifier_sql(where), [config, config, query, dataset.pk, query, *params, cap, limit])
             by_identifier = [(doc_id, float(rank)) for doc_id, rank in cursor.fetchall()]
         cursor.execute(
-            _KEYWORD_SQL.format(tsquery=_ALL_WORDS, filters=where), [config, query, dataset.pk, *params, limit]
+            _KEYWORD_SQL.format(tsquery=_ALL_WORDS, filters=where), [config, query, dataset.pk, *params, cap, limit]
         )
         rows = [(doc_id, float(rank)) for doc_id, rank in cursor.fetchall()]
         if not rows and not by_identifier:
@@ -145,7 +153,8 @@ def keyword_ranking(
                     break
                 tsquery = _tsquery_literal(combinations(lexemes, len(lexemes) - dropped))
                 cursor.execute(
-                    _KEYWORD_SQL.format(tsquery="%s::tsquery", filters=where), [tsquery, dataset.pk, *params, limit]
+                    _KEYWORD_SQL.format(tsquery="%s::tsquery", filters=where),
+                    [tsquery, dataset.pk, *params, cap, limit],
                 )
                 rows = [(doc_id, float(rank)) for doc_id, rank in cursor.fetchall()]
                 if rows:

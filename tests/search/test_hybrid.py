@@ -285,3 +285,22 @@ def test_identifier_query_uses_the_side_index(corpus):
         cursor.execute(sql, ["fsnamesystem"])
         plan = "\n".join(row[0] for row in cursor.fetchall())
     assert "document_identifier_gin" in plan
+
+
+def test_keyword_rank_cap_ranks_few_matches_exactly_and_bounds_common_words(corpus, settings):
+    # "replication" is in 31 tickets (30 numbered ones and HDFS-9002); "NullPointerException" in one.
+    settings.KEYWORD_RANK_CAP = 0
+    every, _, _ = keyword.keyword_ranking(corpus.dataset, "replication", 50, filters.SearchFilters())
+    rare, _, _ = keyword.keyword_ranking(corpus.dataset, "NullPointerException", 50, filters.SearchFilters())
+    assert len(every) == 31 and len(rare) == 1
+    settings.KEYWORD_RANK_CAP = 40  # more than the matches: the same ranking, scores and order
+    assert keyword.keyword_ranking(corpus.dataset, "replication", 50, filters.SearchFilters())[0] == every
+    settings.KEYWORD_RANK_CAP = 5  # fewer: at most max(cap, limit) matches are ranked, each a real match
+    capped, _, _ = keyword.keyword_ranking(corpus.dataset, "replication", 3, filters.SearchFilters())
+    assert len(capped) == 3 and set(capped) <= set(every)
+    wider, _, _ = keyword.keyword_ranking(corpus.dataset, "replication", 10, filters.SearchFilters())
+    assert len(wider) == 10 and set(wider) <= set(every)  # the cap never returns fewer than asked for
+    assert keyword.keyword_ranking(corpus.dataset, "NullPointerException", 50, filters.SearchFilters())[0] == rare
+    # The identifier side index is capped the same way.
+    ids, by_identifier, _ = keyword.keyword_ranking(corpus.dataset, "FSNamesystem", 2, filters.SearchFilters())
+    assert len(by_identifier) == 1 and len(ids) == 1
