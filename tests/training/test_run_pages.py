@@ -138,3 +138,13 @@ def test_log_box_shows_the_last_lines_of_a_long_log(web, user, two_runs):
 def test_log_of_another_users_run_is_404(client, other_user, two_runs):
     client.force_login(other_user)
     assert client.get(f"/runs/{two_runs[0].pk}/log").status_code == 404
+
+
+def test_run_page_names_the_held_out_split_of_its_kind(web, user, two_runs):
+    # A ticket run holds out duplicate clusters; a Q&A run, before its evaluation exists too, held-out answers.
+    assert "(TEST split of the duplicate clusters, never trained on)" in web.get(f"/runs/{two_runs[0].pk}/").content.decode()
+    faq = Dataset.objects.create(owner=user, name="faq", kind="qa")
+    queued = TrainingRun.objects.create(owner=user, dataset=faq, base_model="all-MiniLM-L6-v2")
+    html = web.get(f"/runs/{queued.pk}/").content.decode()
+    assert "(questions of held-out answers, never trained on)" in html
+    assert "duplicate clusters" not in html
