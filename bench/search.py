@@ -222,13 +222,14 @@ def _build(args, issues, vectors_by_key) -> dict:
 
     t0 = time.perf_counter()
     build_mem_mb, build_workers = hnsw_build_settings(len(big_ids), dims)
-    with connection.cursor() as cursor:
-        # The graph must fit in maintenance_work_mem or pgvector builds it on disk, many times slower
-        # (docs/scaling.md); the leader plus max_parallel_maintenance_workers build it together.
-        cursor.execute(f"SET maintenance_work_mem = '{build_mem_mb}MB'")
-        cursor.execute(f"SET max_parallel_maintenance_workers = {build_workers}")
+    from django.test import override_settings
+
+    # The product's build (search.indexing.ensure_hnsw_index) sizes maintenance_work_mem to the vectors; here
+    # its cap is a third of this machine's memory and the leader plus max_parallel_maintenance_workers (the
+    # cores less one: PostgreSQL runs on this machine) build the graph together.
+    with override_settings(HNSW_BUILD_MEMORY_MB=build_mem_mb, HNSW_BUILD_WORKERS=build_workers):
         indexing.ensure_hnsw_index(model_version=v_big)
-        cursor.execute("RESET maintenance_work_mem; RESET max_parallel_maintenance_workers")
+    with connection.cursor() as cursor:
         cursor.execute("ANALYZE search_embedding")
         cursor.execute("SELECT pg_relation_size(%s)", [indexing.hnsw_index_name(v_big.pk)])
         timings["hnsw_index_mb"] = round(cursor.fetchone()[0] / 2**20, 1)
@@ -249,15 +250,17 @@ def _build(args, issues, vectors_by_key) -> dict:
 
 
 def hnsw_build_settings(rows: int, dims: int) -> tuple[int, int]:
-    """(maintenance_work_mem in MB, parallel maintenance workers) for an HNSW build of `rows` vectors.
+    """(maintenance_work_mem in MB, parallel maintenance workers) for the bench's HNSW build of `rows` vectors:
+    the product's sizing (search.indexing.hnsw_build_memory_mb) capped at a third of this machine's memory,
+    and the cores less one."""
+    from django.test import override_settings
 
-    pgvector's graph at m 16 takes about the vector (4 bytes a dimension) plus
-    ~300 bytes of neighbour lists and tuple overhead per row; a quarter more
-    leaves room, never under 1 GB, never over a third of this machine's memory.
-    """
-    need_mb = int(rows * (4 * dims + 300) * 1.25 / 2**20) + 1
+    from search import indexing
+
     total_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
-    return max(1024, min(need_mb, total_mb // 3)), max(0, min(7, (os.cpu_count() or 1) - 1))
+    with override_settings(HNSW_BUILD_MEMORY_MB=total_mb // 3):
+        memory_mb = indexing.hnsw_build_memory_mb(rows, dims)
+    return memory_mb, max(0, min(7, (os.cpu_count() or 1) - 1))
 
 
 def transaction_atomic():

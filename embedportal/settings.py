@@ -245,6 +245,18 @@ for _name, _value in (("EMBEDPORTAL_EMBED_BACKEND", EMBED_BACKEND), ("EMBEDPORTA
         raise ImproperlyConfigured(f"{_name}={_value!r}: use auto, torch, onnx or onnx-int8.")
 if QUERY_CACHE_SIZE < 0:
     raise ImproperlyConfigured(f"EMBEDPORTAL_QUERY_CACHE_SIZE={QUERY_CACHE_SIZE}: use 0 (off) or more entries.")
+# HNSW builds (search.indexing.ensure_hnsw_index): maintenance_work_mem is sized to the version's vectors
+# (~2.2 GB at a million 384-dimension vectors) up to this many MB, so the graph is built in memory, not on
+# disk; the PostgreSQL server must have that much to spare while an index builds. Parallel build workers:
+# -1 keeps the server's max_parallel_maintenance_workers (2 by default); set it to the database host's
+# cores - 1. See docs/scaling.md.
+HNSW_BUILD_MEMORY_MB = env_int("EMBEDPORTAL_HNSW_BUILD_MEMORY_MB", 4096)
+HNSW_BUILD_WORKERS = env_int("EMBEDPORTAL_HNSW_BUILD_WORKERS", -1)
+if HNSW_BUILD_MEMORY_MB < 64:
+    raise ImproperlyConfigured(f"EMBEDPORTAL_HNSW_BUILD_MEMORY_MB={HNSW_BUILD_MEMORY_MB}: use 64 or more.")
+if not -1 <= HNSW_BUILD_WORKERS <= 64:
+    raise ImproperlyConfigured(f"EMBEDPORTAL_HNSW_BUILD_WORKERS={HNSW_BUILD_WORKERS}: use -1 (the server's "
+                               "setting) or 0-64.")
 # The keyword side ranks at most this many of a query's matches (ts_rank_cd reads each match's tsvector; a
 # common word matches a third of a million tickets). Queries matching fewer are ranked exactly; 0: rank all.
 # See search/keyword.py and docs/scaling.md.

@@ -120,18 +120,41 @@ def hnsw_index_name(version_id: int) -> str:
     return f"search_embedding_hnsw_v{int(version_id)}"
 
 
+def hnsw_build_memory_mb(rows: int, dims: int) -> int:
+    """maintenance_work_mem (MB) for an HNSW build of `rows` vectors of `dims` dimensions.
+
+    pgvector's graph at m 16 takes about the vector (4 bytes a dimension) plus
+    ~300 bytes of neighbour lists and tuple overhead per row; a quarter more
+    leaves room. A graph that does not fit is built on disk, many times slower
+    (docs/scaling.md). Never under PostgreSQL's own 64 MB, never over
+    settings.HNSW_BUILD_MEMORY_MB.
+    """
+    need_mb = int(rows * (4 * dims + 300) * 1.25 / 2**20) + 1
+    return max(64, min(need_mb, settings.HNSW_BUILD_MEMORY_MB))
+
+
 def ensure_hnsw_index(*, model_version: ModelVersion) -> None:
     """Create the HNSW (cosine) index on the version's partition of search_embedding if missing.
 
     The index covers that partition only, so building it locks no other
-    version's vectors (search.vectors explains the partitions). DDL cannot
-    take bind parameters; the only values formatted in are integers from our
-    own rows (id and dimensions), never user input.
+    version's vectors (search.vectors explains the partitions). The build's
+    memory is sized to the partition (hnsw_build_memory_mb) and its parallel
+    workers come from settings.HNSW_BUILD_WORKERS, both SET LOCAL to the
+    build's transaction. DDL cannot take bind parameters; the only values
+    formatted in are integers from our own rows and settings, never user input.
     """
     version_id, dims = int(model_version.pk), int(model_version.dimensions)
     cast, ops = vector_cast(dims)  # halfvec above 2,000 dimensions
     ensure_partition(version_id)
-    with connection.cursor() as cursor:
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SELECT to_regclass(%s) IS NOT NULL", [hnsw_index_name(version_id)])
+        if cursor.fetchone()[0]:
+            return
+        cursor.execute(f"SELECT count(*) FROM {partition_name(version_id)}")
+        memory_mb = hnsw_build_memory_mb(int(cursor.fetchone()[0]), dims)
+        cursor.execute(f"SET LOCAL maintenance_work_mem = '{int(memory_mb)}MB'")
+        if settings.HNSW_BUILD_WORKERS >= 0:
+            cursor.execute(f"SET LOCAL max_parallel_maintenance_workers = {int(settings.HNSW_BUILD_WORKERS)}")
         cursor.execute(
             f"CREATE INDEX IF NOT EXISTS {hnsw_index_name(version_id)} ON {partition_name(version_id)} "
             f"USING hnsw ((embedding::{cast}) {ops})"

@@ -141,6 +141,28 @@ def test_a_new_version_has_its_partition_and_its_hnsw_index_on_it(user, dataset)
     assert _knn(version, dataset, vectors[3])[0] == dataset.documents.order_by("id")[3].pk
 
 
+def test_hnsw_build_memory_is_sized_to_the_vectors_and_capped(settings):
+    settings.HNSW_BUILD_MEMORY_MB = 4096
+    assert indexing.hnsw_build_memory_mb(100, 384) == 64  # never under PostgreSQL's default
+    assert indexing.hnsw_build_memory_mb(1_000_000, 384) == 2189  # the graph of a million MiniLM vectors
+    settings.HNSW_BUILD_MEMORY_MB = 1024
+    assert indexing.hnsw_build_memory_mb(1_000_000, 384) == 1024
+
+
+def test_hnsw_build_sets_its_memory_and_workers_for_its_own_transaction_only(user, dataset, settings):
+    settings.HNSW_BUILD_WORKERS = 0
+    version = _version(user, dataset, 1)
+    _store(version, dataset, seed=1)
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW maintenance_work_mem")
+        before = cursor.fetchone()[0]
+        indexing.ensure_hnsw_index(model_version=version)
+        indexing.ensure_hnsw_index(model_version=version)  # exists: nothing to do
+        cursor.execute("SHOW maintenance_work_mem")
+        assert cursor.fetchone()[0] == before  # SET LOCAL: the session keeps its own
+    assert _index_table(indexing.hnsw_index_name(version.pk)) == partition_name(version.pk)
+
+
 def test_a_missing_partition_is_created_once_when_two_workers_store_at_once(user, dataset):
     version = _version(user, dataset, 1)
     with connection.cursor() as cursor:  # a version whose partition is gone (e.g. dropped by hand)
