@@ -667,3 +667,27 @@ def not_worse(*, candidate, champion, tolerance: float) -> GuardVerdict:
     -tolerance and no metric of the table falls by more than the tolerance.
     """
     return compare_versions(candidate=candidate, champion=champion, margin=-tolerance, tolerance=tolerance)
+
+
+ANSWER_LABEL = "answer of "
+
+
+def labelled_drilldown(dataset, rows: list[dict]) -> list[dict]:
+    """The run page's per-query rows with each key paired with its document's title: [(key, title), ...].
+
+    A Q&A run's keys are hashes (q-1a2b...) and its answers "answer of <key>": a reader needs the question's
+    words. One query for every key of the rows shown, owner-scoped through the run's dataset; a key whose
+    document is gone keeps an empty title.
+    """
+    def bare(label: str) -> str:
+        return label[len(ANSWER_LABEL):] if label.startswith(ANSWER_LABEL) else label
+
+    keys = {bare(k) for row in rows for k in [row["query"], *row["relevant"], *row["top_before"], *row["top_after"]]}
+    titles = dict(Document.objects.filter(dataset=dataset, external_key__in=keys).values_list("external_key", "title"))
+
+    def pair(label: str) -> tuple[str, str]:
+        return label, titles.get(bare(label), "")
+
+    return [{**row, "query": pair(row["query"]), "relevant": [pair(k) for k in row["relevant"]],
+             "top_before": [pair(k) for k in row["top_before"]], "top_after": [pair(k) for k in row["top_after"]]}
+            for row in rows]

@@ -12,7 +12,7 @@ from django.views.decorators.csrf import csrf_exempt, csrf_protect
 from django.views.decorators.http import require_http_methods, require_POST
 
 from embedportal.confirmation import confirm_page, confirmed
-from training import comparison, datasets, forms, import_jobs, pairs, registry, retraining, runs
+from training import comparison, datasets, evaluation, forms, import_jobs, pairs, registry, retraining, runs
 from training.connectors import jira
 from training.downloads import csv_attachment, temporary_file_response
 from training.errors import ServiceError
@@ -357,7 +357,7 @@ def run_detail(request: HttpRequest, pk: int) -> HttpResponse:
         evaluation_rows=[
             (SYSTEM_LABELS.get(name, name), [values.get(m) for m in METRIC_NAMES]) for name, values in systems.items()
         ],
-        drilldown=per_query[:DRILLDOWN_ROWS],
+        drilldown=evaluation.labelled_drilldown(run.dataset, per_query[:DRILLDOWN_ROWS]),
         improved=sum(1 for row in per_query if row["delta"] > 0),
         worsened=sum(1 for row in per_query if row["delta"] < 0),
         unchanged=sum(1 for row in per_query if row["delta"] == 0),

@@ -148,3 +148,22 @@ def test_run_page_names_the_held_out_split_of_its_kind(web, user, two_runs):
     html = web.get(f"/runs/{queued.pk}/").content.decode()
     assert "(questions of held-out answers, never trained on)" in html
     assert "duplicate clusters" not in html
+
+
+def test_drilldown_shows_each_key_with_its_title_owner_scoped(web, user, other_user):
+    from training.models import Document
+
+    faq = Dataset.objects.create(owner=user, name="faq", kind="qa")
+    Document.objects.create(dataset=faq, external_key="q-aa11", title="How do I reset my <b>PIN</b>?", body="Call us.")
+    Document.objects.create(dataset=faq, external_key="q-bb22", title="Where is my card?", body="In the post.")
+    theirs = Dataset.objects.create(owner=other_user, name="theirs", kind="qa")
+    Document.objects.create(dataset=theirs, external_key="q-cc33", title="Someone else's secret", body="x")
+    run = TrainingRun.objects.create(
+        owner=user, dataset=faq, base_model="all-MiniLM-L6-v2", status=TrainingRun.Status.SUCCEEDED,
+        evaluation={**_evaluation(0.6), "kind": "qa", "per_query": [
+            {"query": "q-aa11", "relevant": ["answer of q-aa11"], "before": 0.0, "after": 1.0, "delta": 1.0,
+             "top_before": ["answer of q-bb22", "answer of q-cc33"], "top_after": ["answer of q-aa11"]}]})
+    html = web.get(f"/runs/{run.pk}/").content.decode()
+    assert '<span title="q-aa11">How do I reset my &lt;b&gt;PIN&lt;/b&gt;?</span>' in html  # text, never markup
+    assert '<span title="answer of q-bb22">Where is my card?</span>' in html
+    assert "Someone else" not in html and "answer of q-cc33" in html  # another owner's key stays a bare key
