@@ -311,7 +311,7 @@ def _latency(index, queries: list[str], query_vectors: np.ndarray) -> dict:
 
     figures = {"keyword_common_terms": ",".join(common_terms(queries, COMMON_TERMS)),
                "keyword_rank_cap": settings.KEYWORD_RANK_CAP}
-    for label, cap in (("", settings.KEYWORD_RANK_CAP), ("uncapped_", 0), ("cap500_", 500), ("cap5000_", 5000)):
+    for label, cap in (("", settings.KEYWORD_RANK_CAP), ("uncapped_", 0), ("cap2000_", 2000), ("cap5000_", 5000)):
         common_ms = []
         with override_settings(KEYWORD_RANK_CAP=cap):
             for word in common_terms(queries, COMMON_TERMS):
@@ -320,6 +320,18 @@ def _latency(index, queries: list[str], query_vectors: np.ndarray) -> dict:
                                                   query_vector=query_vectors[0].tolist())
                     common_ms.append(result.timings_ms.get("keyword", 0.0))
         figures[f"keyword_common_terms_{label}p95_ms"] = _percentile(common_ms, 95)
+    # What the cap changes in the served ranking: each latency query's hybrid top 10 with the product's cap
+    # against ranking every keyword match (0), same query vectors.
+    same, overlap = 0, []
+    for q, v in zip(queries, query_vectors):
+        capped = [h.document.pk for h in hybrid.hybrid_search(index=index, query=q, k=10, query_vector=v.tolist()).hits]
+        with override_settings(KEYWORD_RANK_CAP=0):
+            every = [h.document.pk for h in hybrid.hybrid_search(index=index, query=q, k=10,
+                                                                   query_vector=v.tolist()).hits]
+        same += capped == every
+        overlap.append(len(set(capped) & set(every)) / max(len(every), 1))
+    figures.update({"keyword_cap_same_top10_share": round(same / len(queries), 4),
+                    "keyword_cap_top10_overlap": round(float(np.mean(overlap)), 4)})
     figures.update({"hybrid_p50_ms": _percentile(without, 50), "hybrid_p95_ms": _percentile(without, 95),
                     "keyword_side_p95_ms": _percentile(keyword_ms, 95),
                     "vector_side_p95_ms": _percentile(vector_ms, 95)})
@@ -367,13 +379,60 @@ def _recall(index, built: dict, query_vectors: np.ndarray) -> dict:
         got_f = [d for d, _ in hybrid._vector_ranking(index, v.tolist(), 10, flt)]
         filtered_recalls.append(len(exact_f & set(got_f)) / 10)
         full_pages += len(got_f) == 10
-    return {
+    figures = {
         "hnsw_recall_at_10": round(float(np.mean(recalls)), 4),
         "hnsw_filtered_recall_at_10": round(float(np.mean(filtered_recalls)), 4),
         "filtered_queries_with_10_results": round(full_pages / len(query_vectors), 4),
         "filter_fraction": round(float(mask.mean()), 4),
         "recall_queries": len(query_vectors),
+        "hnsw_ef_search": hybrid.HNSW_EF_SEARCH,
     }
+    figures.update(_recall_by_ef_search(index, built, query_vectors, flt))
+    return figures
+
+
+# ef_search values the recall step also measures (the product's is settings.HNSW_EF_SEARCH).
+EF_SEARCH_SWEEP = (100, 200, 400)
+
+
+def _recall_by_ef_search(index, built: dict, query_vectors: np.ndarray, flt) -> dict:
+    """Recall@10 (ids, unfiltered and filtered), the kNN statement's p95 and the similarity ratio (sum of the
+    returned top 10's cosines over the exact top 10's: 1.0 when HNSW only swaps near-ties) at each ef_search
+    of EF_SEARCH_SWEEP, on this session (hybrid._run_knn's one-statement path uses the session's value)."""
+    from django.db import connection
+
+    from search import filters, hybrid
+
+    ids, vectors, mask = built["big_ids"], built["big_vectors"], built["in_filter"]
+    position = {int(d): i for i, d in enumerate(ids)}
+    figures = {}
+    for ef in EF_SEARCH_SWEEP:
+        with connection.cursor() as cursor:
+            cursor.execute(f"SET hnsw.ef_search = {int(ef)}")
+        recalls, filtered, ratios, knn_ms = [], [], [], []
+        try:
+            for v in query_vectors:
+                scores = vectors @ v
+                order = np.argsort(-scores)[:10]
+                t0 = time.perf_counter()
+                got = [d for d, _ in hybrid._vector_ranking(index, v.tolist(), 10, filters.SearchFilters.of())]
+                knn_ms.append((time.perf_counter() - t0) * 1000)
+                recalls.append(len(set(ids[order].tolist()) & set(got)) / 10)
+                ratios.append(float(sum(scores[position[d]] for d in got) / scores[order].sum()))
+                masked = np.where(mask, scores, -np.inf)
+                exact_f = set(ids[np.argsort(-masked)[:10]].tolist())
+                got_f = [d for d, _ in hybrid._vector_ranking(index, v.tolist(), 10, flt)]
+                filtered.append(len(exact_f & set(got_f)) / 10)
+        finally:
+            with connection.cursor() as cursor:
+                cursor.execute(f"SET hnsw.ef_search = {int(hybrid.HNSW_EF_SEARCH)}")
+        figures.update({
+            f"ef{ef}_recall_at_10": round(float(np.mean(recalls)), 4),
+            f"ef{ef}_filtered_recall_at_10": round(float(np.mean(filtered)), 4),
+            f"ef{ef}_similarity_ratio": round(float(np.mean(ratios)), 4),
+            f"ef{ef}_knn_p95_ms": _percentile(knn_ms, 95),
+        })
+    return figures
 
 
 def _free_port() -> int:
@@ -695,9 +754,10 @@ def run(argv: list[str]) -> dict:
         # #17 asks 0.97 of a million documents; the 100k run keeps the hybrid-search issue's 0.95.
         "hnsw_recall_at_10": recall_target, "hnsw_filtered_recall_at_10": recall_target,
         "keyword_common_terms_p95_ms": "<= 30",
-        "filtered_queries_with_10_results": ">= 1", "http_errors": "<= 0",
-        "http_throughput_rps": ">= 80", "http_p95_ms": "<= 300",
+        "filtered_queries_with_10_results": ">= 1",
     }
+    if "http_errors" in figures:  # --load-configs "" skips the HTTP runs
+        targets.update({"http_errors": "<= 0", "http_throughput_rps": ">= 80", "http_p95_ms": "<= 300"})
     if not args.skip_quality:
         figures.update(_quality(built["indexes"]["real"]))
         targets["hybrid_minus_best_half"] = ">= 0"

@@ -257,10 +257,15 @@ if HNSW_BUILD_MEMORY_MB < 64:
 if not -1 <= HNSW_BUILD_WORKERS <= 64:
     raise ImproperlyConfigured(f"EMBEDPORTAL_HNSW_BUILD_WORKERS={HNSW_BUILD_WORKERS}: use -1 (the server's "
                                "setting) or 0-64.")
+# hnsw.ef_search of every search session (search.hybrid): the candidate list an HNSW scan keeps. Higher finds
+# more of the exact nearest neighbours at more cost; at a million tickets see docs/scaling.md.
+HNSW_EF_SEARCH = env_int("EMBEDPORTAL_HNSW_EF_SEARCH", 100)
+if not 10 <= HNSW_EF_SEARCH <= 1000:
+    raise ImproperlyConfigured(f"EMBEDPORTAL_HNSW_EF_SEARCH={HNSW_EF_SEARCH}: use 10 to 1000.")
 # The keyword side ranks at most this many of a query's matches (ts_rank_cd reads each match's tsvector; a
 # common word matches a third of a million tickets). Queries matching fewer are ranked exactly; 0: rank all.
 # See search/keyword.py and docs/scaling.md.
-KEYWORD_RANK_CAP = env_int("EMBEDPORTAL_KEYWORD_RANK_CAP", 2000)
+KEYWORD_RANK_CAP = env_int("EMBEDPORTAL_KEYWORD_RANK_CAP", 500)
 if KEYWORD_RANK_CAP < 0:
     raise ImproperlyConfigured(f"EMBEDPORTAL_KEYWORD_RANK_CAP={KEYWORD_RANK_CAP}: use 0 (rank every match) or more.")
 # A running run whose heartbeat is older than this is marked failed by the reaper.

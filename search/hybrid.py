@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from django.conf import settings
 from django.db import connection, connections, transaction
 
 from embedportal import db_router
@@ -30,7 +31,7 @@ from training.models import Document
 CANDIDATES_PER_SIDE = 100
 MAX_QUERY_CHARS = 1000
 MAX_K = 100
-HNSW_EF_SEARCH = 100
+HNSW_EF_SEARCH = settings.HNSW_EF_SEARCH  # EMBEDPORTAL_HNSW_EF_SEARCH, read once per process
 MODES = ("hybrid", "keyword", "vector")
 
 
