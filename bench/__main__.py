@@ -22,6 +22,7 @@ BENCHES["chaos"] = "bench.chaos"
 BENCHES["cluster"] = "bench.cluster"
 BENCHES["retrain"] = "bench.retrain"
 BENCHES["hosts"] = "bench.hosts"
+BENCHES["hnsw-recall"] = "bench.hnsw_recall"
 
 
 def main(argv: list[str] | None = None) -> int:
