@@ -152,6 +152,11 @@ def test_hybrid_search_reports_the_query_encoder_and_reuses_the_cached_vector(us
 @pytest.mark.parametrize("env, message", [
     ({"EMBEDPORTAL_QUERY_BACKEND": "tensorrt"}, "EMBEDPORTAL_QUERY_BACKEND='tensorrt': use auto, torch, onnx or onnx-int8."),
     ({"EMBEDPORTAL_QUERY_CACHE_SIZE": "-5"}, "EMBEDPORTAL_QUERY_CACHE_SIZE=-5: use 0 (off) or more entries."),
+    ({"EMBEDPORTAL_KEYWORD_RANK_CAP": "-1"}, "EMBEDPORTAL_KEYWORD_RANK_CAP=-1: use 0 (rank every match) or more."),
+    ({"EMBEDPORTAL_HNSW_EF_SEARCH": "5000"}, "EMBEDPORTAL_HNSW_EF_SEARCH=5000: use 10 to 1000."),
+    ({"EMBEDPORTAL_HNSW_BUILD_MEMORY_MB": "8"}, "EMBEDPORTAL_HNSW_BUILD_MEMORY_MB=8: use 64 or more."),
+    ({"EMBEDPORTAL_HNSW_BUILD_WORKERS": "-2"},
+     "EMBEDPORTAL_HNSW_BUILD_WORKERS=-2: use -1 (the server's setting) or 0-64."),
 ])
 def test_bad_query_settings_stop_the_process_at_start(env, message):
     import os
