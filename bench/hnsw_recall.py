@@ -57,23 +57,16 @@ def run(argv: list[str]) -> dict:
     from pgvector.psycopg import register_vector
 
     from bench import search as bench_search
-    from search import encoders, indexing
+    from search import indexing
     from training import finetune
 
-    issues = bench_search.load_issues(bench_search.DEFAULT_DATA)
-    texts = {}
-    for issue in issues:
-        if (issue["fields"].get("summary") or "").strip() and issue["key"] not in texts:
-            texts[issue["key"]] = bench_search.issue_text(issue)
     model_name = "sentence-transformers/all-MiniLM-L6-v2"
-    by_key = bench_search.cached_vectors(model_path=model_name, data=bench_search.DEFAULT_DATA, texts_by_key=texts)
+    issues = bench_search.load_issues(bench_search.DEFAULT_DATA)
+    by_key = bench_search.real_vectors(issues, model_path=model_name, data=bench_search.DEFAULT_DATA)
     real = np.stack([by_key[k] for k in sorted(by_key)]).astype(np.float32)
     dims = real.shape[1]
-    path = finetune.resolve_base_model(model_name)
-    model = encoders.get_model(path)
-    model.max_seq_length = bench_search.MAX_SEQ_LENGTH
     queries = bench_search._latency_queries(issues, args.queries)
-    query_vectors = model.encode(queries, normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
+    query_vectors = bench_search.title_query_vectors(finetune.resolve_base_model(model_name), queries)
     efs = [int(x) for x in args.ef.split(",")]
     figures: dict = {"documents": args.docs, "queries": len(queries), "product_ef_search": settings.HNSW_EF_SEARCH}
     targets: dict = {}
@@ -90,7 +83,6 @@ def run(argv: list[str]) -> dict:
                 copy.set_types(["int4", "vector"])
                 for i in range(len(vectors)):
                     copy.write_row((i, vectors[i]))
-        connection.connection.commit() if not connection.connection.autocommit else None
         store_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         memory_mb = indexing.hnsw_build_memory_mb(len(vectors), dims)

@@ -253,14 +253,11 @@ def hnsw_build_settings(rows: int, dims: int) -> tuple[int, int]:
     """(maintenance_work_mem in MB, parallel maintenance workers) for the bench's HNSW build of `rows` vectors:
     the product's sizing (search.indexing.hnsw_build_memory_mb) capped at a third of this machine's memory,
     and the cores less one."""
-    from django.test import override_settings
-
     from search import indexing
 
     total_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
-    with override_settings(HNSW_BUILD_MEMORY_MB=total_mb // 3):
-        memory_mb = indexing.hnsw_build_memory_mb(rows, dims)
-    return memory_mb, max(0, min(7, (os.cpu_count() or 1) - 1))
+    return (indexing.hnsw_build_memory_mb(rows, dims, cap_mb=total_mb // 3),
+            max(0, min(7, (os.cpu_count() or 1) - 1)))
 
 
 def transaction_atomic():
@@ -309,12 +306,12 @@ def _latency(index, queries: list[str], query_vectors: np.ndarray) -> dict:
     # #17) and other caps, in the same run.
     from django.conf import settings
 
-    figures = {"keyword_common_terms": ",".join(common_terms(queries, COMMON_TERMS)),
-               "keyword_rank_cap": settings.KEYWORD_RANK_CAP}
+    words = common_terms(queries, COMMON_TERMS)
+    figures = {"keyword_common_terms": ",".join(words), "keyword_rank_cap": settings.KEYWORD_RANK_CAP}
     for label, cap in (("", settings.KEYWORD_RANK_CAP), ("uncapped_", 0), ("cap2000_", 2000), ("cap5000_", 5000)):
         common_ms = []
         with override_settings(KEYWORD_RANK_CAP=cap):
-            for word in common_terms(queries, COMMON_TERMS):
+            for word in words:
                 for _ in range(3):
                     result = hybrid.hybrid_search(index=index, query=word, k=10,
                                                   query_vector=query_vectors[0].tolist())
@@ -362,32 +359,23 @@ def _latency(index, queries: list[str], query_vectors: np.ndarray) -> dict:
 
 
 def _recall(index, built: dict, query_vectors: np.ndarray) -> dict:
+    """HNSW recall@10 against exact cosine (numpy), unfiltered and with a created-in-2015 filter (~10% of
+    rows), at the product's ef_search (the hnsw_* figures) and at each of EF_SEARCH_SWEEP (the ef<N>_*)."""
     from datetime import date
 
     from search import filters, hybrid
 
-    ids, vectors, mask = built["big_ids"], built["big_vectors"], built["in_filter"]
     flt = filters.SearchFilters.of(created_from=date.fromisoformat(FILTER_FROM), created_to=date.fromisoformat(FILTER_TO))
-    recalls, filtered_recalls, full_pages = [], [], 0
-    for v in query_vectors:
-        scores = vectors @ v
-        exact = set(ids[np.argsort(-scores)[:10]].tolist())
-        got = [d for d, _ in hybrid._vector_ranking(index, v.tolist(), 10, filters.SearchFilters.of())]
-        recalls.append(len(exact & set(got)) / 10)
-        masked = np.where(mask, scores, -np.inf)
-        exact_f = set(ids[np.argsort(-masked)[:10]].tolist())
-        got_f = [d for d, _ in hybrid._vector_ranking(index, v.tolist(), 10, flt)]
-        filtered_recalls.append(len(exact_f & set(got_f)) / 10)
-        full_pages += len(got_f) == 10
-    figures = {
-        "hnsw_recall_at_10": round(float(np.mean(recalls)), 4),
-        "hnsw_filtered_recall_at_10": round(float(np.mean(filtered_recalls)), 4),
-        "filtered_queries_with_10_results": round(full_pages / len(query_vectors), 4),
-        "filter_fraction": round(float(mask.mean()), 4),
-        "recall_queries": len(query_vectors),
-        "hnsw_ef_search": hybrid.HNSW_EF_SEARCH,
-    }
-    figures.update(_recall_by_ef_search(index, built, query_vectors, flt))
+    figures = {"filter_fraction": round(float(built["in_filter"].mean()), 4), "recall_queries": len(query_vectors),
+               "hnsw_ef_search": hybrid.HNSW_EF_SEARCH}
+    for ef in sorted({hybrid.HNSW_EF_SEARCH, *EF_SEARCH_SWEEP}):
+        at = _recall_at(index, built, query_vectors, flt, ef)
+        if ef == hybrid.HNSW_EF_SEARCH:
+            figures.update({"hnsw_recall_at_10": at["recall_at_10"],
+                            "hnsw_filtered_recall_at_10": at["filtered_recall_at_10"],
+                            "filtered_queries_with_10_results": at["filtered_full_pages"]})
+        if ef in EF_SEARCH_SWEEP:
+            figures.update({f"ef{ef}_{k}": v for k, v in at.items() if k != "filtered_full_pages"})
     return figures
 
 
@@ -395,44 +383,41 @@ def _recall(index, built: dict, query_vectors: np.ndarray) -> dict:
 EF_SEARCH_SWEEP = (100, 200, 400)
 
 
-def _recall_by_ef_search(index, built: dict, query_vectors: np.ndarray, flt) -> dict:
-    """Recall@10 (ids, unfiltered and filtered), the kNN statement's p95 and the similarity ratio (sum of the
-    returned top 10's cosines over the exact top 10's: 1.0 when HNSW only swaps near-ties) at each ef_search
-    of EF_SEARCH_SWEEP, on this session (hybrid._run_knn's one-statement path uses the session's value)."""
+def _recall_at(index, built: dict, query_vectors: np.ndarray, flt, ef: int) -> dict:
+    """Recall@10 (ids, unfiltered and filtered), the share of filtered queries returning 10, the kNN
+    statement's p95 and the similarity ratio (sum of the returned top 10's cosines over the exact top 10's:
+    1.0 when HNSW only swaps near-ties) at one ef_search, set on this session (hybrid._run_knn's
+    one-statement path uses the session's value), then set back to the product's."""
     from django.db import connection
 
     from search import filters, hybrid
 
     ids, vectors, mask = built["big_ids"], built["big_vectors"], built["in_filter"]
     position = {int(d): i for i, d in enumerate(ids)}
-    figures = {}
-    for ef in EF_SEARCH_SWEEP:
+    recalls, filtered, ratios, knn_ms, full_pages = [], [], [], [], 0
+    with connection.cursor() as cursor:
+        cursor.execute(f"SET hnsw.ef_search = {int(ef)}")
+    try:
+        for v in query_vectors:
+            scores = vectors @ v
+            order = np.argsort(-scores)[:10]
+            t0 = time.perf_counter()
+            got = [d for d, _ in hybrid._vector_ranking(index, v.tolist(), 10, filters.SearchFilters.of())]
+            knn_ms.append((time.perf_counter() - t0) * 1000)
+            recalls.append(len(set(ids[order].tolist()) & set(got)) / 10)
+            ratios.append(float(sum(scores[position[d]] for d in got) / scores[order].sum()))
+            masked = np.where(mask, scores, -np.inf)
+            exact_f = set(ids[np.argsort(-masked)[:10]].tolist())
+            got_f = [d for d, _ in hybrid._vector_ranking(index, v.tolist(), 10, flt)]
+            filtered.append(len(exact_f & set(got_f)) / 10)
+            full_pages += len(got_f) == 10
+    finally:
         with connection.cursor() as cursor:
-            cursor.execute(f"SET hnsw.ef_search = {int(ef)}")
-        recalls, filtered, ratios, knn_ms = [], [], [], []
-        try:
-            for v in query_vectors:
-                scores = vectors @ v
-                order = np.argsort(-scores)[:10]
-                t0 = time.perf_counter()
-                got = [d for d, _ in hybrid._vector_ranking(index, v.tolist(), 10, filters.SearchFilters.of())]
-                knn_ms.append((time.perf_counter() - t0) * 1000)
-                recalls.append(len(set(ids[order].tolist()) & set(got)) / 10)
-                ratios.append(float(sum(scores[position[d]] for d in got) / scores[order].sum()))
-                masked = np.where(mask, scores, -np.inf)
-                exact_f = set(ids[np.argsort(-masked)[:10]].tolist())
-                got_f = [d for d, _ in hybrid._vector_ranking(index, v.tolist(), 10, flt)]
-                filtered.append(len(exact_f & set(got_f)) / 10)
-        finally:
-            with connection.cursor() as cursor:
-                cursor.execute(f"SET hnsw.ef_search = {int(hybrid.HNSW_EF_SEARCH)}")
-        figures.update({
-            f"ef{ef}_recall_at_10": round(float(np.mean(recalls)), 4),
-            f"ef{ef}_filtered_recall_at_10": round(float(np.mean(filtered)), 4),
-            f"ef{ef}_similarity_ratio": round(float(np.mean(ratios)), 4),
-            f"ef{ef}_knn_p95_ms": _percentile(knn_ms, 95),
-        })
-    return figures
+            cursor.execute(f"SET hnsw.ef_search = {int(hybrid.HNSW_EF_SEARCH)}")
+    return {"recall_at_10": round(float(np.mean(recalls)), 4),
+            "filtered_recall_at_10": round(float(np.mean(filtered)), 4),
+            "similarity_ratio": round(float(np.mean(ratios)), 4), "knn_p95_ms": _percentile(knn_ms, 95),
+            "filtered_full_pages": round(full_pages / len(query_vectors), 4)}
 
 
 def _free_port() -> int:
@@ -673,6 +658,24 @@ def _quality(index) -> dict:
     }
 
 
+def real_vectors(issues: list[dict], *, model_path: str, data: Path) -> dict[str, np.ndarray]:
+    """The real tickets' vectors by key (cached_vectors over each keyed ticket's summary + description)."""
+    texts = {}
+    for issue in issues:
+        if (issue["fields"].get("summary") or "").strip() and issue["key"] not in texts:
+            texts[issue["key"]] = issue_text(issue)
+    return cached_vectors(model_path=model_path, data=data, texts_by_key=texts)
+
+
+def title_query_vectors(artifact_path: str, queries: list[str]) -> np.ndarray:
+    """The latency queries encoded at MAX_SEQ_LENGTH, normalised, float32 (one batch, PyTorch)."""
+    from search import encoders
+
+    model = encoders.get_model(artifact_path)
+    model.max_seq_length = MAX_SEQ_LENGTH
+    return model.encode(queries, normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
+
+
 def _latency_queries(issues: list[dict], n: int) -> list[str]:
     """Ticket titles as queries; every 4th gets a word of another title added,
     so no document has all its words and the keyword side has to relax."""
@@ -718,11 +721,7 @@ def run(argv: list[str]) -> dict:
         encoders.get_model(path).max_seq_length = MAX_SEQ_LENGTH
         figures = {"model": args.model, **_query_encoding(_latency_queries(issues, args.queries), path)}
         return summary("search", figures, {"encode_cosine_new_vs_fp32_min": ">= 0.95"})
-    texts = {}
-    for issue in issues:
-        if (issue["fields"].get("summary") or "").strip() and issue["key"] not in texts:
-            texts[issue["key"]] = issue_text(issue)
-    vectors_by_key = cached_vectors(model_path=args.model, data=args.data, texts_by_key=texts)
+    vectors_by_key = real_vectors(issues, model_path=args.model, data=args.data)
     if args.quality_only:
         args.docs = 0
     built = _build(args, issues, vectors_by_key)
@@ -732,9 +731,7 @@ def run(argv: list[str]) -> dict:
     big = built["indexes"]["big"]
 
     queries = _latency_queries(issues, args.queries)
-    model = encoders.get_model(big.model_version.artifact_path)
-    model.max_seq_length = MAX_SEQ_LENGTH
-    query_vectors = model.encode(queries, normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
+    query_vectors = title_query_vectors(big.model_version.artifact_path, queries)
 
     figures: dict = {"documents": len(built["big_ids"]), **built["timings"]}
     figures.update(_latency(big, queries, query_vectors))

@@ -120,17 +120,17 @@ def hnsw_index_name(version_id: int) -> str:
     return f"search_embedding_hnsw_v{int(version_id)}"
 
 
-def hnsw_build_memory_mb(rows: int, dims: int) -> int:
+def hnsw_build_memory_mb(rows: int, dims: int, *, cap_mb: int | None = None) -> int:
     """maintenance_work_mem (MB) for an HNSW build of `rows` vectors of `dims` dimensions.
 
     pgvector's graph at m 16 takes about the vector (4 bytes a dimension) plus
     ~300 bytes of neighbour lists and tuple overhead per row; a quarter more
     leaves room. A graph that does not fit is built on disk, many times slower
-    (docs/scaling.md). Never under PostgreSQL's own 64 MB, never over
-    settings.HNSW_BUILD_MEMORY_MB.
+    (docs/scaling.md). Never under PostgreSQL's own 64 MB, never over cap_mb
+    (default settings.HNSW_BUILD_MEMORY_MB).
     """
     need_mb = int(rows * (4 * dims + 300) * 1.25 / 2**20) + 1
-    return max(64, min(need_mb, settings.HNSW_BUILD_MEMORY_MB))
+    return max(64, min(need_mb, settings.HNSW_BUILD_MEMORY_MB if cap_mb is None else cap_mb))
 
 
 def ensure_hnsw_index(*, model_version: ModelVersion) -> None:
