@@ -268,6 +268,11 @@ if not 10 <= HNSW_EF_SEARCH <= 1000:
 KEYWORD_RANK_CAP = env_int("EMBEDPORTAL_KEYWORD_RANK_CAP", 500)
 if KEYWORD_RANK_CAP < 0:
     raise ImproperlyConfigured(f"EMBEDPORTAL_KEYWORD_RANK_CAP={KEYWORD_RANK_CAP}: use 0 (rank every match) or more.")
+# Similar tickets' keyword side (training/bm25.py) scores the documents holding a ticket's rarest lexemes, up
+# to about this many; the held-out evaluation uses the same number, so its figures are what is served.
+BM25_CANDIDATES = env_int("EMBEDPORTAL_BM25_CANDIDATES", 2000)
+if not 100 <= BM25_CANDIDATES <= 1_000_000:
+    raise ImproperlyConfigured(f"EMBEDPORTAL_BM25_CANDIDATES={BM25_CANDIDATES}: use 100 to 1000000.")
 # A running run whose heartbeat is older than this is marked failed by the reaper.
 RUN_HEARTBEAT_TIMEOUT_S = env_int("EMBEDPORTAL_RUN_HEARTBEAT_TIMEOUT_S", 300)
 # Base models a run may start from besides Hugging Face ids and the user's own

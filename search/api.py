@@ -101,7 +101,7 @@ class SearchIndexViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, views
         return Response(_search(self.get_object(), request))
 
     @extend_schema(
-        summary="Tickets most similar to one ticket (vector neighbours under this index's model)",
+        summary="Tickets most similar to one ticket (its words and vector neighbours, fused as this index serves)",
         parameters=[
             OpenApiParameter("key", str, description="Ticket key, e.g. HDFS-1234"),
             OpenApiParameter("document", int, description="Document id (instead of key)"),

@@ -21,14 +21,17 @@ from embedportal import db_router
 from embedportal.errors import ServiceError
 from search import query_vectors
 from search.filters import SearchFilters
-from training.fusion import DEFAULT_ALPHA, RRF_K, reciprocal_rank_fusion, weighted_score_fusion
-from search.keyword import key_document, keyword_ranking, marked_html, snippet_annotation
+from search.keyword import key_document, keyword_ranking, marked_html, snippet_annotation, ticket_keyword_ranking
 from search.models import Embedding, SearchIndex
 from search.vectors import vector_cast
+from training.evaluation import RANK_DEPTH
+from training.fusion import DEFAULT_ALPHA, RRF_K, fuse_scored
 from training.models import Document
 
 # Candidates taken from each side before fusion.
 CANDIDATES_PER_SIDE = 100
+# Similar tickets: each side's best, as deep as the held-out evaluation's (its `served` row).
+SIMILAR_CANDIDATES = RANK_DEPTH
 MAX_QUERY_CHARS = 1000
 MAX_K = 100
 HNSW_EF_SEARCH = settings.HNSW_EF_SEARCH  # EMBEDPORTAL_HNSW_EF_SEARCH, read once per process
@@ -196,10 +199,8 @@ def hybrid_search(
         ranked = keyword
     elif mode == "vector":
         ranked = vector
-    elif fusion_used["method"] == "rrf":
-        ranked = reciprocal_rank_fusion([[d for d, _ in keyword], [d for d, _ in vector]], k=fusion_used["rrf_k"])
     else:
-        ranked = weighted_score_fusion(keyword, vector, alpha=fusion_used["alpha"])
+        ranked = fuse_scored(keyword, vector, fusion=fusion_used)
     if key_id is not None:
         # The ticket the query names comes first in every mode, scored as the best hit.
         top = max((score for _, score in ranked), default=1.0)
@@ -358,14 +359,23 @@ def _run_knn(sql: str, params: list[Any], limit: int) -> list[tuple[int, float]]
 def similar_documents(
     *, index: SearchIndex, document: Document, k: int = 10, filters: SearchFilters | None = None
 ) -> list[Hit]:
-    """The k nearest documents to `document` under the index's vectors (itself excluded)."""
+    """The k documents most like `document` (itself excluded): the index's fusion of its two sides.
+
+    Keyword side: BM25 of the ticket's lexemes, title weighted
+    (search.keyword.ticket_keyword_ranking); vector side: its stored
+    vector's nearest neighbours. Each side's SIMILAR_CANDIDATES best are
+    fused with the index's tuned fusion: the rule the held-out evaluation's
+    `served` row measures (training.evaluation: query by ticket, the same
+    depth, BM25 and fusion).
+    """
     if not index.is_searchable:
         raise SearchError(f"This index is {index.status}: similar tickets need a ready index.")
     if document.dataset_id != index.dataset_id:
         raise SearchError("This document is not in the index's dataset.")
     if not 1 <= k <= MAX_K:
         raise SearchError(f"k: must be between 1 and {MAX_K}, got {k}.")
-    where, params = (filters or SearchFilters()).sql()
+    filters = filters or SearchFilters()
+    where, params = filters.sql()
     dims, version_id = int(index.model_version.dimensions), int(index.model_version_id)
     source = (
         "(SELECT s.embedding::{cast} FROM search_embedding s "
@@ -373,13 +383,23 @@ def similar_documents(
     )
     if not Embedding.objects.filter(document=document, model_version_id=version_id).exists():
         raise SearchError(f"{document.external_key} has no vector in this index yet.")
+    depth = max(SIMILAR_CANDIDATES, k)
     sql = _vector_sql(dims, version_id, where + f" AND e.document_id <> {int(document.pk)}", source=source)
-    ranked = _run_knn(sql, [index.dataset_id, *params, k], k)
+    vector = _run_knn(sql, [index.dataset_id, *params, depth], depth)
+    keyword = ticket_keyword_ranking(document, depth, filters)
+    ranked = fuse_scored(keyword, vector, fusion=resolve_fusion(index=index))[:k]
+    keyword_info = {doc_id: (rank, score) for rank, (doc_id, score) in enumerate(keyword, start=1)}
+    vector_info = {doc_id: (rank, sim) for rank, (doc_id, sim) in enumerate(vector, start=1)}
     documents = Document.objects.in_bulk([doc_id for doc_id, _ in ranked])
-    return [
-        Hit(document=documents[doc_id], score=round(sim, 6), vector_rank=rank, vector_similarity=round(sim, 6))
-        for rank, (doc_id, sim) in enumerate(ranked, start=1)
-    ]
+    hits = []
+    for doc_id, score in ranked:
+        kw, vec = keyword_info.get(doc_id), vector_info.get(doc_id)
+        hits.append(Hit(
+            document=documents[doc_id], score=round(float(score), 6),
+            keyword_rank=kw[0] if kw else None, keyword_score=round(kw[1], 6) if kw else None,
+            vector_rank=vec[0] if vec else None, vector_similarity=round(vec[1], 6) if vec else None,
+        ))
+    return hits
 
 
 def serialize_hit(hit: Hit) -> dict[str, Any]:

@@ -15,7 +15,8 @@ from django.utils.html import escape
 
 from embedportal import db_router
 from search.filters import SearchFilters
-from training.models import Dataset, Document
+from training import bm25
+from training.models import Dataset, Document, LexemeFrequency
 
 # The identifier side index (migration search 0003): this expression must stay
 # byte-for-byte the one indexed there, or PostgreSQL falls back to a scan.
@@ -197,3 +198,49 @@ def marked_html(text: str) -> str:
         .replace(_MARK_STOP, "</mark>")
     )
 
+
+
+# --- A ticket as the query (similar tickets): BM25, title weighted (training.bm25) ----------------------------
+
+_TICKET_SQL = (
+    "SELECT c.id, sum(q.weight * t.tf * {k1_plus_1} / (t.tf + {k1} * (1 - {b} + {b} * c.len / %s))) AS score FROM ("
+    "SELECT d.id, d.search_vector AS sv, ({length}) AS len FROM training_document d "
+    "WHERE d.dataset_id = %s AND d.search_vector @@ %s::tsquery AND d.id <> %s{filters} LIMIT %s"
+    ") c CROSS JOIN LATERAL (SELECT u.lexeme, {tf} AS tf FROM unnest(c.sv) u) t "
+    "JOIN unnest(%s::text[], %s::float8[]) AS q(lexeme, weight) ON q.lexeme = t.lexeme "
+    "GROUP BY c.id ORDER BY score DESC, c.id LIMIT %s"
+)
+
+
+def ticket_keyword_ranking(document: Document, limit: int, filters: SearchFilters) -> list[tuple[int, float]]:
+    """The documents most like `document` by BM25 over their tsvectors (training.bm25), itself excluded.
+
+    The ticket's lexemes weigh QUERY_TITLE_WEIGHT when in its title; the
+    documents holding its rarest lexemes (up to settings.BM25_CANDIDATES,
+    bm25.candidate_lexemes) are scored with the dataset's stored
+    frequencies, in SQL. The same ranking as the held-out evaluation's
+    keyword side (training.evaluation.bm25_scored_rankings).
+    """
+    dataset = document.dataset
+    terms = bm25.query_terms(str(document.search_vector or ""))
+    if not terms or not dataset.bm25_documents:
+        return []
+    frequencies = dict(
+        LexemeFrequency.objects.filter(dataset=dataset, lexeme__in=list(terms)).values_list("lexeme", "documents")
+    )
+    chosen = bm25.candidate_lexemes(frequencies, settings.BM25_CANDIDATES)
+    if not chosen:
+        return []
+    lexemes = sorted(frequencies)
+    weights = [terms[lexeme] * bm25.idf(dataset.bm25_documents, frequencies[lexeme]) for lexeme in lexemes]
+    where, params = filters.sql()
+    sql = _TICKET_SQL.format(
+        k1=bm25.K1, k1_plus_1=bm25.K1 + 1, b=bm25.B, tf=bm25.TF_SQL,
+        length=bm25.DOCUMENT_LENGTH_SQL, filters=where,
+    )
+    with connections[db_router.search_alias()].cursor() as cursor:
+        cursor.execute(sql, [
+            max(dataset.bm25_average_length, 1e-6), dataset.pk, _tsquery_literal([lexeme] for lexeme in chosen),
+            document.pk, *params, settings.BM25_CANDIDATES, lexemes, weights, limit,
+        ])
+        return [(doc_id, float(score)) for doc_id, score in cursor.fetchall()]

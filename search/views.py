@@ -28,6 +28,7 @@ from search.models import (
 )
 from training import artifacts
 from training.downloads import csv_attachment, temporary_file_response
+from training.fusion import fusion_name
 from training.models import Dataset, Document, ModelVersion
 from training.registry import production_version
 
@@ -212,7 +213,7 @@ def similar_page(request: HttpRequest, index_pk: int, document_pk: int) -> HttpR
         error = str(exc)
     ticket = tickets.ticket(document=document)
     context = {"index": index, "document": document, "ticket": ticket, "hits": hits, "error": error,
-               "jira_base": ticket.jira_base}
+               "jira_base": ticket.jira_base, "fusion": fusion_name(hybrid.resolve_fusion(index=index))}
     return render(request, "search/similar.html", context)
 
 

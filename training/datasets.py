@@ -29,7 +29,7 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import Max, Q
 
 from embedportal import jobs
-from training import artifacts, importers, versions
+from training import artifacts, bm25, importers, versions
 from training.corpus import ticket_links
 from training.errors import ServiceError
 from training.models import (
@@ -451,12 +451,14 @@ def text_search_configs() -> list[str]:
 
 
 def refresh_search_vectors(*, dataset: Dataset) -> None:
-    """Fill the weighted tsvector (title A, body B) of every document, in SQL."""
+    """Fill the weighted tsvector (title A, body B) of every document, and the dataset's BM25 statistics, in SQL."""
     config = dataset.language
-    Document.objects.filter(dataset=dataset).update(
-        search_vector=SearchVector("title", weight="A", config=config)
-        + SearchVector("body", weight="B", config=config)
-    )
+    with transaction.atomic():
+        Document.objects.filter(dataset=dataset).update(
+            search_vector=SearchVector("title", weight="A", config=config)
+            + SearchVector("body", weight="B", config=config)
+        )
+        bm25.refresh_statistics(dataset_id=dataset.pk)
 
 
 def delete_dataset(*, dataset: Dataset) -> None:

@@ -13,13 +13,14 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from training import bm25
 from training.corpus import MAX_EMBED_CHARS, ticket_links, ticket_text
 from training.fusion import (
-    FUSION_CANDIDATES, TUNING_METRIC, fusion_name, reciprocal_rank_fusion, weighted_score_fusion,
+    FUSION_CANDIDATES, TUNING_METRIC, fuse_scored, fusion_name, reciprocal_rank_fusion,
 )
 from training.models import Dataset, Document
 from training.pairs import Example, Ticket, answer_group, duplicate_clusters, group_split, split_clusters
@@ -254,9 +255,9 @@ def vector_scored_rankings(
         chunk = query_ids[start : start + 256]
         scores = embeddings[[position[q] for q in chunk]] @ embeddings.T
         kth = min(limit + 1, scores.shape[1] - 1)
-        top = np.argpartition(-scores, kth=kth, axis=1)[:, : kth + 1]
+        top = np.sort(np.argpartition(-scores, kth=kth, axis=1)[:, : kth + 1], axis=1)
         for row, query in enumerate(chunk):
-            best = top[row][np.argsort(-scores[row, top[row]], kind="stable")]
+            best = top[row][np.argsort(-scores[row, top[row]], kind="stable")]  # equal scores in id order
             ranked = [(int(doc_ids[i]), float(scores[row, i])) for i in best if doc_ids[i] != query]
             out[query] = ranked[:limit]
     return out
@@ -291,14 +292,9 @@ def hybrid_systems(
 def fused_rankings(
     keyword: dict[int, list[tuple[int, float]]], vector: dict[int, list[tuple[int, float]]], *, fusion: dict
 ) -> dict[int, list[int]]:
-    """Each query's two scored rankings fused the way search.hybrid serves them (RRF or weighted)."""
-    queries = set(keyword) | set(vector)
-    if fusion["method"] == "rrf":
-        return {q: [d for d, _ in reciprocal_rank_fusion(
-            [[d for d, _ in keyword.get(q, [])], [d for d, _ in vector.get(q, [])]], k=fusion["rrf_k"])]
-            for q in queries}
-    return {q: [d for d, _ in weighted_score_fusion(keyword.get(q, []), vector.get(q, []), alpha=fusion["alpha"])]
-            for q in queries}
+    """Each query's two scored rankings fused the way search serves them (training.fusion.fuse_scored)."""
+    return {q: [d for d, _ in fuse_scored(keyword.get(q, []), vector.get(q, []), fusion=fusion)]
+            for q in set(keyword) | set(vector)}
 
 
 def choose_fusion(
@@ -358,92 +354,101 @@ def trained_keys(version) -> tuple[set[str], str]:
 
 # --- BM25 over the stored tsvectors ----------------------------------------------
 
-BM25_K1 = 1.2
-BM25_B = 0.75
-_LEXEME = re.compile(r"'((?:[^']|'')*)':([0-9A-D,]+)")
+@dataclass
+class BM25Matrices:
+    """A dataset's BM25 (training.bm25) as sparse matrices, rows in document id order; built once per evaluation."""
+
+    query_weights: Any  # CSR: each document's lexemes as a query, with their query weights
+    term_weights: Any  # CSC: each document's BM25 weight of each lexeme (idf times the saturated tf)
+    presence: Any  # CSC: 1 where a document holds a lexeme
+    frequencies: np.ndarray  # documents holding each lexeme
+    vocabulary: list[str]
+    candidate_cap: int
+
+    def scores(self, row: int) -> np.ndarray:
+        """Every document's BM25 score with document `row` as the query; 0 outside its candidates.
+
+        Candidates: the documents holding bm25.candidate_lexemes() of the query, as search scores them.
+        """
+        start, stop = self.query_weights.indptr[row], self.query_weights.indptr[row + 1]
+        terms, weights = self.query_weights.indices[start:stop], self.query_weights.data[start:stop]
+        if not len(terms):
+            return np.zeros(self.term_weights.shape[0], dtype=np.float32)
+        scores = np.asarray(self.term_weights[:, terms] @ weights).ravel()
+        frequency = {self.vocabulary[t]: int(self.frequencies[t]) for t in terms}
+        index = {self.vocabulary[t]: t for t in terms}
+        chosen = [index[lexeme] for lexeme in bm25.candidate_lexemes(frequency, self.candidate_cap)]
+        candidates = np.asarray(self.presence[:, chosen].sum(axis=1)).ravel() > 0
+        return np.where(candidates, scores, 0.0)
 
 
-def _term_counts(tsvector_text: str) -> dict[str, int]:
-    """Lexeme -> occurrences from a tsvector's text form ('word':1,5A 'other':3B)."""
-    return {m.group(1).replace("''", "'"): m.group(2).count(",") + 1 for m in _LEXEME.finditer(tsvector_text or "")}
-
-
-def bm25_matrices(dataset: Dataset):
-    """Built once, passed as `matrices` to rank several query sets: (term counts per document as CSR, BM25 term weights per document as CSC), rows in id order."""
+def bm25_matrices(dataset: Dataset, *, candidate_cap: int | None = None) -> BM25Matrices:
+    """Built once, passed as `matrices` to rank several query sets (training.bm25's formula and candidates)."""
+    from django.conf import settings
     from scipy import sparse
 
-    rows = Document.objects.filter(dataset=dataset).order_by("id").values_list("id", "search_vector")
+    rows = Document.objects.filter(dataset=dataset).order_by("id").values_list("search_vector", flat=True)
     vocabulary: dict[str, int] = {}
-    data, indices, indptr, lengths = [], [], [0], []
-    for _, vector in rows.iterator(chunk_size=5000):
-        counts = _term_counts(str(vector) if vector is not None else "")
-        for term, count in counts.items():
-            indices.append(vocabulary.setdefault(term, len(vocabulary)))
-            data.append(count)
+    tf_data, query_data, indices, indptr = [], [], [], [0]
+    for vector in rows.iterator(chunk_size=5000):
+        for lexeme, (title, other) in bm25.field_counts(str(vector) if vector is not None else "").items():
+            indices.append(vocabulary.setdefault(lexeme, len(vocabulary)))
+            tf_data.append(bm25.document_tf(title, other))
+            query_data.append(bm25.query_weight(title))
         indptr.append(len(indices))
-        lengths.append(sum(counts.values()))
-    tf = sparse.csr_matrix((np.asarray(data, dtype=np.float32), indices, indptr), shape=(len(lengths), len(vocabulary)))
-    n_docs = tf.shape[0]
-    df = np.bincount(tf.indices, minlength=tf.shape[1])
-    idf = np.log(1 + (n_docs - df + 0.5) / (df + 0.5)).astype(np.float32)
-    lengths_arr = np.asarray(lengths, dtype=np.float32)
-    norm = BM25_K1 * (1 - BM25_B + BM25_B * lengths_arr / max(lengths_arr.mean(), 1e-6))
-    weighted = tf.tocoo()
-    scores_data = weighted.data * (BM25_K1 + 1) / (weighted.data + norm[weighted.row])
-    term_weights = sparse.csr_matrix((scores_data * idf[weighted.col], (weighted.row, weighted.col)), shape=tf.shape)
-    return tf, term_weights.tocsc()
+    shape = (len(indptr) - 1, len(vocabulary))
+    tf = sparse.csr_matrix((np.asarray(tf_data, dtype=np.float32), indices, indptr), shape=shape)
+    query_weights = sparse.csr_matrix((np.asarray(query_data, dtype=np.float32), indices, indptr), shape=shape)
+    frequencies = np.bincount(tf.indices, minlength=shape[1])
+    idf = np.asarray([bm25.idf(shape[0], int(f)) for f in frequencies], dtype=np.float32)
+    lengths = np.asarray(tf.sum(axis=1), dtype=np.float32).ravel()
+    norm = bm25.K1 * (1 - bm25.B + bm25.B * lengths / max(lengths.mean() if len(lengths) else 0.0, 1e-6))
+    coo = tf.tocoo()
+    weighted = coo.data * (bm25.K1 + 1) / (coo.data + norm[coo.row]) * idf[coo.col]
+    term_weights = sparse.csr_matrix((weighted, (coo.row, coo.col)), shape=shape).tocsc()
+    presence = sparse.csr_matrix((np.ones(len(indices), dtype=np.float32), indices, indptr), shape=shape).tocsc()
+    return BM25Matrices(
+        query_weights=query_weights, term_weights=term_weights, presence=presence, frequencies=frequencies,
+        vocabulary=list(vocabulary), candidate_cap=candidate_cap or settings.BM25_CANDIDATES,
+    )
 
 
 def bm25_rankings(
     *, dataset: Dataset, eval_set: EvalSet, queries: Iterable[int] | None = None, limit: int = RANK_DEPTH,
-    matrices=None,
+    matrices: BM25Matrices | None = None,
 ) -> dict[int, list[int]]:
-    """Okapi BM25 (k1 1.2, b 0.75) with PostgreSQL's own stemming and stop words.
+    """The keyword side of query-by-ticket search (training.bm25: BM25, title weighted), query removed.
 
-    Term counts come from the documents' stored tsvectors (title and body), so
-    the keyword baseline tokenizes exactly like the product's full-text index;
-    the query is the query document's own lexemes. This is the BM25-class
-    system ../shared/DATA.md's keyword figure uses, which ts_rank over an OR of
-    a whole ticket's lexemes is not.
+    Term counts come from the documents' stored tsvectors (title A, body B),
+    so it tokenizes exactly like the product's full-text index; the query is
+    the query document's own lexemes. search.ticket_keyword serves the same
+    ranking on the similar-tickets page.
     """
-    position = eval_set.position
-    tf, term_weights = matrices or bm25_matrices(dataset)
-    n_docs = tf.shape[0]
-    doc_ids = np.asarray(eval_set.doc_ids)
-    out: dict[int, list[int]] = {}
-    for query in queries if queries is not None else eval_set.queries:
-        row = position[query]
-        terms = tf.indices[tf.indptr[row] : tf.indptr[row + 1]]
-        scores = np.asarray(term_weights[:, terms].sum(axis=1)).ravel()
-        top = np.argpartition(-scores, kth=min(limit + 1, n_docs - 1))[: limit + 1]
-        best = top[np.argsort(-scores[top], kind="stable")]
-        out[query] = [int(doc_ids[i]) for i in best if scores[i] > 0]
-    return out
+    return {q: [doc for doc, _ in ranked] for q, ranked in bm25_scored_rankings(
+        dataset=dataset, eval_set=eval_set, queries=queries, limit=limit, matrices=matrices).items()}
 
 
 def bm25_scored_rankings(
     *, dataset: Dataset, eval_set: EvalSet, queries: Iterable[int] | None = None, limit: int = RANK_DEPTH,
-    matrices=None,
+    matrices: BM25Matrices | None = None,
 ) -> dict[int, list[tuple[int, float]]]:
-    """bm25_rankings() with the BM25 scores (query removed), for score fusion in search tuning.
+    """bm25_rankings() with the BM25 scores, for score fusion (search tuning, the run's `served` row).
 
-    The same Okapi BM25 over the stored tsvectors (shared bm25_matrices).
-    ts_rank_cd over an OR of a whole ticket's lexemes
-    scored nDCG@10 0.008 on the Hadoop validation queries at 2.6 s a query;
-    this takes seconds for all of them.
+    ts_rank_cd over an OR of a whole ticket's lexemes scored nDCG@10 0.008
+    on the Hadoop validation queries at 2.6 s a query; this takes seconds
+    for all of them.
     """
     position = eval_set.position
-    tf, term_weights = matrices or bm25_matrices(dataset)
-    n_docs = tf.shape[0]
+    matrices = matrices or bm25_matrices(dataset)
+    n_docs = matrices.term_weights.shape[0]
     doc_ids = np.asarray(eval_set.doc_ids)
     out: dict[int, list[tuple[int, float]]] = {}
     for query in queries if queries is not None else eval_set.queries:
         row = position[query]
-        terms = tf.indices[tf.indptr[row] : tf.indptr[row + 1]]
-        scores = np.asarray(term_weights[:, terms].sum(axis=1)).ravel()
+        scores = matrices.scores(row)
         scores[row] = 0.0  # the query itself
-        top = np.argpartition(-scores, kth=min(limit, n_docs - 1))[: limit + 1]
-        best = top[np.argsort(-scores[top], kind="stable")]
+        top = np.sort(np.argpartition(-scores, kth=min(limit, n_docs - 1))[: limit + 1])
+        best = top[np.argsort(-scores[top], kind="stable")]  # equal scores in id order, as search's SQL
         out[query] = [(int(doc_ids[i]), float(scores[i])) for i in best if scores[i] > 0][:limit]
     return out
 

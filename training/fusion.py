@@ -62,6 +62,15 @@ def weighted_score_fusion(
     return sorted(fused.items(), key=lambda kv: (-kv[1], order[kv[0]]))
 
 
+def fuse_scored(
+    keyword: Sequence[tuple[Hashable, float]], vector: Sequence[tuple[Hashable, float]], *, fusion: dict
+) -> list[tuple[Hashable, float]]:
+    """Two scored rankings fused as `fusion` says ({"method": "rrf", "rrf_k"} or {"method": "weighted", "alpha"})."""
+    if fusion["method"] == "rrf":
+        return reciprocal_rank_fusion([[d for d, _ in keyword], [d for d, _ in vector]], k=fusion["rrf_k"])
+    return weighted_score_fusion(keyword, vector, alpha=fusion["alpha"])
+
+
 # --- The fusions an index may serve, and how one is chosen ------------------------------
 
 # Tried on the tuning queries, RRF k=60 first so it wins ties. The run's held-out

@@ -1,6 +1,6 @@
 """The proof of a training run: held-out evaluation before and after, and validation data.
 
-Tickets: systems on the TEST split of ../shared/DATA.md: keyword (BM25), the
+Tickets: systems on the TEST split of ../shared/DATA.md: keyword (BM25, summary weighted: training.bm25), the
 base model, the fine-tuned model, plain hybrid (RRF k=60) with each model, and
 `served` (the fusion the model's index will serve, tuned on validation
 clusters the model never trained on). The fine-tuned model's corpus vectors are

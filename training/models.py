@@ -40,6 +40,10 @@ class Dataset(models.Model):
     # Where tickets open in Jira ({base}/browse/{key}), set by hand; a Jira connection's address wins
     # (training.datasets.jira_base_url). Validated as an http(s) address.
     jira_base_url = models.URLField(max_length=500, blank=True)
+    # BM25 statistics of the keyword side of similar tickets (training.bm25), refreshed by every import with
+    # the documents' lexeme frequencies (LexemeFrequency): documents, and their mean title-weighted length.
+    bm25_documents = models.IntegerField(default=0, editable=False)
+    bm25_average_length = models.FloatField(default=0.0, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -87,6 +91,21 @@ class Document(models.Model):
         """The text that is embedded: title, newline, body (as in shared/DATA.md)."""
         return ticket_text(self.title, self.body)
 
+
+
+class LexemeFrequency(models.Model):
+    """How many of a dataset's documents hold a lexeme: BM25's document frequency (training.bm25).
+
+    Rewritten by every import (training.bm25.refresh_statistics) from the
+    documents' tsvectors; read by the keyword side of similar tickets.
+    """
+
+    dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="lexeme_frequencies")
+    lexeme = models.TextField()
+    documents = models.IntegerField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["dataset", "lexeme"], name="lexeme_frequency_unique")]
 
 class DatasetVersion(models.Model):
     """One successful upload into a dataset: what it added, changed and rejected."""

@@ -11,7 +11,7 @@ from typing import Callable
 from django.db import connection
 from django.db.models import Max
 
-from training import importers
+from training import bm25, importers
 from training.errors import ServiceError
 from training.models import Dataset, DatasetVersion
 
@@ -118,6 +118,8 @@ def store_version(
                 params,
             )
         cursor.execute(f"DROP TABLE {STAGE_TABLE}")
+    if added or changed:
+        bm25.refresh_statistics(dataset_id=dataset.pk)
     summary = report.as_dict()
     summary.update(version=number, added=added, changed=changed, unchanged=unchanged)
     version = DatasetVersion.objects.create(

@@ -126,5 +126,5 @@ def test_bm25_ranks_the_duplicate_of_a_ticket_first(user):
     eval_set = ev.ticket_eval_set(dataset=ds, split="test" if ev.ticket_eval_set(dataset=ds).queries else "train")
     rankings = ev.bm25_rankings(dataset=ds, eval_set=eval_set)
     ids = {d.external_key: d.pk for d in ds.documents.all()}
-    assert rankings[ids["A-1"]][:2] == [ids["A-1"], ids["B-1"]]
+    assert rankings[ids["A-1"]][0] == ids["B-1"]  # the query itself is left out, as search leaves it out
     assert ids["D-1"] not in rankings[ids["A-1"]]  # no shared lexeme, no score
