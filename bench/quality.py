@@ -8,7 +8,10 @@ index tunes its fusion on validation clusters the model never trained on
 (search.tuning.tune_fusion) and search.tuning.evaluate_search replays every
 TEST query through that fusion. Prints one JSON line per system (keyword =
 BM25, base, fine_tuned, hybrid_* = plain RRF k=60, served) with recall@10,
-mrr@10 and ndcg@10, one line with the tuning split, then the summary.
+mrr@10 and ndcg@10, one line with the tuning split, then the summary; then
+`similar_page`: every TEST ticket through the similar-tickets page's own
+path (search.hybrid.similar_documents: HNSW and the SQL keyword side), which
+must score within 0.005 of `served`, with its latency.
 Targets: fine-tuned beats base; served >= the better of its two halves
 (BM25, fine-tuned); served >= 0.62 nDCG@10 on the whole shared Hadoop file.
 `--kind qa` takes a FAQ instead and prints the Q&A run's held-out table
@@ -58,7 +61,7 @@ def run(argv: list[str]) -> dict:
     if args.kind == "qa":
         return _qa_summary(run_row, dataset, started)
     systems = dict(run_row.evaluation["systems"])
-    served, fusion = _served_by_search(run_row)
+    served, fusion, similar = _served_by_search(run_row)
     systems["served"] = served
     for name, values in systems.items():
         emit({"system": name, "recall@10": values["recall@10"], "mrr@10": values["mrr@10"],
@@ -82,15 +85,21 @@ def run(argv: list[str]) -> dict:
         "fine_tuned_minus_base_ndcg@10": round(systems["fine_tuned"]["ndcg@10"] - systems["base"]["ndcg@10"], 4),
         "hybrid_minus_keyword_ndcg@10": round(systems["hybrid_fine_tuned"]["ndcg@10"] - systems["keyword"]["ndcg@10"], 4),
         "served_minus_best_half_ndcg@10": round(served["ndcg@10"] - best_half, 4),
+        # The similar-tickets page itself (HNSW and the SQL keyword side) on every TEST ticket.
+        "similar_page_ndcg@10": similar["ndcg@10"],
+        "similar_page_minus_served_ndcg@10": round(similar["ndcg@10"] - served["ndcg@10"], 4),
+        "similar_page_p50_ms": similar["p50_ms"],
+        "similar_page_p95_ms": similar["p95_ms"],
         **_run_figures(run_row, started),
     }
-    targets = {"fine_tuned_minus_base_ndcg@10": "> 0", "served_minus_best_half_ndcg@10": ">= 0"}
+    targets = {"fine_tuned_minus_base_ndcg@10": "> 0", "served_minus_best_half_ndcg@10": ">= 0",
+               "similar_page_minus_served_ndcg@10": ">= -0.005"}
     if args.data == DEFAULT_DATA and not args.limit:
         targets["served_ndcg@10"] = ">= 0.62"  # issue #15's target on the shared Hadoop file
     return summary("quality", figures, targets)
 
 
-def _served_by_search(run_row) -> tuple[dict, dict]:
+def _served_by_search(run_row) -> tuple[dict, dict, dict]:
     """What the product serves from this run's model: its index built, tuned and evaluated by search itself.
 
     The run registered its version (its evaluation vectors became the
@@ -110,7 +119,30 @@ def _served_by_search(run_row) -> tuple[dict, dict]:
         raise SystemExit(f"index build {index.status}: {index.error}")
     fusion = tuning.tune_fusion(index=index)
     report = tuning.evaluate_search(index=index, max_queries=None)
-    return report["systems"]["served"], fusion
+    return report["systems"]["served"], fusion, _similar_page(index)
+
+
+def _similar_page(index) -> dict:
+    """Every TEST ticket through search.hybrid.similar_documents (what its page shows): metrics and latency."""
+    import numpy as np
+
+    from search import hybrid
+    from training import evaluation
+    from training.models import Document
+
+    eval_set = evaluation.ticket_eval_set(dataset=index.dataset, split="test")
+    documents = Document.objects.select_related("dataset").in_bulk(eval_set.queries)
+    rankings, seconds = {}, []
+    for query in eval_set.queries:
+        started = time.perf_counter()
+        hits = hybrid.similar_documents(index=index, document=documents[query], k=10)
+        seconds.append(time.perf_counter() - started)
+        rankings[query] = [hit.document.pk for hit in hits]
+    metrics = evaluation.evaluate(rankings, eval_set).summary()
+    emit({"system": "similar_page", "recall@10": metrics["recall@10"], "mrr@10": metrics["mrr@10"],
+          "ndcg@10": metrics["ndcg@10"], "queries": metrics["queries"]})
+    ms = np.asarray(seconds) * 1000
+    return {**metrics, "p50_ms": round(float(np.percentile(ms, 50)), 1), "p95_ms": round(float(np.percentile(ms, 95)), 1)}
 
 
 def _qa_summary(run_row, dataset, started: float) -> dict:
