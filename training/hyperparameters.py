@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from embedportal.errors import ServiceError
+from training.pairs import DUPLICATE_ANCHORS
 
 LOSSES = ("auto", "mnrl", "mnrl_symmetric", "cached_mnrl", "triplet", "contrastive", "online_contrastive", "cosine")
 LOSS_LABELS = {
@@ -66,6 +67,10 @@ class Hyperparameters:
     weak_positives: str = ""
     # Turn pairs into (anchor, positive, negative) triplets mined with the base model.
     hard_negatives: bool = False
+    # Tickets: the anchor of a duplicate pair. "title": a ticket's summary -> its duplicate's text (a typed
+    # query); "both": one direction of each duplicate pair is summary -> text, the other text -> text (a
+    # ticket as the query, as similar tickets and the held-out protocol ask).
+    duplicate_anchor: str = "title"
     # Devices (processes) to train on: more than 1 runs the same fine-tuning under torchrun (DDP), each device
     # taking batch_size examples per step. None: every GPU the worker has, 1 on CPU. Capped at the worker by
     # what it has (GPUs, or EMBEDPORTAL_MAX_CPU_PROCESSES on CPU): training.distributed.devices_for.
@@ -179,7 +184,8 @@ def parse(raw: dict | None) -> Hyperparameters:
             errors["loss"] = f"must be one of {', '.join(LOSSES)}, got {loss!r}"
         else:
             values["loss"] = loss
-    for name, allowed in (("strategy", STRATEGY_NAMES), ("weak_positives", WEAK_POSITIVES)):
+    for name, allowed in (("strategy", STRATEGY_NAMES), ("weak_positives", WEAK_POSITIVES),
+                          ("duplicate_anchor", DUPLICATE_ANCHORS)):
         value = raw.get(name)
         if value in (None, ""):
             continue

@@ -43,6 +43,8 @@ STRATEGIES = {
 }
 DEFAULT_STRATEGY = {"tickets": "tickets", "qa": "qa", "pairs": "pairs", "triplets": "triplets", "labelled": "labels"}
 WEAK_POSITIVES = ("", "component", "issue_type")
+# The anchor of a ticket duplicate pair (training.hyperparameters.Hyperparameters.duplicate_anchor).
+DUPLICATE_ANCHORS = ("title", "both")
 
 
 @dataclass(frozen=True)
@@ -230,6 +232,7 @@ def build_pairs(
     weak_per_ticket: int = 1,
     include_paraphrases: bool = True,
     hard_negatives: HardNegatives | None = None,
+    duplicate_anchor: str = "title",
 ) -> PairSet:
     """Training examples of a dataset (or of given tickets/examples) with one strategy.
 
@@ -238,7 +241,9 @@ def build_pairs(
     split is never used. Duplicate/link pairs are kept before weaker ones when
     max_pairs cuts the list. With hard_negatives, pairs become (anchor,
     positive, negative) triplets mined with that model (pairs for which no
-    negative passes the margin are dropped and counted).
+    negative passes the margin are dropped and counted). duplicate_anchor
+    "both" makes one direction of each ticket duplicate pair text -> text
+    (see Hyperparameters.duplicate_anchor).
     """
     if dataset is not None:
         from training.datasets import dataset_examples, dataset_tickets
@@ -253,9 +258,11 @@ def build_pairs(
     if strategy == "tickets":
         if weak_positives not in WEAK_POSITIVES:
             raise ValueError(f"weak_positives: {weak_positives!r} is not one of component, issue_type.")
+        if duplicate_anchor not in DUPLICATE_ANCHORS:
+            raise ValueError(f"duplicate_anchor: {duplicate_anchor!r} is not one of {', '.join(DUPLICATE_ANCHORS)}.")
         result = _ticket_pairs(list(tickets or []), seed=seed, link_types=link_types,
                                include_self_pairs=include_self_pairs, weak_positives=weak_positives,
-                               weak_per_ticket=weak_per_ticket)
+                               weak_per_ticket=weak_per_ticket, duplicate_anchor=duplicate_anchor)
     elif strategy == "qa":
         result = _qa_pairs(list(examples or []), seed=seed, include_paraphrases=include_paraphrases)
     elif strategy == "labels":
@@ -283,7 +290,8 @@ def preview_pairs(*, dataset, strategy: str = "", sample: int = 10, seed: int = 
     return pair_set.as_dict(sample=sample, seed=seed)
 
 
-def _ticket_pairs(tickets, *, seed, link_types, include_self_pairs, weak_positives, weak_per_ticket) -> PairSet:
+def _ticket_pairs(tickets, *, seed, link_types, include_self_pairs, weak_positives, weak_per_ticket,
+                  duplicate_anchor="title") -> PairSet:
     by_key = {t.key: t for t in tickets}
     clusters = duplicate_clusters(tickets)
     split_of: dict[str, str] = {}
@@ -311,7 +319,10 @@ def _ticket_pairs(tickets, *, seed, link_types, include_self_pairs, weak_positiv
         for a in cluster:
             for b in cluster:
                 if a != b:
-                    add(where, "duplicate", (by_key[a].title, by_key[b].text[:MAX_PAIR_TEXT_CHARS]))
+                    # "both": the pair's second direction asks with the whole ticket (text -> text).
+                    whole = duplicate_anchor == "both" and a > b
+                    anchor = by_key[a].text[:MAX_PAIR_TEXT_CHARS] if whole else by_key[a].title
+                    add(where, "duplicate", (anchor, by_key[b].text[:MAX_PAIR_TEXT_CHARS]))
     # Other link types: both ends outside TEST (and in the same split), so no text crosses.
     extra_types = {t.lower() for t in link_types} - {DUPLICATE_LINK}
     linked: set[str] = set()

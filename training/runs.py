@@ -168,7 +168,7 @@ def build_training_data(*, run: TrainingRun, hyper: Hyperparameters, log: Callab
     from training.heldout import validation_from_pairs
 
     options = {"dataset": run.dataset, "strategy": hyper.strategy, "seed": hyper.seed,
-               "weak_positives": hyper.weak_positives}
+               "weak_positives": hyper.weak_positives, "duplicate_anchor": hyper.duplicate_anchor}
     cap = hyper.max_pairs
     if cap is None and (hyper.strategy or pairs.DEFAULT_STRATEGY.get(run.dataset.kind)) == "tickets":
         counts = pairs.build_pairs(**options).counts

@@ -101,6 +101,35 @@ def test_build_pairs_is_deterministic_given_a_seed(hadoop_issues):
     assert a.train != c.train
 
 
+def test_duplicate_anchor_both_asks_one_direction_with_the_whole_ticket(hadoop_issues):
+    tickets = _tickets_from_export(hadoop_issues)
+    by_key = {t.key: t for t in tickets}
+    title = build_pairs(tickets=tickets, strategy="tickets", include_self_pairs=False, seed=42)
+    both = build_pairs(tickets=tickets, strategy="tickets", include_self_pairs=False, seed=42, duplicate_anchor="both")
+    # Same pairs, same split: only the anchors of one direction change, to the anchor ticket's whole text.
+    assert (both.counts, both.split, both.trained_keys) == (title.counts, title.split, title.trained_keys)
+    assert sorted(p for _, p in both.train) == sorted(p for _, p in title.train)
+    texts = {t.text[:2000]: t for t in tickets}
+    whole = [a for a, _ in both.train if a in texts and a not in {t.title for t in tickets}]
+    # One direction of each pair (half of them); a ticket without a description has its title as its text.
+    assert 0.45 * len(both.train) < len(whole) <= len(both.train) // 2
+    test_keys = {k for c in _clusters(tickets) if ticket_cluster_split(c, seed=42) == "test" for k in c}
+    assert not {texts[a].key for a in whole} & test_keys  # no TEST ticket's text becomes an anchor
+    assert all(by_key[texts[a].key].text[:2000] == a for a in whole)
+    with pytest.raises(ValueError, match="duplicate_anchor"):
+        build_pairs(tickets=tickets[:10], strategy="tickets", duplicate_anchor="body")
+
+
+def test_duplicate_anchor_is_parsed_with_a_clear_error():
+    from training.hyperparameters import HyperparameterError, parse
+
+    assert parse({"duplicate_anchor": "both"}).duplicate_anchor == "both"
+    assert parse({}).duplicate_anchor == "title"
+    with pytest.raises(HyperparameterError) as exc:
+        parse({"duplicate_anchor": "summary"})
+    assert exc.value.errors == {"duplicate_anchor": "must be one of title, both, got 'summary'"}
+
+
 def test_other_link_types_and_weak_positives_are_selectable():
     tickets = [
         Ticket("A-1", "Disk full", "x" * 40, (("reference", "A-2"),), "Bug", ("datanode",)),

@@ -39,8 +39,8 @@ def test_start_run_rejects_out_of_range_hyperparameters(api, dataset):
         "batch_size": "must be between 2 and 4096, got 1",
         "learning_rate": "must be a number, got 'fast'",
         "epochs": "must be a whole number, got 2.5",
-        "colour": "unknown hyperparameter; allowed: batch_size, checkpoint_steps, devices, early_stopping_patience, epochs, "
-                  "evaluate, gradient_accumulation_steps, hard_negatives, keep_checkpoints, learning_rate, loss, "
+        "colour": "unknown hyperparameter; allowed: batch_size, checkpoint_steps, devices, duplicate_anchor, "
+                  "early_stopping_patience, epochs, evaluate, gradient_accumulation_steps, hard_negatives, keep_checkpoints, learning_rate, loss, "
                   "matryoshka_dims, max_pairs, max_seq_length, max_steps, no_duplicates, seed, strategy, "
                   "triplet_margin, warmup_ratio, weak_positives, weight_decay",
     }
@@ -74,7 +74,7 @@ def test_start_run_queues_with_defaults(api, dataset, django_capture_on_commit_c
         "weight_decay": 0.01, "max_seq_length": 256, "gradient_accumulation_steps": 1, "max_steps": 5,
         "max_pairs": None, "seed": 42, "no_duplicates": True, "early_stopping_patience": None,
         "checkpoint_steps": None, "keep_checkpoints": 2, "triplet_margin": 0.5, "matryoshka_dims": [],
-        "evaluate": True, "strategy": "", "weak_positives": "", "hard_negatives": False, "devices": None,
+        "evaluate": True, "strategy": "", "weak_positives": "", "hard_negatives": False, "duplicate_anchor": "title", "devices": None,
     }
     assert len(callbacks) == 1  # enqueued only after commit
 
