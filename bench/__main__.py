@@ -23,6 +23,7 @@ BENCHES["cluster"] = "bench.cluster"
 BENCHES["retrain"] = "bench.retrain"
 BENCHES["hosts"] = "bench.hosts"
 BENCHES["hnsw-recall"] = "bench.hnsw_recall"
+BENCHES["keyword"] = "bench.keyword"
 
 
 def main(argv: list[str] | None = None) -> int:
