@@ -203,8 +203,9 @@ def marked_html(text: str) -> str:
 # --- A ticket as the query (similar tickets): BM25, title weighted (training.bm25) ----------------------------
 
 _TICKET_SQL = (
-    "SELECT c.id, sum(q.weight * t.tf * {k1_plus_1} / (t.tf + {k1} * (1 - {b} + {b} * c.len / %s))) AS score FROM ("
-    "SELECT d.id, d.search_vector AS sv, ({length}) AS len FROM training_document d "
+    "SELECT c.id, sum(q.weight * t.tf * {k1_plus_1}::float8 / (t.tf + {k1}::float8 * (1 - {b}::float8 + {b}::float8 * "
+    "c.len / %s::float8))) AS score FROM ("
+    "SELECT d.id, d.search_vector AS sv, d.bm25_length AS len FROM training_document d "
     "WHERE d.dataset_id = %s AND d.search_vector @@ %s::tsquery AND d.id <> %s{filters} LIMIT %s"
     ") c CROSS JOIN LATERAL (SELECT u.lexeme, {tf} AS tf FROM unnest(c.sv) u) t "
     "JOIN unnest(%s::text[], %s::float8[]) AS q(lexeme, weight) ON q.lexeme = t.lexeme "
@@ -235,8 +236,7 @@ def ticket_keyword_ranking(document: Document, limit: int, filters: SearchFilter
     weights = [terms[lexeme] * bm25.idf(dataset.bm25_documents, frequencies[lexeme]) for lexeme in lexemes]
     where, params = filters.sql()
     sql = _TICKET_SQL.format(
-        k1=bm25.K1, k1_plus_1=bm25.K1 + 1, b=bm25.B, tf=bm25.TF_SQL,
-        length=bm25.DOCUMENT_LENGTH_SQL, filters=where,
+        k1=bm25.K1, k1_plus_1=bm25.K1 + 1, b=bm25.B, tf=bm25.TF_SQL, filters=where,
     )
     with connections[db_router.search_alias()].cursor() as cursor:
         cursor.execute(sql, [

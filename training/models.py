@@ -75,6 +75,8 @@ class Document(models.Model):
     # Dataset version that added or last changed this row (daily retraining
     # picks what changed since the version it last trained on).
     changed_in_version = models.PositiveIntegerField(default=1)
+    # BM25 length (training.bm25): the search_vector's positions, a title's counted TITLE_WEIGHT times.
+    bm25_length = models.IntegerField(default=0, db_default=0, editable=False)
 
     class Meta:
         ordering = ["id"]

@@ -119,7 +119,7 @@ def store_version(
             )
         cursor.execute(f"DROP TABLE {STAGE_TABLE}")
     if added or changed:
-        bm25.refresh_statistics(dataset_id=dataset.pk)
+        bm25.refresh_statistics(dataset_id=dataset.pk, version=number)
     summary = report.as_dict()
     summary.update(version=number, added=added, changed=changed, unchanged=unchanged)
     version = DatasetVersion.objects.create(

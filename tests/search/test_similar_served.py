@@ -87,6 +87,11 @@ def test_statistics_follow_every_import(user, tmp_path):
     assert dataset.bm25_documents == 25
     stored = dict(LexemeFrequency.objects.filter(dataset=dataset).values_list("lexeme", "documents"))
     assert stored["zookeep"] == 1
+    # Every document's stored length (the changed one and the new ones recomputed) is its title-weighted count.
+    for vector, length in Document.objects.filter(dataset=dataset).values_list("search_vector", "bm25_length"):
+        assert length == sum(bm25.document_tf(t, o) for t, o in bm25.field_counts(str(vector)).values())
+    assert dataset.bm25_average_length == pytest.approx(
+        sum(Document.objects.filter(dataset=dataset).values_list("bm25_length", flat=True)) / 25)
     assert stored == {lexeme: int(f) for lexeme, f in zip(*(lambda m: (m.vocabulary, m.frequencies))(
         ev.bm25_matrices(dataset)))}
 

@@ -16,6 +16,8 @@ class Migration(migrations.Migration):
     dependencies = [("training", "0010_new_user_path")]
 
     operations = [
+        migrations.AddField(model_name="document", name="bm25_length",
+                            field=models.IntegerField(default=0, db_default=0, editable=False)),
         migrations.AddField(model_name="dataset", name="bm25_documents",
                             field=models.IntegerField(default=0, editable=False)),
         migrations.AddField(model_name="dataset", name="bm25_average_length",
