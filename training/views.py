@@ -324,12 +324,12 @@ def dataset_delete(request: HttpRequest, pk: int) -> HttpResponse:
 
 METRIC_NAMES = ("ndcg@10", "mrr@10", "recall@1", "recall@5", "recall@10", "map@100")
 SYSTEM_LABELS = {
-    "keyword": "keyword (BM25 over the full-text index)",
+    "keyword": "keyword (BM25 over the full-text index, summary weighted)",
     "base": "base model",
     "fine_tuned": "fine-tuned model",
     "hybrid_base": "plain hybrid (RRF k=60) with base model",
     "hybrid_fine_tuned": "plain hybrid (RRF k=60) with fine-tuned model",
-    "served": "served: fine-tuned model with its index's tuned fusion",
+    "served": "served: fine-tuned model with its index's tuned fusion (what similar tickets show)",
 }
 DRILLDOWN_ROWS = 30
 # The run page's log box shows the last lines (a long run logs thousands; the page stays small).
