@@ -6,9 +6,9 @@ traces. Its summary says what the ticket is about, so a lexeme from the
 title counts QUERY_TITLE_WEIGHT times in the query and a title occurrence
 counts TITLE_WEIGHT times in a document's term frequency and length (the
 simple BM25F of Robertson et al. 2004, as duplicate-report retrieval uses
-it). Measured on the Hadoop file's TRAIN clusters (chosen there, the TEST
-figure only reported, docs/benchmarks.md): plain BM25 0.4105 -> 0.4452
-nDCG@10 with both weights 2.
+it). Chosen on the Hadoop file's TRAIN clusters, the TEST figure only
+reported (`python -m bench keyword`, docs/benchmarks.md): plain BM25
+0.4101 -> 0.4443 nDCG@10 there with both weights 2.
 
 Candidates: a document is scored when it holds one of the query's rarest
 lexemes, taken in order of document frequency until their frequencies sum
@@ -17,7 +17,7 @@ by the cap, not by the dataset. The held-out evaluation applies the same
 rule with the same numbers, so the keyword and `served` rows are what the
 similar-tickets page serves. One definition of the formula and the rule,
 used by training.evaluation (matrices over every document) and
-search.ticket_keyword (SQL over one ticket's candidates).
+search.keyword.ticket_keyword_ranking (SQL over one ticket's candidates).
 """
 
 from __future__ import annotations

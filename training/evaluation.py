@@ -421,8 +421,8 @@ def bm25_rankings(
 
     Term counts come from the documents' stored tsvectors (title A, body B),
     so it tokenizes exactly like the product's full-text index; the query is
-    the query document's own lexemes. search.ticket_keyword serves the same
-    ranking on the similar-tickets page.
+    the query document's own lexemes. search.keyword.ticket_keyword_ranking
+    serves the same ranking on the similar-tickets page.
     """
     return {q: [doc for doc, _ in ranked] for q, ranked in bm25_scored_rankings(
         dataset=dataset, eval_set=eval_set, queries=queries, limit=limit, matrices=matrices).items()}
