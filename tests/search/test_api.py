@@ -228,6 +228,19 @@ def test_similar_page_lists_neighbours(web, index):
     assert html.count('class="result"') == 4
 
 
+def test_similar_tickets_are_owner_scoped_with_one_answer(api, web, index, other_user):
+    doc = Document.objects.get(dataset=index.dataset, external_key="HDFS-2")
+    assert api.get(f"/api/indexes/{index.pk}/similar/", {"key": "HDFS-2"}).status_code == 200
+    other = APIClient()
+    other.force_authenticate(other_user)
+    missing = other.get("/api/indexes/999999/similar/", {"key": "HDFS-2"})
+    not_yours = other.get(f"/api/indexes/{index.pk}/similar/", {"key": "HDFS-2"})
+    assert (missing.status_code, not_yours.status_code) == (404, 404)
+    assert missing.json() == not_yours.json()
+    web.force_login(other_user)
+    assert web.get(f"/search/similar/{index.pk}/{doc.pk}").status_code == 404
+
+
 @pytest.mark.parametrize("n", [1, 3])
 def test_duplicates_page_query_count_is_flat(web, index, n, django_assert_num_queries):
     _pairs(index, n)
