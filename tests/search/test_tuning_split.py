@@ -66,7 +66,7 @@ def test_tuning_queries_never_come_from_trained_clusters(web, user, slice_datase
         k: fusion[k] for k in ("method", "rrf_k", "alpha") if k in fusion}
     # And the run page shows the served row and what it was tuned on
     html = web.get(f"/runs/{run.pk}/").content.decode()
-    assert "<td>served: fine-tuned model with its index&#x27;s tuned fusion</td>" in html
+    assert "<td>served: fine-tuned model with its index&#x27;s tuned fusion (what similar tickets show)</td>" in html
     assert f"on {fusion['queries']} queries of the validation: TRAIN duplicate clusters none of" in html
     assert ", ".join(fusion["query_keys"]) in html
 
