@@ -66,7 +66,8 @@ def run(argv: list[str]) -> dict:
     for name, values in systems.items():
         emit({"system": name, "recall@10": values["recall@10"], "mrr@10": values["mrr@10"],
               "ndcg@10": values["ndcg@10"], "queries": values["queries"]})
-    emit({"tuning": {k: fusion.get(k) for k in ("method", "rrf_k", "alpha", "split", "trained_on", "queries")},
+    emit({"tuning": {k: fusion.get(k) for k in ("method", "rrf_k", "alpha", "prior", "learned_prior", "split",
+                                                "trained_on", "queries")},
           "tuning_query_keys": fusion.get("query_keys", [])[:20], "candidates": fusion.get("systems")})
     best_half = max(systems["fine_tuned"]["ndcg@10"], systems["keyword"]["ndcg@10"])
     figures = {
@@ -119,7 +120,18 @@ def _served_by_search(run_row) -> tuple[dict, dict, dict]:
         raise SystemExit(f"index build {index.status}: {index.error}")
     fusion = tuning.tune_fusion(index=index)
     report = tuning.evaluate_search(index=index, max_queries=None)
-    return report["systems"]["served"], fusion, _similar_page(index)
+    served = report["systems"]["served"]
+    if fusion.get("prior"):
+        # The same tuning without the ticket prior (the best plain fusion on the same tuning queries), for comparison.
+        from training.fusion import FUSION_CANDIDATES, TUNING_METRIC, fusion_name
+
+        plain = max(FUSION_CANDIDATES, key=lambda f: fusion["systems"][fusion_name(f)][TUNING_METRIC])
+        index.fusion = {**plain, "tuned": True}
+        without = tuning.evaluate_search(index=index, max_queries=None)["systems"]["served"]
+        emit({"system": "served_without_prior", "fusion": fusion_name(plain), "recall@10": without["recall@10"],
+              "mrr@10": without["mrr@10"], "ndcg@10": without["ndcg@10"], "queries": without["queries"]})
+        index.refresh_from_db()
+    return served, fusion, _similar_page(index)
 
 
 def _similar_page(index) -> dict:

@@ -25,6 +25,7 @@ from search.keyword import key_document, keyword_ranking, marked_html, snippet_a
 from search.models import Embedding, SearchIndex
 from search.vectors import vector_cast
 from training.evaluation import RANK_DEPTH
+from training import priors as ticket_priors
 from training.fusion import DEFAULT_ALPHA, RRF_K, fuse_scored
 from training.models import Document
 
@@ -57,6 +58,8 @@ class Hit:
     vector_similarity: float | None = None
     identifier_match: bool = False
     snippet_html: str = ""
+    # Similar tickets with the index's ticket prior: its score and reasons (_prior_reasons).
+    prior: dict[str, Any] | None = None
 
 
 @dataclass
@@ -84,8 +87,13 @@ class SearchResponse:
 def resolve_fusion(
     *, index: SearchIndex, method: str | None = None, alpha: float | None = None, rrf_k: int | None = None
 ) -> dict[str, Any]:
-    """The fusion a query uses: explicit arguments over the index's tuned default over RRF k=60."""
+    """The fusion a query uses: explicit arguments over the index's tuned default over RRF k=60.
+
+    The index's learned ticket prior (training.priors) comes along unless a
+    method is given; it applies only where the query is a ticket (similar tickets).
+    """
     default = index.fusion or {}
+    prior = default.get("prior") if method is None and ticket_priors.is_active(default.get("prior")) else None
     method = method or default.get("method") or "rrf"
     if method not in FUSION_METHODS:
         raise SearchError(f"fusion: must be one of {', '.join(FUSION_METHODS)}, got {method!r}.")
@@ -97,9 +105,10 @@ def resolve_fusion(
         raise SearchError(f"alpha: must be between 0 and 1, got {alpha}.")
     if not RRF_K_RANGE[0] <= rrf_k <= RRF_K_RANGE[1]:
         raise SearchError(f"rrf_k: must be between {RRF_K_RANGE[0]} and {RRF_K_RANGE[1]}, got {rrf_k}.")
-    if method == "rrf":
-        return {"method": "rrf", "rrf_k": rrf_k}
-    return {"method": "weighted", "alpha": round(alpha, 4)}
+    chosen = {"method": "rrf", "rrf_k": rrf_k} if method == "rrf" else {"method": "weighted", "alpha": round(alpha, 4)}
+    if prior is not None:
+        chosen["prior"] = {name: float(prior.get(name, 0.0)) for name in ticket_priors.FEATURES}
+    return chosen
 
 
 @db_router.search_reads()  # its reads may go to the read replica (DATABASE_REPLICA_URL)
@@ -141,6 +150,7 @@ def hybrid_search(
             f"({index.embedded_count}/{index.total_count} documents embedded). Use mode=keyword meanwhile."
         )
     fusion_used = resolve_fusion(index=index, method=fusion, alpha=alpha, rrf_k=rrf_k) if mode == "hybrid" else {}
+    fusion_used.pop("prior", None)  # a text query has no ticket to compare candidates with
     filters = filters or SearchFilters()
     raw = (query or "").strip()
     query = raw[:MAX_QUERY_CHARS]
@@ -387,7 +397,12 @@ def similar_documents(
     sql = _vector_sql(dims, version_id, where + f" AND e.document_id <> {int(document.pk)}", source=source)
     vector = _run_knn(sql, [index.dataset_id, *params, depth], depth)
     keyword = ticket_keyword_ranking(document, depth, filters)
-    ranked = fuse_scored(keyword, vector, fusion=resolve_fusion(index=index))[:k]
+    fusion = resolve_fusion(index=index)
+    query_facts, facts = None, {}
+    if ticket_priors.is_active(fusion.get("prior")):
+        query_facts = ticket_priors.facts(document.external_key, document.metadata)
+        facts = _candidate_facts({doc_id for doc_id, _ in keyword} | {doc_id for doc_id, _ in vector})
+    ranked = fuse_scored(keyword, vector, fusion=fusion, query_facts=query_facts, facts=facts)[:k]
     keyword_info = {doc_id: (rank, score) for rank, (doc_id, score) in enumerate(keyword, start=1)}
     vector_info = {doc_id: (rank, sim) for rank, (doc_id, sim) in enumerate(vector, start=1)}
     documents = Document.objects.in_bulk([doc_id for doc_id, _ in ranked])
@@ -398,8 +413,29 @@ def similar_documents(
             document=documents[doc_id], score=round(float(score), 6),
             keyword_rank=kw[0] if kw else None, keyword_score=round(kw[1], 6) if kw else None,
             vector_rank=vec[0] if vec else None, vector_similarity=round(vec[1], 6) if vec else None,
+            prior=_prior_reasons(query_facts, facts.get(doc_id), fusion) if query_facts is not None else None,
         ))
     return hits
+
+
+def _candidate_facts(ids: set[int]) -> dict[int, ticket_priors.Facts]:
+    """The prior's fields of the candidates (key, created, components), one query."""
+    rows = Document.objects.filter(pk__in=ids).values_list("id", "external_key", "metadata__created",
+                                                           "metadata__components")
+    return {doc_id: ticket_priors.facts(key, {"created": created, "components": components})
+            for doc_id, key, created, components in rows}
+
+
+def _prior_reasons(query: ticket_priors.Facts, doc: ticket_priors.Facts | None, fusion: dict) -> dict[str, Any]:
+    """A hit's prior and why: {"score", "days_apart", "shared_components", "same_project"} (what the page says)."""
+    doc = doc or ticket_priors.Facts()
+    days = None if query.day is None or doc.day is None else round(abs(query.day - doc.day))
+    return {
+        "score": round(ticket_priors.prior(query, doc, fusion["prior"]), 4),
+        "days_apart": days,
+        "shared_components": sorted(query.components & doc.components),
+        "same_project": bool(query.project) and query.project == doc.project,
+    }
 
 
 def serialize_hit(hit: Hit) -> dict[str, Any]:
@@ -417,5 +453,6 @@ def serialize_hit(hit: Hit) -> dict[str, Any]:
         "keyword_score": hit.keyword_score,
         "vector_similarity": hit.vector_similarity,
         "identifier_match": hit.identifier_match,
+        "prior": hit.prior,
     }
 

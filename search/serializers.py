@@ -144,6 +144,9 @@ class HitSerializer(serializers.Serializer):
     keyword_score = serializers.FloatField(allow_null=True)
     vector_similarity = serializers.FloatField(allow_null=True)
     identifier_match = serializers.BooleanField()
+    prior = serializers.DictField(
+        allow_null=True, help_text="Similar tickets under an index with a ticket prior: {score, days_apart, "
+                                   "shared_components, same_project}; null otherwise (docs/search.md)")
 
 
 class SearchResponseSerializer(serializers.Serializer):

@@ -30,10 +30,11 @@ MAX_EVALUATION_QUERIES = 5000
 _fusion_name = fusion_name  # tests and older callers
 
 
-def _scored_sides(*, index: SearchIndex, eval_set: evaluation.EvalSet, queries: list[int]):
+def _scored_sides(*, index: SearchIndex, eval_set: evaluation.EvalSet, queries: list[int], matrices=None):
     """BM25 and the index's stored vectors, scored, for the queries (DATA.md protocol, query by document)."""
     eval_set.queries = queries
-    keyword = evaluation.bm25_scored_rankings(dataset=index.dataset, eval_set=eval_set, queries=queries)
+    keyword = evaluation.bm25_scored_rankings(dataset=index.dataset, eval_set=eval_set, queries=queries,
+                                              matrices=matrices)
     embeddings = index_embeddings(eval_set=eval_set, model_version_id=index.model_version_id)
     vector = evaluation.vector_scored_rankings(embeddings=embeddings, eval_set=eval_set, queries=queries)
     return keyword, vector
@@ -63,10 +64,13 @@ def tune_fusion(*, index: SearchIndex, max_queries: int | None = TUNING_MAX_QUER
                       "RRF k=60 is used untuned.",
         }
     else:
-        keyword, vector = _scored_sides(index=index, eval_set=eval_set, queries=queries)
-        best, table = evaluation.choose_fusion(keyword, vector, eval_set=eval_set)
+        matrices = evaluation.bm25_matrices(index.dataset)
+        keyword, vector = _scored_sides(index=index, eval_set=eval_set, queries=queries, matrices=matrices)
+        learned = evaluation.learn_prior(dataset=index.dataset, matrices=matrices)
+        best, table = evaluation.choose_fusion(keyword, vector, eval_set=eval_set, prior=learned)
         fusion = {
             **best, "tuned": True, "metric": TUNING_METRIC, "split": TUNING_SPLIT, "trained_on": source,
+            "learned_prior": learned,
             "queries": len(queries), "query_keys": sorted(eval_set.keys[q] for q in queries),
             "systems": table, "seconds": round(time.perf_counter() - started, 1),
             "tuned_at": timezone.now().isoformat(timespec="seconds"),
@@ -110,7 +114,7 @@ def evaluate_search(*, index: SearchIndex, max_queries: int | None = EVALUATION_
                 "message": "This dataset has no held-out duplicate clusters, so there is nothing to evaluate on."}
     keyword, vector = _scored_sides(index=index, eval_set=eval_set, queries=queries)
     systems = evaluation.hybrid_systems(keyword, vector, fusions=[])
-    systems["served"] = evaluation.fused_rankings(keyword, vector, fusion=default)
+    systems["served"] = evaluation.fused_rankings(keyword, vector, fusion=default, eval_set=eval_set)
     table = {name: evaluation.evaluate(rankings, eval_set).summary() for name, rankings in systems.items()}
     return {
         "queries": len(queries), "fusion": default, "systems": table,

@@ -212,8 +212,9 @@ def similar_page(request: HttpRequest, index_pk: int, document_pk: int) -> HttpR
     except ServiceError as exc:
         error = str(exc)
     ticket = tickets.ticket(document=document)
+    fusion = hybrid.resolve_fusion(index=index)
     context = {"index": index, "document": document, "ticket": ticket, "hits": hits, "error": error,
-               "jira_base": ticket.jira_base, "fusion": fusion_name(hybrid.resolve_fusion(index=index))}
+               "jira_base": ticket.jira_base, "fusion": fusion_name(fusion), "has_prior": "prior" in fusion}
     return render(request, "search/similar.html", context)
 
 

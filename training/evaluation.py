@@ -17,10 +17,10 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from training import bm25
+from training import bm25, priors
 from training.corpus import MAX_EMBED_CHARS, ticket_links, ticket_text
 from training.fusion import (
-    FUSION_CANDIDATES, TUNING_METRIC, fuse_scored, fusion_name, reciprocal_rank_fusion,
+    FUSION_CANDIDATES, PRIOR_SCALES, TUNING_METRIC, fuse_scored, fusion_name, reciprocal_rank_fusion, with_prior,
 )
 from training.models import Dataset, Document
 from training.pairs import Example, Ticket, answer_group, duplicate_clusters, group_split, split_clusters
@@ -38,6 +38,8 @@ class EvalSet:
     queries: list[int]
     relevant: dict[int, set[int]]
     keys: dict[int, str] = field(default_factory=dict)
+    # Each ticket's fields for the prior (training.priors); empty for Q&A.
+    facts: dict[int, priors.Facts] = field(default_factory=dict)
 
     @property
     def position(self) -> dict[int, int]:
@@ -81,6 +83,7 @@ def ticket_eval_set(*, dataset: Dataset, split: str = "test", trained_keys: Iter
         queries=sorted(relevant),
         relevant=relevant,
         keys={doc_id: key for doc_id, key, *_ in rows},
+        facts={doc_id: priors.facts(key, metadata) for doc_id, key, _, _, metadata in rows},
     )
 
 
@@ -277,38 +280,94 @@ def hybrid_systems(
     vector: dict[int, list[tuple[int, float]]],
     *,
     fusions: Sequence[dict],
+    eval_set: EvalSet | None = None,
 ) -> dict[str, dict[int, list[int]]]:
-    """Rankings of keyword-only, vector-only and each fusion ({"method", "rrf_k"|"alpha"}), named by fusion_name."""
+    """Rankings of keyword-only, vector-only and each fusion ({"method", "rrf_k"|"alpha"[, "prior"]}), by fusion_name."""
     queries = set(keyword) | set(vector)
     systems: dict[str, dict[int, list[int]]] = {
         "keyword": {q: [d for d, _ in keyword.get(q, [])] for q in queries},
         "vector": {q: [d for d, _ in vector.get(q, [])] for q in queries},
     }
     for fusion in fusions:
-        systems[fusion_name(fusion)] = fused_rankings(keyword, vector, fusion=fusion)
+        systems[fusion_name(fusion)] = fused_rankings(keyword, vector, fusion=fusion, eval_set=eval_set)
     return systems
 
 
 def fused_rankings(
-    keyword: dict[int, list[tuple[int, float]]], vector: dict[int, list[tuple[int, float]]], *, fusion: dict
+    keyword: dict[int, list[tuple[int, float]]], vector: dict[int, list[tuple[int, float]]], *, fusion: dict,
+    eval_set: EvalSet | None = None,
 ) -> dict[int, list[int]]:
-    """Each query's two scored rankings fused the way search serves them (training.fusion.fuse_scored)."""
-    return {q: [d for d, _ in fuse_scored(keyword.get(q, []), vector.get(q, []), fusion=fusion)]
+    """Each query's two scored rankings fused the way search serves them (training.fusion.fuse_scored).
+
+    A fusion's prior uses eval_set's ticket facts (the query ticket's against each candidate's).
+    """
+    facts = eval_set.facts if eval_set is not None else {}
+    return {q: [d for d, _ in fuse_scored(keyword.get(q, []), vector.get(q, []), fusion=fusion,
+                                          query_facts=facts.get(q), facts=facts)]
             for q in set(keyword) | set(vector)}
 
 
 def choose_fusion(
     keyword: dict[int, list[tuple[int, float]]], vector: dict[int, list[tuple[int, float]]], *, eval_set: EvalSet,
-    candidates: Sequence[dict] = tuple(FUSION_CANDIDATES),
+    candidates: Sequence[dict] = tuple(FUSION_CANDIDATES), prior: dict | None = None,
 ) -> tuple[dict, dict[str, dict[str, float]]]:
     """The candidate fusion with the best TUNING_METRIC on eval_set's queries (the first wins ties), and the table.
 
-    The one rule both the run's `served` row and search.tuning.tune_fusion use.
+    With a learned `prior` (learn_prior's weights), each candidate is also
+    tried with the prior at each of PRIOR_SCALES; the plain candidates come
+    first, so a prior joins only when it scores higher. The one rule both the
+    run's `served` row and search.tuning.tune_fusion use.
     """
-    systems = hybrid_systems(keyword, vector, fusions=candidates)
+    candidates = list(candidates)
+    if priors.is_active(prior) and eval_set.facts:
+        candidates += [with_prior(f, prior, scale) for scale in PRIOR_SCALES for f in list(candidates)]
+    systems = hybrid_systems(keyword, vector, fusions=candidates, eval_set=eval_set)
     table = {name: evaluate(rankings, eval_set).summary() for name, rankings in systems.items()}
     best = max(candidates, key=lambda f: table[fusion_name(f)][TUNING_METRIC])
     return dict(best), table
+
+
+def learn_prior(*, dataset: Dataset, matrices: BM25Matrices | None = None) -> dict[str, Any] | None:
+    """The prior's weights (training.priors) that best re-rank the keyword side on the TRAIN duplicate clusters.
+
+    BM25 alone ranks up to priors.LEARNING_MAX_QUERIES TRAIN-cluster tickets
+    (no model is involved, so what the model trained on cannot leak in); each
+    weight triple of priors.weight_grid() re-orders those candidates by
+    min-max BM25 + prior, and the best by TUNING_METRIC wins (the all-zero
+    triple first). TEST clusters are never read. None without TRAIN queries.
+    Returns {"filed", "component", "project", "queries", "keyword_ndcg",
+    "with_prior_ndcg"} (nDCG@10 of the keyword side without and with the prior).
+    """
+    train = ticket_eval_set(dataset=dataset, split="train")
+    train.queries = sample_queries(train.queries, priors.LEARNING_MAX_QUERIES)
+    if not train.queries:
+        return None
+    keyword = bm25_scored_rankings(dataset=dataset, eval_set=train, matrices=matrices)
+    prepared = []
+    for query in train.queries:
+        ranked = keyword.get(query, [])
+        ids = [doc for doc, _ in ranked]
+        normalised = np.asarray(priors.min_max([score for _, score in ranked]), dtype=np.float64)
+        unknown = priors.Facts()
+        feats = np.asarray([priors.features(train.facts.get(query, unknown), train.facts.get(doc, unknown))
+                            for doc in ids], dtype=np.float64).reshape(len(ids), len(priors.FEATURES))
+        prepared.append((query, ids, normalised, feats))
+    best: tuple[float, dict[str, float]] | None = None
+    baseline = 0.0
+    for weights in priors.weight_grid():
+        vector = np.asarray([weights[name] for name in priors.FEATURES])
+        total = 0.0
+        for query, ids, normalised, feats in prepared:
+            order = np.argsort(-(normalised + feats @ vector), kind="stable")[:10]
+            total += query_metrics([ids[i] for i in order], train.relevant[query])[TUNING_METRIC]
+        score = total / len(prepared)
+        if not priors.is_active(weights):
+            baseline = score
+        if best is None or score > best[0] + 1e-12:
+            best = (score, weights)
+    assert best is not None
+    return {**best[1], "queries": len(prepared), "keyword_ndcg": round(baseline, 4),
+            "with_prior_ndcg": round(best[0], 4)}
 
 
 def trained_keys(version) -> tuple[set[str], str]:

@@ -8,7 +8,9 @@ imports search.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
+
+from training import priors as ticket_priors
 
 # k=60 is the constant of Cormack et al. (2009) and the default of
 # Elasticsearch/OpenSearch RRF.
@@ -63,12 +65,26 @@ def weighted_score_fusion(
 
 
 def fuse_scored(
-    keyword: Sequence[tuple[Hashable, float]], vector: Sequence[tuple[Hashable, float]], *, fusion: dict
+    keyword: Sequence[tuple[Hashable, float]], vector: Sequence[tuple[Hashable, float]], *, fusion: dict,
+    query_facts: ticket_priors.Facts | None = None, facts: Mapping[Hashable, ticket_priors.Facts] | None = None,
 ) -> list[tuple[Hashable, float]]:
-    """Two scored rankings fused as `fusion` says ({"method": "rrf", "rrf_k"} or {"method": "weighted", "alpha"})."""
+    """Two scored rankings fused as `fusion` says ({"method": "rrf", "rrf_k"} or {"method": "weighted", "alpha"}).
+
+    A fusion with a "prior" (training.priors weights) re-orders the fused list
+    by its min-max score plus each candidate's prior against `query_facts`
+    (the query ticket's fields; `facts` the candidates'). Without query facts
+    (a free-text query) the prior is left out.
+    """
     if fusion["method"] == "rrf":
-        return reciprocal_rank_fusion([[d for d, _ in keyword], [d for d, _ in vector]], k=fusion["rrf_k"])
-    return weighted_score_fusion(keyword, vector, alpha=fusion["alpha"])
+        fused = reciprocal_rank_fusion([[d for d, _ in keyword], [d for d, _ in vector]], k=fusion["rrf_k"])
+    else:
+        fused = weighted_score_fusion(keyword, vector, alpha=fusion["alpha"])
+    weights = fusion.get("prior")
+    if query_facts is None or not ticket_priors.is_active(weights):
+        return fused
+    unknown = ticket_priors.Facts()
+    values = [ticket_priors.prior(query_facts, (facts or {}).get(item, unknown), weights) for item, _ in fused]
+    return ticket_priors.rerank(fused, values)
 
 
 # --- The fusions an index may serve, and how one is chosen ------------------------------
@@ -88,8 +104,23 @@ TUNING_SPLIT = "validation: TRAIN duplicate clusters none of whose tickets the m
 TUNING_MAX_QUERIES = 300
 
 
+# How much of the learned prior (training.priors) joins a fusion: each scale is tried with each
+# fusion above on the tuning queries; no prior (the plain fusion) comes first and wins ties.
+PRIOR_SCALES = (0.5, 1.0, 1.5)
+
+
+def with_prior(fusion: dict, weights: Mapping[str, float], scale: float) -> dict:
+    """`fusion` plus the prior `weights` scaled by `scale` (rounded: they are shown and stored)."""
+    return {**fusion, "prior": {name: round(float(weights.get(name, 0.0)) * scale, 4)
+                                for name in ticket_priors.FEATURES}}
+
+
 def fusion_name(fusion: dict) -> str:
-    """'rrf k=60' or 'weighted alpha=0.5': a fusion's row name in tables."""
+    """'rrf k=60', 'weighted alpha=0.5' or 'weighted alpha=0.5 + prior (filed 0.8, ...)': a row name in tables."""
     if fusion["method"] == "rrf":
-        return f"rrf k={fusion['rrf_k']}"
-    return f"weighted alpha={fusion['alpha']:.1f}"
+        name = f"rrf k={fusion['rrf_k']}"
+    else:
+        name = f"weighted alpha={fusion['alpha']:.1f}"
+    if ticket_priors.is_active(fusion.get("prior")):
+        name += f" + prior ({ticket_priors.describe(fusion['prior'])})"
+    return name

@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 
 from training import evaluation as ev
+from training import priors
 from training.finetune import Validation, load_model
 from training.fusion import TUNING_MAX_QUERIES, TUNING_METRIC, TUNING_SPLIT, fusion_name
 from training.models import Dataset
@@ -125,15 +126,20 @@ class HeldOutEvaluation:
         self.log(f"tuning the fusion on {len(tuning_set.queries)} queries of untrained TRAIN clusters")
         keyword = ev.bm25_scored_rankings(dataset=self.dataset, eval_set=tuning_set, matrices=self._bm25())
         vector = ev.vector_scored_rankings(embeddings=model.embeddings, eval_set=tuning_set)
-        fusion, table = ev.choose_fusion(keyword, vector, eval_set=tuning_set)
+        learned = ev.learn_prior(dataset=self.dataset, matrices=self._bm25())
+        if learned is not None:
+            self.log(f"ticket prior learned on {learned['queries']} TRAIN-cluster queries (keyword side): "
+                     f"{priors.describe(learned)}")
+        fusion, table = ev.choose_fusion(keyword, vector, eval_set=tuning_set, prior=learned)
         test_keyword = ev.bm25_scored_rankings(dataset=self.dataset, eval_set=self.eval_set, matrices=self._bm25())
         test_vector = ev.vector_scored_rankings(embeddings=model.embeddings, eval_set=self.eval_set)
-        result = ev.evaluate(ev.fused_rankings(test_keyword, test_vector, fusion=fusion), self.eval_set)
+        result = ev.evaluate(ev.fused_rankings(test_keyword, test_vector, fusion=fusion, eval_set=self.eval_set),
+                             self.eval_set)
         return {
             "system": result.summary(),
             "fusion": {**fusion, "metric": TUNING_METRIC, "split": TUNING_SPLIT, "queries": len(tuning_set.queries),
                        "query_keys": sorted(tuning_set.keys[q] for q in tuning_set.queries),
-                       "tuning_ndcg@10": table[fusion_name(fusion)][TUNING_METRIC]},
+                       "tuning_ndcg@10": table[fusion_name(fusion)][TUNING_METRIC], "learned_prior": learned},
         }
 
     def before_systems(self, base: ModelEvaluation) -> dict[str, dict]:

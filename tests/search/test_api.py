@@ -258,3 +258,27 @@ def test_duplicate_decide_page_with_htmx_returns_row(web, index):
     assert f'<tr id="pair-{pair.pk}">' in html and ">Duplicate</span>" in html
     pair.refresh_from_db()
     assert pair.decision == "duplicate"
+
+
+def test_similar_tickets_say_why_the_ticket_prior_placed_them(api, web, index):
+    # Given an index whose tuned fusion carries a ticket prior, and HDFS-3 filed 12 days after HDFS-2
+    SearchIndex.objects.filter(pk=index.pk).update(fusion={
+        "method": "weighted", "alpha": 0.5, "tuned": True, "prior": {"filed": 1.2, "component": 0.2, "project": 0.3},
+        "learned_prior": {"filed": 1.2, "component": 0.2, "project": 0.3, "queries": 9, "keyword_ndcg": 0.5,
+                          "with_prior_ndcg": 0.6}})
+    doc = Document.objects.get(dataset=index.dataset, external_key="HDFS-3")
+    doc.metadata = {**doc.metadata, "created": "2015-05-17T00:00:00.000+0000"}
+    doc.save()
+    # When a client asks for HDFS-2's similar tickets
+    results = api.get(f"/api/indexes/{index.pk}/similar/", {"key": "HDFS-2", "k": 4}).json()["results"]
+    # Then each hit carries its prior and its reasons
+    by_key = {r["key"]: r["prior"] for r in results}
+    assert by_key["HDFS-3"] == {"score": pytest.approx(1.2 * (1 - 2.564949 / 8.202756) + 0.2 + 0.3, abs=1e-3),
+                                "days_apart": 12, "shared_components": ["datanode"], "same_project": True}
+    assert by_key["YARN-4"]["same_project"] is False and by_key["YARN-4"]["days_apart"] == 0
+    # And the ticket page says it in words, and the text search does not claim a prior it cannot use
+    html = web.get(f"/search/similar/{index.pk}/{Document.objects.get(external_key='HDFS-2').pk}").content.decode()
+    assert "ticket prior" in html and "filed 12 days apart, shares datanode, same project" in html
+    assert "+ prior (filed 1.2, component 0.2, project 0.3)" in html
+    body = api.get(f"/api/indexes/{index.pk}/search/", {"q": "datanode disk", "mode": "hybrid"}).json()
+    assert "prior" not in body["fusion"] and all(r["prior"] is None for r in body["results"])

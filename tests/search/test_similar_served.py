@@ -46,7 +46,9 @@ def _issues(count: int, start: int = 0) -> list[dict]:
         component, problem, detail = TOPICS[i % len(TOPICS)]
         title = f"{component} {problem}" + (" again" if i % 3 == 0 else "")
         body = f"{detail}. Seen on node{i % 4} with release 2.{i % 7}; namenode logs attached ({i})."
-        out.append({"key": f"HDFS-{1000 + i}", "fields": {"summary": title, "description": body}})
+        out.append({"key": f"{'HDFS' if i % 2 else 'HADOOP'}-{1000 + i}", "fields": {
+            "summary": title, "description": body, "components": [component] if i % 4 else [],
+            "created": f"{2010 + i % 5}-{1 + i % 12:02d}-{1 + i % 27:02d}T08:00:00.000+0000" if i % 6 else ""}})
     return out
 
 
@@ -132,7 +134,12 @@ def test_ticket_keyword_ranking_is_the_evaluations_bm25(user, tmp_path, settings
     assert ticket_keyword_ranking(empty, 10, SearchFilters()) == expected[empty.pk] == []
 
 
-@pytest.mark.parametrize("fusion", [None, {"method": "weighted", "alpha": 0.7}, {"method": "rrf", "rrf_k": 20}])
+PRIOR = {"filed": 1.2, "component": 0.2, "project": 0.3}
+
+
+@pytest.mark.parametrize("fusion", [None, {"method": "weighted", "alpha": 0.7}, {"method": "rrf", "rrf_k": 20},
+                                    {"method": "weighted", "alpha": 0.6, "prior": PRIOR},
+                                    {"method": "rrf", "rrf_k": 60, "prior": PRIOR}])
 def test_similar_tickets_serve_the_fusion_the_evaluation_measures(user, tmp_path, tiny_model_dir, fusion):
     dataset = _import(user, tmp_path, _issues(30))
     version = ModelVersion.objects.create(owner=user, name="tiny", version=1, base_model="tiny",
@@ -146,9 +153,27 @@ def test_similar_tickets_serve_the_fusion_the_evaluation_measures(user, tmp_path
     keyword = ev.bm25_scored_rankings(dataset=dataset, eval_set=eval_set)
     vector = ev.vector_scored_rankings(embeddings=index_embeddings(eval_set=eval_set, model_version_id=version.pk),
                                        eval_set=eval_set)
-    measured = ev.fused_rankings(keyword, vector, fusion=hybrid.resolve_fusion(index=index))
+    measured = ev.fused_rankings(keyword, vector, fusion=hybrid.resolve_fusion(index=index), eval_set=eval_set)
+    without_prior = ev.fused_rankings(keyword, vector, fusion={k: v for k, v in (fusion or {"method": "rrf", "rrf_k": 60}).items()
+                                                               if k != "prior"})
+    reordered = 0
     for document in Document.objects.filter(dataset=dataset).select_related("dataset"):
         hits = hybrid.similar_documents(index=index, document=document, k=10)
         assert [h.document.pk for h in hits] == measured[document.pk][:10], document.external_key
         assert document.pk not in [h.document.pk for h in hits]
         assert all(h.keyword_rank is not None or h.vector_rank is not None for h in hits)
+        reordered += measured[document.pk][:10] != without_prior[document.pk][:10]
+        if fusion and "prior" in fusion:
+            # Each hit says why the prior placed it: days apart (None where either date is missing), shared
+            # components, same project
+            for hit in hits:
+                other = hit.document
+                assert hit.prior["same_project"] == (other.external_key.split("-")[0]
+                                                     == document.external_key.split("-")[0])
+                assert (hit.prior["days_apart"] is None) == (not other.metadata["created"]
+                                                             or not document.metadata["created"])
+                assert hit.prior["shared_components"] == sorted(
+                    {c.lower() for c in other.metadata["components"]} & {c.lower() for c in document.metadata["components"]})
+        else:
+            assert all(hit.prior is None for hit in hits)
+    assert (reordered > 0) == bool(fusion and "prior" in fusion)

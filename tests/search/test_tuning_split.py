@@ -62,8 +62,11 @@ def test_tuning_queries_never_come_from_trained_clusters(web, user, slice_datase
     report = tuning.evaluate_search(index=index, max_queries=None)
     assert run.evaluation["systems"]["served"] == report["systems"]["served"]
     assert run.evaluation["served_fusion"]["query_keys"] == fusion["query_keys"]
-    assert {k: run.evaluation["served_fusion"][k] for k in ("method", "rrf_k", "alpha") if k in fusion} == {
-        k: fusion[k] for k in ("method", "rrf_k", "alpha") if k in fusion}
+    assert {k: run.evaluation["served_fusion"][k] for k in ("method", "rrf_k", "alpha", "prior") if k in fusion} == {
+        k: fusion[k] for k in ("method", "rrf_k", "alpha", "prior") if k in fusion}
+    # And the ticket prior both carry was learned on the TRAIN clusters (keyword side alone)
+    assert run.evaluation["served_fusion"]["learned_prior"] == fusion["learned_prior"]
+    assert fusion["learned_prior"]["queries"] == len(split["train"] | split["validation"])
     # And the run page shows the served row and what it was tuned on
     html = web.get(f"/runs/{run.pk}/").content.decode()
     assert "<td>served: fine-tuned model with its index&#x27;s tuned fusion (what similar tickets show)</td>" in html
