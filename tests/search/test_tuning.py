@@ -7,7 +7,8 @@ import pytest
 from search import hybrid, index_jobs, indexing, tuning
 from training import evaluation
 from search.models import IndexJob, SearchIndex
-from training import datasets
+from training import datasets, priors
+from training.fusion import PRIOR_SCALES, with_prior
 from training.models import ModelVersion
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -36,14 +37,20 @@ def test_build_tunes_fusion_on_train_clusters_only(slice_index):
         True, len(tuning_set.queries), "validation: TRAIN duplicate clusters none of whose tickets the model trained on"
     )
     assert fusion["query_keys"] == sorted(tuning_set.keys[q] for q in tuning_set.queries)
-    candidates = {tuning._fusion_name(f) for f in tuning.FUSION_CANDIDATES}
+    # Each fusion candidate, and each again with the ticket prior learned on the TRAIN clusters at each scale
+    learned = fusion["learned_prior"]
+    assert learned == evaluation.learn_prior(dataset=slice_index.dataset)
+    assert priors.is_active(learned), "the Hadoop slice's duplicates share filing times or components"
+    plain = list(tuning.FUSION_CANDIDATES)
+    candidates = {tuning._fusion_name(f) for f in plain} | {
+        tuning._fusion_name(with_prior(f, learned, scale)) for f in plain for scale in PRIOR_SCALES}
     assert set(fusion["systems"]) == candidates | {"keyword", "vector"}
     best = max(fusion["systems"][name]["ndcg@10"] for name in candidates)
-    chosen = tuning._fusion_name({k: fusion[k] for k in ("method", "rrf_k", "alpha") if k in fusion})
+    chosen = tuning._fusion_name({k: fusion[k] for k in ("method", "rrf_k", "alpha", "prior") if k in fusion})
     assert fusion["systems"][chosen]["ndcg@10"] == best
     # The search default follows the tuned fusion.
     assert hybrid.resolve_fusion(index=slice_index) == {
-        k: fusion[k] for k in ("method", "rrf_k", "alpha") if k in fusion
+        k: fusion[k] for k in ("method", "rrf_k", "alpha", "prior") if k in fusion
     }
 
 
