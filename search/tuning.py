@@ -47,8 +47,10 @@ def tune_fusion(*, index: SearchIndex, max_queries: int | None = TUNING_MAX_QUER
     whose tickets the model (or a version it continued from) trained on
     (training.evaluation.trained_keys), i.e. the run's held-out validation
     clusters; TEST clusters stay unseen. The same rule picks the run page's
-    `served` row (training.heldout). Side effects: writes SearchIndex.fusion,
-    with the tuning queries' keys. An index with no such queries keeps RRF
+    `served` row (training.heldout). Each candidate is also tried with the
+    ticket prior (training.priors) whose weights evaluation.learn_prior learns
+    on the TRAIN clusters with the keyword side alone. Side effects: writes
+    SearchIndex.fusion, with the tuning queries' keys and the learned prior. An index with no such queries keeps RRF
     k=60, recorded with the reason.
     """
     if index.status != SearchIndex.Status.READY:
