@@ -37,12 +37,7 @@ DEFAULT_ALPHA = 0.5
 
 def _min_max(scored: Sequence[tuple[Hashable, float]]) -> dict[Hashable, float]:
     """Scores rescaled to [0, 1] within one list; a list of equal scores maps to 1."""
-    if not scored:
-        return {}
-    values = [s for _, s in scored]
-    low, high = min(values), max(values)
-    span = high - low
-    return {item: (1.0 if span <= 0 else (s - low) / span) for item, s in scored}
+    return dict(zip((item for item, _ in scored), ticket_priors.min_max([s for _, s in scored])))
 
 
 def weighted_score_fusion(
